@@ -115,13 +115,14 @@ def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
+        os.close(fd)
         sitk.WriteImage(image, tmp, True)
         os.replace(tmp, path)
     except Exception as exc:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise OutputError(f"{path}: cannot be written ({exc}).") from None
 
@@ -129,12 +130,13 @@ def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write bytes atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except Exception as exc:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise OutputError(f"{path}: cannot be written ({exc}).") from None

@@ -1,0 +1,79 @@
+"""Finding and calling the Synomaly engine.
+
+The extension build installs the engine package ``synomaly`` beside the module; a source checkout keeps
+it in ``SynomalyEngine/`` next to the module folder; a developer may have it pip-installed. Everything
+here imports the engine lazily, so that loading the Slicer module never imports torch.
+"""
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+MODULE_DIR = Path(__file__).resolve().parent.parent
+
+
+def engine_search_paths(module_dir: Path = MODULE_DIR) -> List[Path]:
+    """Folders that may hold the ``synomaly`` package: installed beside the module, or the source tree."""
+    return [module_dir, module_dir.parent / "SynomalyEngine"]
+
+
+def locate_engine(module_dir: Path = MODULE_DIR) -> Optional[Path]:
+    """The folder to put on sys.path for ``import synomaly``, or None when it is importable already."""
+    if importlib.util.find_spec("synomaly") is not None:
+        return None
+    for folder in engine_search_paths(module_dir):
+        if (folder / "synomaly" / "__init__.py").is_file():
+            return folder
+    raise ImportError(
+        "The Synomaly engine (Python package 'synomaly') was not found beside the module "
+        f"({', '.join(str(p) for p in engine_search_paths(module_dir))}); reinstall the extension.")
+
+
+def ensure_engine_importable(module_dir: Path = MODULE_DIR) -> None:
+    """Make ``import synomaly`` work, adding the bundled engine folder to sys.path if needed."""
+    folder = locate_engine(module_dir)
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+
+
+def engine_module(name: str):
+    """Import ``synomaly.<name>`` after making the engine importable."""
+    ensure_engine_importable()
+    return importlib.import_module(f"synomaly.{name}")
+
+
+def errors():
+    """The engine's error classes (a light import: no torch)."""
+    return engine_module("errors")
+
+
+class Engine:
+    """The engine calls the logic makes; a test or a console user can pass another object with these methods."""
+
+    def list_models(self, extra_dirs=()):
+        return engine_module("model_file").list_models(extra_dirs=[Path(d) for d in extra_dirs])
+
+    def default_model(self) -> str:
+        return engine_module("model_file").DEFAULT_MODEL
+
+    def presets(self) -> List[str]:
+        return list(engine_module("presets").PRESETS)
+
+    def load_model(self, name_or_path, device="cpu"):
+        return engine_module("model_file").load_model(name_or_path, device=device)
+
+    def detect(self, volume, geometry, model, mask=None, settings=None, progress=None, cancel=None):
+        detection = engine_module("detection")
+        return detection.detect(volume, geometry, model, mask=mask,
+                                settings=detection.DetectionSettings(**(settings or {})),
+                                progress=progress, cancel=cancel)
+
+    def train(self, healthy, output, settings=None, progress=None, cancel=None, resume=False):
+        training = engine_module("training")
+        return training.train(healthy, Path(output), training.TrainingSettings(**(settings or {})),
+                              progress=progress, cancel=cancel, resume=resume)
+
+    def geometry_from_ijk_to_ras(self, matrix):
+        return engine_module("volume_io").Geometry.from_ijk_to_ras(matrix)

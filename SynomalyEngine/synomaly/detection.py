@@ -1,0 +1,195 @@
+"""Detection on a whole volume: preprocessing, multi-stage diffusion in batches, 3D post-processing.
+
+Data flows one way: (array, geometry[, mask]) -> prepared slices -> network -> maps in the input's
+grid -> segmentation and report. Inputs are never modified.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import DeviceError, InputError
+from .volume_io import Geometry
+
+DEFAULT_INFERENCE = {
+    "mode": "multi",          # "multi": multi-stage with fusion; "single": fixed noise levels, no fusion
+    "noise_level": 200,
+    "single_noise_levels": [200],
+    "max_stages": 3,
+    "kernel_size": 7,
+    "fusion_threshold": 0.2,
+    "min_component_px": 30,
+    "soft_fusion": False,
+    "signed": True,
+    "direction": 1,
+    "blur_mm": 1.5,
+    "min_component_mm3": 100.0,
+}
+
+
+@dataclass
+class DetectionSettings:
+    """What a user may override; ``None`` means the model's own default."""
+
+    device: str = "auto"
+    stages: Optional[int] = None
+    noise_level: Optional[int] = None
+    threshold: Optional[float] = None
+    ensemble: int = 1
+    batch_size: int = 16
+    min_component_mm3: Optional[float] = None
+    mode: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class DetectionResult:
+    anomaly_map: np.ndarray              # float32, input grid, normalised-intensity units
+    segmentation: np.ndarray             # uint8, input grid
+    counterfactual: np.ndarray           # float32, input grid, input intensity units
+    uncertainty: Optional[np.ndarray]    # float32 (ensemble std), or None
+    report: Dict = field(default_factory=dict)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but CUDA is not available here "
+                          "(no NVIDIA GPU or a CPU-only torch); use --device cpu or auto.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def inference_params(model, settings: DetectionSettings) -> Dict:
+    params = dict(DEFAULT_INFERENCE)
+    params.update(model.metadata.get("inference", {}))
+    if settings.stages is not None:
+        if settings.stages < 1:
+            raise InputError("stages must be at least 1.")
+        params["max_stages"] = int(settings.stages)
+    if settings.noise_level is not None:
+        steps = int(model.metadata.get("schedule", {}).get("num_steps", 1000))
+        if not 0 < settings.noise_level < steps:
+            raise InputError(f"noise level must be between 1 and {steps - 1}.")
+        params["noise_level"] = int(settings.noise_level)
+        params["single_noise_levels"] = [int(settings.noise_level)]
+    if settings.min_component_mm3 is not None:
+        params["min_component_mm3"] = float(settings.min_component_mm3)
+    if settings.mode is not None:
+        if settings.mode not in ("multi", "single"):
+            raise InputError("mode must be 'multi' or 'single'.")
+        params["mode"] = settings.mode
+    if settings.ensemble < 1:
+        raise InputError("ensemble size must be at least 1.")
+    return params
+
+
+def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray] = None,
+           settings: Optional[DetectionSettings] = None,
+           progress: Optional[Callable[[float, str], None]] = None,
+           cancel: Optional[Callable[[], bool]] = None,
+           slices: Optional[Sequence[int]] = None) -> DetectionResult:
+    """Detect anomalies in one volume. ``slices`` limits processing to these axial indices
+    (of the reoriented volume; used by calibration). Raises InputError, DeviceError, Cancelled."""
+    import torch
+
+    from .multistage import StageSettings, run_single_stage, run_stages
+    from .postprocessing import blur_map, components, segment
+    from .preprocessing import PreprocessConfig, prepare_volume
+    from .schedule import DiffusionSchedule
+
+    settings = settings or DetectionSettings()
+    params = inference_params(model, settings)
+    device = resolve_device(settings.device)
+    threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
+    timings = {}
+    report_progress = progress or (lambda fraction, message: None)
+
+    t0 = time.perf_counter()
+    report_progress(0.0, "preprocessing")
+    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
+    prepared = prepare_volume(volume, geometry, config, mask)
+    indices = prepared.slices if slices is None else [z for z in slices if z in set(prepared.slices)]
+    timings["preprocess_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    network = model.network.to(device).eval()
+    schedule = DiffusionSchedule(**model.metadata["schedule"])
+    k = int(settings.ensemble)
+    shape = prepared.normalised.shape
+    diffs = np.zeros((k,) + shape, dtype=np.float32)
+    preds = prepared.normalised.copy()
+    stages_per_slice: List[int] = []
+    if indices:
+        images, masks = prepared.network_slices(indices)
+        images = images.repeat(k, 1, 1, 1).to(device)
+        masks = masks.repeat(k, 1, 1, 1).to(device)
+        generator = torch.Generator().manual_seed(int(settings.seed))
+        stage = StageSettings(noise_level=params["noise_level"], max_stages=params["max_stages"],
+                              kernel_size=params["kernel_size"], fusion_threshold=params["fusion_threshold"],
+                              min_component_px=params["min_component_px"], soft_fusion=params["soft_fusion"],
+                              signed=params["signed"], direction=params["direction"])
+        amp = device.type == "cuda"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if params["mode"] == "multi":
+                result = run_stages(network, schedule, images, masks, stage, settings.batch_size, generator,
+                                    progress=lambda d, t, m: report_progress(0.05 + 0.85 * d / t, m),
+                                    cancel=cancel)
+                counterfactual, stages_per_slice = result.counterfactual, result.stages
+            else:
+                counterfactual = run_single_stage(network, schedule, images, params["single_noise_levels"],
+                                                  settings.batch_size, generator)
+                stages_per_slice = [len(params["single_noise_levels"])] * images.shape[0]
+        counterfactual = counterfactual.float()
+        hw = shape[1:]
+        x0 = prepared.normalised[indices]
+        planes = []
+        for draw in range(k):
+            p = prepared.frame.from_network(counterfactual[draw * len(indices):(draw + 1) * len(indices)], hw, -1.0)
+            p = np.where(prepared.foreground[indices], p, x0)
+            planes.append(p)
+            diffs[draw][indices] = params["direction"] * (x0 - p) if params["signed"] else np.abs(x0 - p)
+        preds[indices] = np.mean(planes, axis=0)
+    timings["network_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    report_progress(0.92, "post-processing")
+    fg = prepared.foreground
+    maps = [blur_map(np.clip(d, 0, None) if params["signed"] else d, params["blur_mm"], prepared.spacing_zyx) * fg
+            for d in diffs]
+    anomaly_map = np.mean(maps, axis=0).astype(np.float32)
+    uncertainty = np.std(maps, axis=0).astype(np.float32) if k > 1 else None
+    voxel_mm3 = geometry.voxel_volume_mm3
+    seg = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)
+    orient = prepared.orientation
+    anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
+    seg = np.ascontiguousarray(orient.invert(seg))
+    uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
+    processed = np.zeros(shape, dtype=bool)
+    processed[indices] = True
+    processed = orient.invert(processed & fg)
+    cf = np.where(processed, prepared.intensity.inverse(orient.invert(preds)), volume).astype(np.float32)
+    comps = components(seg, anomaly_map, voxel_mm3)
+    timings["postprocess_s"] = time.perf_counter() - t0
+    in_fg = orient.invert(fg)
+    report = {
+        "anomalous_volume_ml": float(seg.sum() * voxel_mm3 / 1000.0),
+        "n_components": len(comps),
+        "components": comps,
+        "max_score": float(anomaly_map.max()),
+        "mean_score": float(anomaly_map[in_fg].mean()) if in_fg.any() else 0.0,
+        "threshold": threshold,
+        "threshold_source": "user" if settings.threshold is not None else "model calibration",
+        "slices_processed": len(indices),
+        "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
+        "settings": dict(params, ensemble=k, seed=int(settings.seed), device=str(device)),
+        "model": {"name": model.name, "model_id": model.model_id},
+        "timings_s": {key: round(v, 3) for key, v in timings.items()},
+    }
+    report_progress(1.0, "done")
+    return DetectionResult(anomaly_map, seg, cf, uncertainty, report)

@@ -1,0 +1,154 @@
+"""Model files: weights and everything needed to use them, in one safetensors file.
+
+safetensors holds tensors and a string->string header, nothing executable, so loading a model
+cannot run code. The header key ``synomaly`` holds a JSON description (network, noise, schedule,
+preprocessing, inference defaults, calibrated threshold, training summary).
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import ModelFileError
+
+FORMAT = "synomaly-model"
+FORMAT_VERSION = 1
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = "brain-flair"
+DEMO_MODEL = "demo-phantom"
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    description: str
+
+
+@dataclass
+class SynomalyModel:
+    """A loaded model: the network (in eval mode) and its description."""
+
+    network: object
+    metadata: Dict
+    path: Optional[Path] = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name", "unnamed")
+
+    @property
+    def model_id(self) -> str:
+        return self.metadata.get("model_id", "")
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def preset(self) -> str:
+        return self.metadata.get("preset", "")
+
+    def to(self, device):
+        self.network.to(device)
+        return self
+
+
+def weights_id(state_dict) -> str:
+    """A content hash of the weights: the same weights always get the same id."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_model(path, network, metadata: Dict) -> Path:
+    """Write atomically; fills in format, version and model_id."""
+    from safetensors.torch import save
+
+    from .volume_io import atomic_write_bytes
+
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    meta = dict(metadata)
+    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": weights_id(state)})
+    meta["network"] = network.config.to_dict()
+    path = Path(path)
+    atomic_write_bytes(path, save(state, metadata={"synomaly": json.dumps(meta)}))
+    return path
+
+
+def list_models(extra_dirs=()) -> List[ModelInfo]:
+    """Bundled models, then models in ``extra_dirs`` (for example the user's models folder)."""
+    out = []
+    for folder in [BUNDLED_DIR, *[Path(d) for d in extra_dirs]]:
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                meta = read_metadata(path)
+            except ModelFileError:
+                continue
+            out.append(ModelInfo(path.stem, path, meta.get("description", "")))
+    return out
+
+
+def default_model_name() -> str:
+    """The brain FLAIR model once it is bundled; the phantom demo model until then."""
+    return DEFAULT_MODEL if (BUNDLED_DIR / f"{DEFAULT_MODEL}.safetensors").exists() else DEMO_MODEL
+
+
+def resolve(name_or_path) -> Path:
+    if name_or_path is None:
+        name_or_path = default_model_name()
+    candidate = Path(str(name_or_path)).expanduser()
+    if candidate.suffix == ".safetensors" or candidate.exists() or "/" in str(name_or_path):
+        if not candidate.exists():
+            raise ModelFileError(f"model file {candidate} does not exist.")
+        return candidate
+    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    if bundled.exists():
+        return bundled
+    names = ", ".join(m.name for m in list_models()) or "none"
+    raise ModelFileError(f"no model named {name_or_path!r}; bundled models: {names}; or give a path to a .safetensors file.")
+
+
+def read_metadata(path) -> Dict:
+    """The model description, without loading the weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:
+        raise ModelFileError(f"{path} is not a readable model file ({type(exc).__name__}: {exc}); "
+                             "it may be corrupt or truncated: download or train it again.") from None
+    if "synomaly" not in header:
+        raise ModelFileError(f"{path} is a safetensors file but not a Synomaly model (no 'synomaly' header).")
+    try:
+        meta = json.loads(header["synomaly"])
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: the model description is corrupt.") from None
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a Synomaly model file.")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(f"{path} was written by a newer Synomaly (format {meta['format_version']}); upgrade.")
+    return meta
+
+
+def load_model(name_or_path=None, device="cpu") -> SynomalyModel:
+    """Load a bundled model by name (default: ``default_model_name()``) or a file by path; no code runs."""
+    from safetensors.torch import load_file
+
+    from .network import UNet, UNetConfig
+
+    path = resolve(name_or_path)
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+        network = UNet(UNetConfig.from_dict(meta["network"]))
+        network.load_state_dict(state)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: weights do not match the described network ({exc}).") from None
+    network.eval().requires_grad_(False)
+    return SynomalyModel(network.to(device), meta, path)

@@ -1,0 +1,266 @@
+"""From a volume to network-ready 2D slices and back.
+
+Steps, each invertible so every output lands exactly in the input's geometry:
+checks -> foreground mask -> intensity normalisation to [-1, 1] -> reorientation so that
+array[z] is an axial slice -> in-plane crop to the foreground, square, resize to the network size.
+"""
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .volume_io import Geometry
+
+
+@dataclass
+class PreprocessConfig:
+    """Stored in every model file: inference must see what training saw."""
+
+    intensity: str = "robust"  # "robust" (per-volume percentiles) or "window" (fixed, e.g. CT HU)
+    window: Optional[Tuple[float, float]] = None
+    bright_factor: float = 3.0  # robust: value 1.0 sits at p_low + bright_factor * (median - p_low)
+    low_percentile: float = 0.5
+    image_size: int = 128
+    margin_mm: float = 4.0
+    min_foreground_fraction: float = 0.02  # slices with less foreground (in the crop) are skipped
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["window"] = list(self.window) if self.window is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if known.get("window") is not None:
+            known["window"] = tuple(float(v) for v in known["window"])
+        return cls(**known)
+
+
+def check_volume(array: np.ndarray, what: str = "input") -> None:
+    """Reject what the method cannot process, naming the problem and the fix."""
+    if array.ndim != 3:
+        raise InputError(f"{what} is {array.ndim}D; a 3D scalar volume is needed.")
+    if array.size == 0 or min(array.shape) == 0:
+        raise InputError(f"{what} is empty (size {tuple(reversed(array.shape))}).")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{what} has voxel type {array.dtype}; a real-valued scalar volume is needed.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise InputError(f"{what} contains {bad} NaN or infinite voxels; fix or mask them before detection.")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise InputError(f"{what} is constant (every voxel is {lo}); there is no image to analyse.")
+    sample = array.ravel()[:: max(1, array.size // 200_000)]
+    if np.unique(sample).size <= 8:
+        values = np.unique(array)
+        if values.size <= 8 and np.all(values == np.round(values)):
+            raise InputError(f"{what} looks like a label map (only the values {values.tolist()}); "
+                             "give the intensity image, and pass a label map as --mask if it is an organ mask.")
+    if min(array.shape[1:]) < 16 or array.shape[0] < 1:
+        raise InputError(f"{what} is too small ({tuple(reversed(array.shape))} voxels); "
+                         "slices need at least 16 x 16 voxels.")
+
+
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """Foreground (head, organ) without labels: above a constant background, or above Otsu's threshold."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    lo = array.min()
+    at_min = array <= lo + 1e-6 * max(1.0, abs(float(lo)))
+    if at_min.mean() > 0.1:
+        mask = ~at_min
+    else:
+        sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+        mask = array > threshold_otsu(sample)
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            mask = labels == sizes.argmax()
+    for z in range(mask.shape[0]):
+        if mask[z].any():
+            mask[z] = ndimage.binary_fill_holes(mask[z])
+    return mask
+
+
+@dataclass
+class Intensity:
+    """A monotone map of input units to [-1, 1] and its inverse."""
+
+    low: float
+    scale: float
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(2.0 * (x.astype(np.float32) - self.low) / self.scale - 1.0, -1.0, 1.0)
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return ((y.astype(np.float32) + 1.0) * 0.5 * self.scale + self.low).astype(np.float32)
+
+
+def fit_intensity(array: np.ndarray, foreground: np.ndarray, config: PreprocessConfig) -> Intensity:
+    """Robust mode works for raw scanner integers and z-scores alike: it only uses foreground percentiles."""
+    if config.intensity == "window":
+        lo, hi = config.window
+        return Intensity(float(lo), float(hi - lo))
+    values = array[foreground]
+    if values.size < 100:
+        raise InputError("the foreground holds fewer than 100 voxels; give a mask that covers the organ.")
+    sample = values[:: max(1, values.size // 2_000_000)].astype(np.float64)
+    low, median = np.percentile(sample, [config.low_percentile, 50.0])
+    scale = config.bright_factor * (median - low)
+    if not scale > 0:
+        raise InputError("the foreground has no intensity contrast (its median equals its low percentile).")
+    return Intensity(float(low), float(scale))
+
+
+@dataclass
+class Orientation:
+    """Axis permutation and flips that bring an array to (S-I, A-P, R-L) = axial slices along axis 0."""
+
+    perm: Tuple[int, int, int]
+    flip: Tuple[bool, bool, bool]
+
+    @classmethod
+    def for_geometry(cls, geometry: Geometry) -> "Orientation":
+        d = geometry.direction_matrix  # columns: physical direction of ITK axes i, j, k (x, y, z)
+        phys_of_itk = np.argmax(np.abs(d), axis=0)
+        if len(set(phys_of_itk.tolist())) != 3:
+            order = np.argsort(-np.abs(d).max(axis=0))
+            used, phys_of_itk = set(), np.zeros(3, dtype=int)
+            for a in order:
+                p = next(p for p in np.argsort(-np.abs(d[:, a])) if p not in used)
+                used.add(p)
+                phys_of_itk[a] = p
+        perm, flip = [], []
+        for phys in (2, 1, 0):  # S, P, L as physical axes z, y, x in LPS
+            itk_axis = int(np.where(phys_of_itk == phys)[0][0])
+            perm.append(2 - itk_axis)  # numpy axis of an ITK axis
+            flip.append(bool(d[phys, itk_axis] < 0))
+        return cls(tuple(perm), tuple(flip))
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        out = np.transpose(array, self.perm)
+        for axis, f in enumerate(self.flip):
+            if f:
+                out = np.flip(out, axis)
+        return out
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        out = array
+        for axis, f in enumerate(self.flip):
+            if f:
+                out = np.flip(out, axis)
+        return np.transpose(out, np.argsort(self.perm))
+
+    def spacing_zyx(self, geometry: Geometry) -> Tuple[float, float, float]:
+        sp = tuple(reversed(geometry.spacing))
+        return tuple(float(sp[p]) for p in self.perm)
+
+
+@dataclass
+class SliceFrame:
+    """Where the network's square slices sit inside the reoriented volume's slices."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    size: int
+    resized: Tuple[int, int]  # crop size after resizing, before padding to size x size
+    pad: Tuple[int, int]      # top, left
+
+    def to_network(self, planes, fill: float, mode: str = "bilinear"):
+        """(N, H, W) reoriented planes -> (N, 1, size, size) tensor."""
+        import torch
+        import torch.nn.functional as F
+
+        crop = torch.as_tensor(np.ascontiguousarray(planes[:, self.y0:self.y1, self.x0:self.x1]),
+                               dtype=torch.float32)[:, None]
+        if mode == "nearest":
+            small = F.interpolate(crop, size=self.resized, mode="nearest")
+        else:
+            small = F.interpolate(crop, size=self.resized, mode="bilinear", align_corners=False, antialias=True)
+        out = torch.full((crop.shape[0], 1, self.size, self.size), fill, dtype=torch.float32)
+        top, left = self.pad
+        out[:, :, top:top + self.resized[0], left:left + self.resized[1]] = small
+        return out
+
+    def from_network(self, tensor, shape_hw, fill: float) -> np.ndarray:
+        """(N, 1, size, size) tensor -> (N, H, W) numpy planes, ``fill`` outside the crop."""
+        import torch.nn.functional as F
+
+        top, left = self.pad
+        small = tensor[:, :, top:top + self.resized[0], left:left + self.resized[1]].float()
+        crop = F.interpolate(small, size=(self.y1 - self.y0, self.x1 - self.x0), mode="bilinear",
+                             align_corners=False)
+        out = np.full((tensor.shape[0],) + tuple(shape_hw), fill, dtype=np.float32)
+        out[:, self.y0:self.y1, self.x0:self.x1] = crop[:, 0].cpu().numpy()
+        return out
+
+
+def slice_frame(foreground_zyx: np.ndarray, spacing_zyx, config: PreprocessConfig) -> SliceFrame:
+    """In-plane crop around the foreground (plus a margin), squared in millimetres, aspect ratio kept."""
+    _, sy, sx = spacing_zyx
+    h, w = foreground_zyx.shape[1:]
+    ys = np.where(foreground_zyx.any(axis=(0, 2)))[0]
+    xs = np.where(foreground_zyx.any(axis=(0, 1)))[0]
+    if ys.size == 0:
+        raise InputError("the foreground mask is empty; give a mask that covers the organ.")
+    my, mx = int(np.ceil(config.margin_mm / sy)), int(np.ceil(config.margin_mm / sx))
+    y0, y1 = max(0, ys[0] - my), min(h, ys[-1] + 1 + my)
+    x0, x1 = max(0, xs[0] - mx), min(w, xs[-1] + 1 + mx)
+    extent = max((y1 - y0) * sy, (x1 - x0) * sx)
+    size = config.image_size
+    ry = max(1, min(size, int(round((y1 - y0) * sy / extent * size))))
+    rx = max(1, min(size, int(round((x1 - x0) * sx / extent * size))))
+    return SliceFrame(int(y0), int(y1), int(x0), int(x1), size, (ry, rx), ((size - ry) // 2, (size - rx) // 2))
+
+
+@dataclass
+class PreparedVolume:
+    """A volume ready for the network, with everything needed to map results back."""
+
+    normalised: np.ndarray   # reoriented (z, y, x), [-1, 1]
+    foreground: np.ndarray   # reoriented (z, y, x), bool
+    orientation: Orientation
+    intensity: Intensity
+    frame: SliceFrame
+    spacing_zyx: Tuple[float, float, float]
+    slices: List[int]        # axial indices with enough foreground to process
+
+    def network_slices(self, indices=None):
+        """(N, 1, S, S) images and foreground masks for the given axial indices (default: all processed)."""
+        idx = self.slices if indices is None else list(indices)
+        images = self.frame.to_network(self.normalised[idx], fill=-1.0)
+        masks = self.frame.to_network(self.foreground[idx].astype(np.float32), fill=0.0, mode="nearest") > 0.5
+        return images, masks
+
+
+def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+                   mask: Optional[np.ndarray] = None, what: str = "input") -> PreparedVolume:
+    check_volume(array, what)
+    if mask is not None:
+        if mask.shape != array.shape:
+            raise InputError(f"the mask has size {tuple(reversed(mask.shape))} but the {what} has "
+                             f"{tuple(reversed(array.shape))}; resample the mask onto the image grid.")
+        foreground = mask > 0
+        if not foreground.any():
+            raise InputError("the mask is empty; give a mask that covers the organ, or none.")
+    else:
+        foreground = foreground_mask(array)
+        if not foreground.any():
+            raise InputError(f"no foreground found in the {what}; give a mask.")
+    intensity = fit_intensity(array, foreground, config)
+    orientation = Orientation.for_geometry(geometry)
+    normalised = orientation.apply(intensity.forward(array))
+    fg = orientation.apply(foreground)
+    normalised = np.where(fg, normalised, -1.0).astype(np.float32)
+    spacing = orientation.spacing_zyx(geometry)
+    frame = slice_frame(fg, spacing, config)
+    crop_area = (frame.y1 - frame.y0) * (frame.x1 - frame.x0)
+    fractions = fg[:, frame.y0:frame.y1, frame.x0:frame.x1].sum(axis=(1, 2)) / crop_area
+    slices = [int(z) for z in np.where(fractions >= config.min_foreground_fraction)[0]]
+    return PreparedVolume(normalised, fg, orientation, intensity, frame, spacing, slices)
