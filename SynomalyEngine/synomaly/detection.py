@@ -145,16 +145,19 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
                 counterfactual = run_single_stage(network, schedule, images, params["single_noise_levels"],
                                                   settings.batch_size, generator)
                 stages_per_slice = [len(params["single_noise_levels"])] * images.shape[0]
-        counterfactual = counterfactual.float()
+        # The difference is taken at the network's resolution and then upsampled: comparing the
+        # full-resolution input with an upsampled prediction would flag every detail lost by resizing.
+        residual = (images - counterfactual.float()) * masks
         hw = shape[1:]
         x0 = prepared.normalised[indices]
-        planes = []
+        n = len(indices)
+        estimates = []
         for draw in range(k):
-            p = prepared.frame.from_network(counterfactual[draw * len(indices):(draw + 1) * len(indices)], hw, -1.0)
-            p = np.where(prepared.foreground[indices], p, x0)
-            planes.append(p)
-            diffs[draw][indices] = params["direction"] * (x0 - p) if params["signed"] else np.abs(x0 - p)
-        preds[indices] = np.mean(planes, axis=0)
+            r = prepared.frame.from_network(residual[draw * n:(draw + 1) * n], hw, 0.0)
+            r = np.where(prepared.foreground[indices], r, 0.0)
+            estimates.append(np.clip(x0 - r, -1.0, 1.0))
+            diffs[draw][indices] = params["direction"] * r if params["signed"] else np.abs(r)
+        preds[indices] = np.mean(estimates, axis=0)
     timings["network_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

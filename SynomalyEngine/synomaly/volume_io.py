@@ -16,6 +16,14 @@ from .errors import InputError, OutputError
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file the usual permissions (mkstemp makes it owner-only), then rename it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel-to-physical mapping of a 3D volume (ITK/LPS convention)."""
@@ -120,7 +128,7 @@ def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
         os.close(fd)
         sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except Exception as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -135,7 +143,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except Exception as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

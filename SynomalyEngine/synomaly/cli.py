@@ -1,0 +1,291 @@
+"""The ``synomaly`` command: detect, train, evaluate, demo. The same engine calls as in Slicer."""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import InputError, OutputError, SynomalyError
+
+OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
+FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+
+
+def case_name(path: Path) -> str:
+    """``/x/patient1.nii.gz`` -> ``patient1``; a DICOM folder -> its folder name."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(folder))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output folder {folder} cannot be written ({exc.strerror or exc}); "
+                          "choose another with -o.") from None
+
+
+def output_paths(out_dir: Path, name: str, fmt: str, ensemble: int) -> dict:
+    ext = FORMATS[fmt]
+    paths = {kind: out_dir / f"{name}_{kind}{ext}" for kind in OUTPUT_KINDS}
+    if ensemble > 1:
+        paths["uncertainty"] = out_dir / f"{name}_uncertainty{ext}"
+    paths["report"] = out_dir / f"{name}_report.json"
+    paths["overview"] = out_dir / f"{name}_overview.png"
+    return paths
+
+
+class Progress:
+    """A tqdm bar fed by the engine's progress(fraction, message) callback."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.n = int(1000 * min(1.0, max(0.0, fraction)))
+        self.bar.set_postfix_str(message, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+def write_outputs(paths: dict, result, geometry, volume, ground_truth=None) -> None:
+    from .overview import render_overview
+    from .volume_io import atomic_write_bytes, write_volume
+
+    write_volume(paths["anomaly_seg"], result.segmentation, geometry)
+    write_volume(paths["anomaly_map"], result.anomaly_map, geometry)
+    write_volume(paths["counterfactual"], result.counterfactual, geometry)
+    if "uncertainty" in paths and result.uncertainty is not None:
+        write_volume(paths["uncertainty"], result.uncertainty, geometry)
+    atomic_write_bytes(paths["report"], (json.dumps(result.report, indent=2) + "\n").encode())
+    render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation, paths["overview"],
+                    ground_truth=ground_truth, map_max=max(result.report["threshold"] * 2, 1e-6)
+                    if result.report["threshold"] < float("inf") else None)
+
+
+def cmd_detect(args) -> int:
+    from .detection import DetectionSettings, detect, resolve_device
+    from .model_file import load_model
+    from .volume_io import read_volume
+
+    inputs = [Path(p) for p in args.inputs]
+    masks = [Path(p) for p in args.mask] if args.mask else [None] * len(inputs)
+    if len(masks) != len(inputs):
+        raise InputError(f"{len(inputs)} inputs but {len(masks)} masks; give one --mask per input, or none.")
+    names = [case_name(p) for p in inputs]
+    if len(set(names)) != len(names):
+        raise InputError("two inputs have the same name; their outputs would collide. Run them separately.")
+    out_dir = Path(args.output)
+    settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
+                                 threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
+                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
+    if settings.ensemble < 1:
+        raise InputError("--ensemble must be at least 1.")
+    all_paths = [output_paths(out_dir, n, args.format, settings.ensemble) for n in names]
+    if not args.overwrite:
+        existing = [str(p) for paths in all_paths for p in paths.values() if p.exists()]
+        if existing:
+            raise OutputError(f"{existing[0]} already exists ({len(existing)} outputs in all); "
+                              "use --overwrite to replace them, or another -o folder.")
+    device = resolve_device(args.device)
+    check_writable(out_dir)
+    model = load_model(args.model, device=str(device))
+    print(f"model: {model.name} ({model.model_id}), threshold {model.threshold:.4f}, device {device}",
+          file=sys.stderr)
+    failures = 0
+    for path, mask_path, paths in zip(inputs, masks, all_paths):
+        try:
+            volume, geometry = read_volume(path)
+            mask = None
+            if mask_path is not None:
+                mask, mask_geometry = read_volume(mask_path)
+                if mask.shape != volume.shape:
+                    raise InputError(f"{mask_path}: size {tuple(reversed(mask.shape))} differs from the input's "
+                                     f"{tuple(reversed(volume.shape))}; resample the mask onto the input grid.")
+            bar = Progress(path.name, enabled=not args.quiet)
+            try:
+                result = detect(volume, geometry, model, mask, settings, progress=bar)
+            finally:
+                bar.close()
+            write_outputs(paths, result, geometry, volume)
+        except SynomalyError as exc:
+            print(f"synomaly: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        r = result.report
+        print(f"{path}: {r['anomalous_volume_ml']:.2f} mL anomalous in {r['n_components']} component(s), "
+              f"max score {r['max_score']:.3f}; outputs in {out_dir}/{case_name(path)}_*")
+    return 2 if failures else 0
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .training import TrainingSettings, train
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise OutputError(f"{output} already exists; use --overwrite or another -o.")
+    settings = TrainingSettings(preset=args.preset, noise=args.noise, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, image_size=args.image_size, base_channels=args.base_channels,
+                                num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
+                                name=args.name or "", checkpoint_every=args.checkpoint_every,
+                                target_fpr=args.target_fpr)
+    bar = tqdm(total=settings.steps, desc="training", disable=args.quiet, file=sys.stderr)
+
+    def progress(step, total, loss, message):
+        bar.n = step
+        bar.set_postfix_str(message if message in ("calibrating", "done") or step % 10 == 0 else bar.postfix or "")
+        bar.refresh()
+
+    try:
+        train(args.healthy, output, settings, progress=progress, resume=args.resume)
+    finally:
+        bar.close()
+    from .model_file import read_metadata
+
+    meta = read_metadata(output)
+    print(f"model written to {output} (id {meta['model_id']}, calibrated threshold {meta['threshold']:.4f} "
+          f"at {meta['calibration']['target_fpr']:.1%} healthy false positives)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .detection import DetectionSettings
+    from .evaluation import evaluate, find_eval_cases, format_table
+    from .model_file import load_model
+
+    cases = find_eval_cases(args.cases)
+    out_dir = Path(args.output)
+    check_writable(out_dir)
+    settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
+                                 threshold=args.threshold, ensemble=args.ensemble, mode=args.mode)
+    model = load_model(args.model)
+    bar = Progress("evaluating", enabled=not args.quiet)
+    try:
+        summary = evaluate(cases, model, settings, out_dir, target_fpr=args.target_fpr, progress=bar,
+                           max_slices=args.max_slices)
+    finally:
+        bar.close()
+    print(format_table(summary))
+    print(f"details in {out_dir}/evaluation.json, evaluation.md and *_panel.png")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), device=args.device, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _detection_options(p, single_input: bool = False):
+    p.add_argument("--model", default=None, help="bundled model name or path to a .safetensors file "
+                                                 "(default: the bundled brain FLAIR model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--stages", type=int, default=None, help="maximum number of stages (default: the model's)")
+    p.add_argument("--noise-level", type=int, default=None, help="diffusion step t of the noise (default: the model's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="anomaly-map threshold (default: the model's calibrated one)")
+    p.add_argument("--ensemble", type=int, default=1, help="noise draws to average; >1 also writes an uncertainty map")
+    p.add_argument("--mode", choices=("multi", "single"), default=None, help="multi-stage (default) or single-stage")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection in medical "
+                                     "volumes with Synomaly noise and multi-stage diffusion.")
+    parser.add_argument("--version", action="version", version=f"synomaly {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("detect", help="detect anomalies in volumes", description="Writes, per input NAME: "
+                       "NAME_anomaly_seg, NAME_anomaly_map, NAME_counterfactual (volumes in the input's geometry), "
+                       "NAME_report.json and NAME_overview.png.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
+    p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
+    p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")
+    _detection_options(p)
+    p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per network call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    p.add_argument("--format", choices=sorted(FORMATS), default="nii.gz", help="volume output format")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_detect)
+
+    from .presets import PRESETS
+
+    p = sub.add_parser("train", help="train a model on healthy volumes", description="Folders may hold one case "
+                       "(an image, optional *mask* and *seg*/*label* files: slices with labels are left out) or "
+                       "several case folders or image files. Checkpoints go to MODEL.run/ for --resume.")
+    p.add_argument("healthy", nargs="+", metavar="HEALTHY", help="healthy volumes or folders")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="brain-flair", help="noise and intensity preset")
+    p.add_argument("--noise", choices=("synomaly", "gaussian", "simplex", "coarse", "pyramid"), default="synomaly")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--res-blocks", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--target-fpr", type=float, default=0.01, help="healthy false-positive rate for calibration")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="model name (default: the file name)")
+    p.add_argument("--resume", action="store_true", help="continue from MODEL.run/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate against ground truth, next to the intensity baseline",
+                       description="Cases: folders (image + *seg*/*label* [+ *mask*]), folders of such folders, "
+                       "or a CSV with columns image,label[,mask][,name].")
+    p.add_argument("cases", nargs="+", metavar="CASES")
+    p.add_argument("-o", "--output", default="evaluation", help="output folder")
+    _detection_options(p)
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--max-slices", type=int, default=None, help="evaluate at most this many slices per case "
+                   "(around the lesion; for quick checks)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a generated phantom",
+                       description="Generates a phantom with a known lesion, detects it with the bundled demo "
+                       "model, writes the outputs and prints the Dice.")
+    p.add_argument("-o", "--output", default="synomaly_demo", help="output folder (default: ./synomaly_demo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SynomalyError as exc:
+        print(f"synomaly: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("synomaly: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,606 @@
+"""Evaluation against labelled cases: our detection and the intensity baseline, side by side.
+
+Every figure of ours comes with the same figure for the plain baseline (median-filtered normalised
+intensity), whose threshold was calibrated by training on the same healthy voxels as the model's.
+Nothing here is tuned on the test labels; the one label-tuned figure, the best-threshold Dice, is
+named an oracle wherever it appears. Slice-wise figures use axial slices of the reoriented volume,
+so they mean the same for any acquisition orientation.
+"""
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import metrics as M
+from .errors import InputError, OutputError
+from .training import IMAGE_SUFFIXES, LABEL_WORDS, MASK_WORDS
+from .volume_io import Geometry, atomic_write_bytes, read_volume
+
+ORACLE_LABEL = "oracle, uses test labels, not a result"
+BASELINE_METHOD = "3D median filter of the normalised input intensity, thresholded inside the foreground"
+THRESHOLD_METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "fpr_healthy", "slice_dice")
+SCORE_METRICS = ("auprc", "auroc", "oracle_best_threshold_dice")
+ALL_METRICS = THRESHOLD_METRICS + SCORE_METRICS + ("ssim_healthy_slices",)
+
+
+@dataclass
+class EvalCase:
+    """One labelled case: files only, read when evaluated so discovery stays cheap."""
+
+    name: str
+    image_path: Path
+    label_path: Path
+    mask_path: Optional[Path] = None
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _role(path: Path) -> str:
+    """Same rule as training: *mask* first (``brainmask`` is a mask), then *seg*/*label*/*lesion*."""
+    name = path.name.lower()
+    if any(w in name for w in MASK_WORDS):
+        return "mask"
+    if any(w in name for w in LABEL_WORDS):
+        return "label"
+    return "image"
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return path.stem
+
+
+def _case_from_folder(folder: Path) -> EvalCase:
+    roles: Dict[str, List[Path]] = {"image": [], "mask": [], "label": []}
+    for p in sorted(folder.iterdir()):
+        if _is_image(p):
+            roles[_role(p)].append(p)
+    for role, files in roles.items():
+        if len(files) > 1:
+            raise InputError(f"{folder}: holds several {role} files ({', '.join(p.name for p in files)}); "
+                             "put one image, one *seg*/*label* file and at most one *mask* file per case folder.")
+    if not roles["image"]:
+        raise InputError(f"{folder}: no image in the case folder (only masks or labels).")
+    if not roles["label"]:
+        raise InputError(f"{folder}: no label file for {roles['image'][0].name}; evaluation needs the ground "
+                         "truth as a file whose name contains 'seg', 'label' or 'lesion'.")
+    mask = roles["mask"][0] if roles["mask"] else None
+    return EvalCase(folder.name, roles["image"][0], roles["label"][0], mask)
+
+
+def _cases_from_csv(path: Path) -> List[EvalCase]:
+    """Rows ``image,label[,mask][,name]``; relative paths are relative to the CSV's folder."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot be read as a CSV file ({exc}).") from None
+    if not rows:
+        raise InputError(f"{path}: no rows; give a header 'image,label[,mask][,name]' and one row per case.")
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+        if "image" not in row or "label" not in row:
+            raise InputError(f"{path}: needs the columns 'image' and 'label' (optional 'mask', 'name'); "
+                             f"found {', '.join(sorted(row)) or 'none'}.")
+        if not any(row.values()):
+            continue
+        if not row["image"]:
+            raise InputError(f"{path}, line {number}: no image.")
+        if not row["label"]:
+            raise InputError(f"{path}, line {number}: no label for {row['image']}; evaluation needs the ground truth.")
+        files = {}
+        for column in ("image", "label", "mask"):
+            if row.get(column):
+                p = Path(row[column]).expanduser()
+                p = p if p.is_absolute() else path.parent / p
+                if not p.exists():
+                    raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
+                files[column] = p
+        name = row.get("name") or _stem(files["image"])
+        cases.append(EvalCase(name, files["image"], files["label"], files.get("mask")))
+    return cases
+
+
+def _safe_name(name: str) -> str:
+    """A name usable in file names (``<case>_panel.png``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def _unique_names(cases: List[EvalCase]) -> List[EvalCase]:
+    """Panels are written per name, so equal names (``flair`` from a CSV) get the folder name, then a number."""
+    seen: Dict[str, int] = {}
+    names = [_safe_name(c.name) for c in cases]
+    counts = {n: names.count(n) for n in names}
+    out = []
+    for case, name in zip(cases, names):
+        if counts[name] > 1:
+            name = _safe_name(f"{case.image_path.parent.name}_{name}")
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        else:
+            seen[name] = 1
+        out.append(EvalCase(name, case.image_path, case.label_path, case.mask_path))
+    return out
+
+
+def find_eval_cases(paths: Sequence) -> List[EvalCase]:
+    """Cases from case folders, folders of case folders, or CSV files (``image,label[,mask][,name]``).
+
+    A folder holding image files is one case (one image, one *seg*/*label* file, an optional *mask*
+    file, named as ``synomaly.training.find_cases`` names them); otherwise each subfolder holding
+    image files is one. A case without a label is an InputError: there is nothing to evaluate.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    cases: List[EvalCase] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file() and path.suffix.lower() == ".csv":
+            cases.extend(_cases_from_csv(path))
+        elif path.is_dir():
+            if any(_is_image(p) for p in path.iterdir()):
+                cases.append(_case_from_folder(path))
+                continue
+            subs = [p for p in sorted(path.iterdir()) if p.is_dir() and any(_is_image(q) for q in p.iterdir())]
+            if not subs:
+                raise InputError(f"{path}: neither a case folder (image + label) nor a folder of case folders.")
+            cases.extend(_case_from_folder(sub) for sub in subs)
+        elif _is_image(path):
+            raise InputError(f"{path}: an image alone has no ground truth; give its case folder "
+                             "(image + *seg*/*label* file) or a CSV with columns image,label.")
+        else:
+            raise InputError(f"{path}: no such case folder or CSV file.")
+    if not cases:
+        raise InputError("no evaluation cases found in " + ", ".join(str(p) for p in paths) + ".")
+    return _unique_names(cases)
+
+
+def _axial_axis(geometry: Geometry) -> int:
+    from .preprocessing import Orientation
+
+    return int(Orientation.for_geometry(geometry).perm[0])
+
+
+def crop_axial(image: np.ndarray, geometry: Geometry, label: np.ndarray, mask: Optional[np.ndarray],
+               max_slices: int) -> Tuple[np.ndarray, Geometry, np.ndarray, Optional[np.ndarray], Dict]:
+    """At most ``max_slices`` axial slices centred on the lesion, with the origin moved to match.
+
+    For quick runs on real data. The axial axis comes from the geometry (not always numpy axis 0);
+    without lesion the block is centred on the volume. Returns the cropped image, geometry, label,
+    mask and the block ({"axis", "start", "stop"}, numpy indices of the input).
+    """
+    if isinstance(max_slices, bool) or int(max_slices) != max_slices or max_slices < 1:
+        raise InputError(f"max_slices must be a positive whole number, got {max_slices!r}.")
+    axis = _axial_axis(geometry)
+    n = image.shape[axis]
+    keep = min(int(max_slices), n)
+    lesion = np.flatnonzero(np.any(label > 0, axis=tuple(a for a in range(3) if a != axis)))
+    centre = 0.5 * (lesion[0] + lesion[-1]) if lesion.size else 0.5 * (n - 1)
+    start = int(min(max(int(math.floor(centre + 0.5)) - keep // 2, 0), n - keep))
+    stop = start + keep
+    index = [slice(None)] * 3
+    index[axis] = slice(start, stop)
+    index = tuple(index)
+    itk_axis = 2 - axis
+    shift = geometry.direction_matrix[:, itk_axis] * geometry.spacing[itk_axis] * start
+    origin = tuple(float(o + s) for o, s in zip(geometry.origin, shift))
+    cropped = Geometry(geometry.spacing, origin, geometry.direction)
+    block = {"axis": axis, "start": start, "stop": stop}
+    return (np.ascontiguousarray(image[index]), cropped, np.ascontiguousarray(label[index]),
+            None if mask is None else np.ascontiguousarray(mask[index]), block)
+
+
+def _counts(segmentation, gt, foreground) -> Dict[str, int]:
+    seg = np.asarray(segmentation).astype(bool, copy=False)
+    tp = int(np.count_nonzero(seg & gt))
+    n_seg, n_gt = int(np.count_nonzero(seg)), int(np.count_nonzero(gt))
+    healthy_fg = foreground & ~gt
+    return {"tp": tp, "fp": n_seg - tp, "fn": n_gt - tp, "tn": seg.size - n_seg - n_gt + tp,
+            "fp_foreground": int(np.count_nonzero(seg & healthy_fg)),
+            "healthy_foreground": int(np.count_nonzero(healthy_fg))}
+
+
+def _from_counts(c: Dict[str, int]) -> Dict[str, float]:
+    """Voxel-count metrics with the conventions of ``synomaly.metrics`` (so pooling matches them)."""
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    nan = float("nan")
+    return {"dice": 1.0 if 2 * tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn),
+            "iou": 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn),
+            "precision": nan if tp + fp == 0 else tp / (tp + fp),
+            "recall": nan if tp + fn == 0 else tp / (tp + fn),
+            "fpr_healthy": nan if c["healthy_foreground"] == 0 else c["fp_foreground"] / c["healthy_foreground"]}
+
+
+def case_metrics(anomaly_map, segmentation, gt, foreground, spacing, volume=None, counterfactual=None) -> Dict:
+    """All per-case figures of one method; arrays are (z, y, x) with ``array[z]`` axial.
+
+    ``spacing`` is (x, y, z) in mm of these arrays. Lesion is ``gt > 0`` everywhere, also outside
+    the foreground (a missed lesion there still counts); AUPRC, AUROC and FPR use the foreground
+    voxels only. ``segmentation=None`` (no calibrated threshold) gives the threshold-free figures
+    only, the others as None. SSIM needs ``volume`` and ``counterfactual`` (input intensities).
+    """
+    scores = np.asarray(anomaly_map, dtype=np.float32)
+    gt = np.asarray(gt) > 0
+    foreground = np.asarray(foreground).astype(bool, copy=False)
+    for name, arr in (("foreground", foreground), ("score map", scores)):
+        if arr.shape != gt.shape:
+            raise InputError(f"The {name} has shape {arr.shape}, the ground truth {gt.shape}.")
+    out: Dict = {"auprc": M.auprc(scores, gt, foreground), "auroc": M.auroc(scores, gt, foreground)}
+    oracle = M.best_threshold_dice(scores, gt)
+    out["oracle_best_threshold_dice"] = oracle.dice
+    out["oracle_threshold"] = oracle.threshold
+    if segmentation is None:
+        out.update({k: None for k in THRESHOLD_METRICS})
+        out["counts"] = None
+    else:
+        seg = np.asarray(segmentation) > 0
+        if seg.shape != gt.shape:
+            raise InputError(f"The segmentation has shape {seg.shape}, the ground truth {gt.shape}.")
+        counts = _counts(seg, gt, foreground)
+        out.update(_from_counts(counts))
+        out["hd95_mm"] = M.hd95(seg, gt, spacing)
+        out["slice_dice"] = M.slice_dice(seg, gt)
+        out["counts"] = counts
+    out["ssim_healthy_slices"] = (M.ssim_healthy_slices(volume, counterfactual, gt, foreground)
+                                  if volume is not None and counterfactual is not None else None)
+    return out
+
+
+def _model_info(model) -> Dict:
+    return {"name": model.name, "model_id": model.model_id,
+            "path": str(model.path) if getattr(model, "path", None) else None}
+
+
+def _baseline_calibration(model) -> Dict:
+    calibration = model.metadata.get("calibration") or {}
+    threshold = calibration.get("baseline_threshold")
+    size = int(calibration.get("baseline_median_size", 5))
+    if threshold is None:
+        return {"method": BASELINE_METHOD, "threshold": None, "median_size": size,
+                "threshold_source": "absent: the model file carries no baseline threshold, so the baseline's "
+                                    "threshold-dependent figures are not reported (choosing one on the test "
+                                    "cases would be dishonest); only its threshold-free AUPRC, AUROC and the "
+                                    "oracle Dice are given."}
+    return {"method": BASELINE_METHOD, "threshold": float(threshold), "median_size": size,
+            "threshold_source": "model calibration: the same healthy validation voxels and the same target "
+                                f"false-positive rate ({calibration.get('target_fpr')}) as the model's threshold"}
+
+
+def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, path) -> None:
+    """Rows through the lesion (up to three) plus the slice with the most false positives, if any.
+
+    ``overview.render_overview`` picks slices from our segmentation only, which can miss the lesion;
+    each row here is rendered by ``render_overview_array`` on one slice, with one map scale for all.
+    """
+    from PIL import Image
+
+    from .overview import GAP, GAP_VALUE, choose_slices, render_overview_array
+
+    seg = segmentation > 0
+    gt_z = np.flatnonzero(gt.any(axis=(1, 2)))
+    rows = choose_slices(volume, gt, 3) if gt_z.size else choose_slices(volume, seg, 3)
+    fp_per_slice = np.count_nonzero(seg & ~gt, axis=(1, 2))
+    fp_per_slice[rows] = 0
+    if gt_z.size and fp_per_slice.max() > 0:
+        rows = sorted(rows + [int(np.argmax(fp_per_slice))])
+    inside = anomaly_map[foreground] if foreground.any() else anomaly_map.ravel()
+    map_max = float(np.percentile(inside, 99.9)) if inside.size else 0.0
+    if not map_max > 0:
+        map_max = float(inside.max()) if inside.size and inside.max() > 0 else 1.0
+    images = [render_overview_array(volume[z:z + 1], counterfactual[z:z + 1], anomaly_map[z:z + 1],
+                                    segmentation[z:z + 1], ground_truth=gt[z:z + 1], n_slices=1,
+                                    map_max=map_max) for z in rows]
+    gap = np.full((GAP, images[0].shape[1], 3), GAP_VALUE, dtype=np.uint8)
+    stacked = [images[0]]
+    for image in images[1:]:
+        stacked.extend([gap, image])
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(stacked, axis=0)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_case(case: EvalCase):
+    image, geometry = read_volume(case.image_path)
+    label, label_geometry = read_volume(case.label_path)
+    if label.shape != image.shape or not np.allclose(label_geometry.spacing, geometry.spacing, rtol=1e-3):
+        raise InputError(f"{case.label_path}: its grid (size {tuple(reversed(label.shape))}, spacing "
+                         f"{label_geometry.spacing}) differs from the image's (size {tuple(reversed(image.shape))}, "
+                         f"spacing {geometry.spacing}); resample the label onto the image.")
+    mask = None
+    if case.mask_path is not None:
+        mask, _ = read_volume(case.mask_path)
+        if mask.shape != image.shape:
+            raise InputError(f"{case.mask_path}: size {tuple(reversed(mask.shape))} differs from the image's "
+                             f"{tuple(reversed(image.shape))}; resample the mask onto the image.")
+    return image, geometry, label, mask
+
+
+def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Optional[int] = None,
+                  progress: Optional[Callable[[float, str], None]] = None, cancel=None) -> Tuple[Dict, Dict]:
+    """Detect on one case and measure ours and the baseline; returns (record, pooled-score arrays)."""
+    from .baseline import baseline_score_map, baseline_segmentation
+    from .detection import detect
+    from .preprocessing import PreprocessConfig, prepare_volume
+
+    report = progress or (lambda fraction, message: None)
+    t0 = time.perf_counter()
+    image, geometry, label, mask = _read_case(case)
+    block = None
+    if max_slices is not None:
+        image, geometry, label, mask, block = crop_axial(image, geometry, label, mask, max_slices)
+    result = detect(image, geometry, model, mask, settings,
+                    progress=lambda f, m: report(0.85 * f, f"{case.name}: {m}"), cancel=cancel)
+    report(0.87, f"{case.name}: metrics")
+    prepared = prepare_volume(image, geometry, PreprocessConfig.from_dict(model.metadata["preprocessing"]), mask)
+    orient = prepared.orientation
+    foreground = prepared.foreground
+    spacing_xyz = tuple(reversed(prepared.spacing_zyx))
+    gt = orient.apply(label > 0)
+    volume = orient.apply(image).astype(np.float32)
+    counterfactual = orient.apply(result.counterfactual)
+    ours_map = orient.apply(result.anomaly_map)
+    ours_seg = orient.apply(result.segmentation)
+    ours = case_metrics(ours_map, ours_seg, gt, foreground, spacing_xyz, volume, counterfactual)
+
+    calibration = _baseline_calibration(model)
+    base_scores = orient.apply(baseline_score_map(orient.invert(prepared.normalised), orient.invert(foreground),
+                                                  calibration["median_size"]))
+    base_seg = (baseline_segmentation(base_scores, calibration["threshold"], foreground)
+                if calibration["threshold"] is not None else None)
+    baseline = case_metrics(base_scores, base_seg, gt, foreground, spacing_xyz)
+
+    panel = f"{case.name}_panel.png"
+    report(0.95, f"{case.name}: panel")
+    _panel(volume, counterfactual, ours_map, ours_seg, gt, foreground, out_dir / panel)
+    record = {
+        "name": case.name, "image": str(case.image_path), "label": str(case.label_path),
+        "mask": str(case.mask_path) if case.mask_path else None,
+        "shape_zyx": list(image.shape), "spacing_xyz": list(geometry.spacing),
+        "axial_block": block,
+        "lesion_voxels": int(np.count_nonzero(gt)),
+        "lesion_voxels_outside_foreground": int(np.count_nonzero(gt & ~foreground)),
+        "foreground_voxels": int(np.count_nonzero(foreground)),
+        "ours": ours, "baseline": baseline,
+        "detection": {k: result.report.get(k) for k in ("threshold", "threshold_source", "anomalous_volume_ml",
+                                                         "n_components", "slices_processed", "mean_stages",
+                                                         "timings_s")},
+        "panel": panel,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    pooled = {"ours": (ours_map[foreground], gt[foreground]), "baseline": (base_scores[foreground], gt[foreground])}
+    return record, pooled
+
+
+def _finite_mean(values) -> Tuple[Optional[float], int]:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return (float(np.mean(finite)) if finite else None), len(finite)
+
+
+def summarise(records: Sequence[Dict], pooled_scores: Optional[Dict] = None) -> Dict:
+    """Mean over cases (of the defined values, with their count) and pooled voxel figures."""
+    summary: Dict = {"n_cases": len(records), "oracle_label": ORACLE_LABEL}
+    for method in ("ours", "baseline"):
+        mean, defined, infinite = {}, {}, {}
+        for key in ALL_METRICS:
+            values = [r[method].get(key) for r in records]
+            mean[key], defined[key] = _finite_mean(values)
+            infinite[key] = sum(1 for v in values if v is not None and math.isinf(v))
+        pooled: Dict = {k: None for k in ("dice", "iou", "precision", "recall", "fpr_healthy", "auprc", "auroc")}
+        counts = [r[method].get("counts") for r in records]
+        if records and all(c is not None for c in counts):
+            total = {k: sum(c[k] for c in counts) for k in counts[0]}
+            pooled.update(_from_counts(total))
+        if pooled_scores and pooled_scores.get(method):
+            scores = np.concatenate([s for s, _ in pooled_scores[method]])
+            gt = np.concatenate([g for _, g in pooled_scores[method]])
+            pooled["auprc"], pooled["auroc"] = M.auprc(scores, gt), M.auroc(scores, gt)
+        summary[method] = {"mean": mean, "defined_cases": defined,
+                           "infinite_cases": {k: v for k, v in infinite.items() if v}, "pooled": pooled}
+    return summary
+
+
+def _fmt(value, kind: str = "ratio") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    if kind == "mm":
+        return f"{value:.1f}"
+    if kind == "percent":
+        return f"{100.0 * value:.2f} %"
+    return f"{value:.3f}"
+
+
+TABLE_COLUMNS = (("Dice", "dice", "ratio"), ("AUPRC", "auprc", "ratio"), ("AUROC", "auroc", "ratio"),
+                 ("HD95 mm", "hd95_mm", "mm"), ("FPR", "fpr_healthy", "percent"))
+
+
+def format_table(evaluation: Dict) -> str:
+    """Markdown table of an ``evaluate`` result (or its evaluation.json): ours next to the baseline.
+
+    One row per case, then the mean over cases (HD95 over finite cases, with the infinite ones
+    counted) and the pooled voxel figures. '—': undefined (e.g. precision without any prediction)
+    or not computed (see the notes); 'inf': HD95 with an empty prediction or an empty lesion.
+    """
+    header = ["case"]
+    for title, _, _ in TABLE_COLUMNS:
+        header += [f"{title} ours", f"{title} base"]
+    header += ["SSIM ours", "slice Dice ours", "slice Dice base"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(name, ours, base, note=None):
+        cells = [name]
+        for _, key, kind in TABLE_COLUMNS:
+            cells += [_fmt(ours.get(key), kind), _fmt(base.get(key), kind)]
+        cells += [_fmt(ours.get("ssim_healthy_slices")), _fmt(ours.get("slice_dice")), _fmt(base.get("slice_dice"))]
+        if note:
+            for i, (_, key, _) in enumerate(TABLE_COLUMNS):
+                for j, method in enumerate(("ours", "baseline")):
+                    n = note[method].get(key, 0)
+                    if n:
+                        cells[1 + 2 * i + j] += f" ({n} inf)"
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for case in evaluation.get("cases", []):
+        row(case["name"], case["ours"], case["baseline"])
+    summary = evaluation.get("summary") or summarise(evaluation.get("cases", []))
+    row("**mean**", summary["ours"]["mean"], summary["baseline"]["mean"],
+        {m: summary[m]["infinite_cases"] for m in ("ours", "baseline")})
+    row("pooled voxels", summary["ours"]["pooled"], summary["baseline"]["pooled"])
+    return "\n".join(lines)
+
+
+def _markdown(evaluation: Dict) -> str:
+    s, base = evaluation["summary"], evaluation["baseline"]
+    thr = evaluation["threshold"]
+    lines = [f"# Evaluation of {evaluation['model']['name']} ({evaluation['model']['model_id']})", "",
+             f"{s['n_cases']} cases. Threshold {_fmt(thr['value'])} ({thr['source']}). "
+             f"Baseline: {base['method']}, median size {base['median_size']}, threshold "
+             f"{_fmt(base['threshold'])} ({base['threshold_source']}).", "",
+             format_table(evaluation), "",
+             f"Target healthy-voxel FPR: {_fmt(evaluation['target_fpr'], 'percent')}. SSIM is between input and "
+             "counterfactual on tumour-free axial slices (the baseline has no counterfactual). Slice Dice is the "
+             "paper's: mean over slices with lesion, blind to false positives elsewhere. '—': undefined for that "
+             "case (e.g. precision without predictions, SSIM without a tumour-free slice) or not computed (see "
+             "the notes); 'inf': HD95 where exactly one of prediction and lesion is empty.", "",
+             f"## Best-threshold Dice ({ORACLE_LABEL})", "",
+             "The best Dice of `map > t` over all t, chosen per case with its labels, without component "
+             "removal (so a post-processed Dice can exceed it): the ceiling of the map, not a result.", "",
+             "| case | ours | baseline |", "|---|---|---|"]
+    for case in evaluation["cases"]:
+        lines.append(f"| {case['name']} | {_fmt(case['ours']['oracle_best_threshold_dice'])} | "
+                     f"{_fmt(case['baseline']['oracle_best_threshold_dice'])} |")
+    lines.append(f"| **mean** | {_fmt(s['ours']['mean']['oracle_best_threshold_dice'])} | "
+                 f"{_fmt(s['baseline']['mean']['oracle_best_threshold_dice'])} |")
+    if evaluation["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in evaluation["notes"]]
+    lines += ["", "Panels per case (`<case>_panel.png`): input, counterfactual, anomaly map, and the input with "
+              "the ground-truth contour (green) and ours (red)."]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value):
+    """Strict JSON: NaN (undefined) becomes null, infinity the string "inf"."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
+             progress: Optional[Callable[[float, str], None]] = None, max_slices: Optional[int] = None,
+             cancel: Optional[Callable[[], bool]] = None) -> Dict:
+    """Evaluate ``model`` on labelled cases; write evaluation.json, evaluation.md and per-case panels.
+
+    ``cases``: EvalCase objects or paths for ``find_eval_cases``. ``target_fpr`` is the healthy-voxel
+    FPR budget the results are checked against; it tunes nothing. ``max_slices`` evaluates a block
+    of at most that many axial slices around each lesion (quick runs; the intensity normalisation
+    then sees only the block). Returns the dict written to evaluation.json (NaN as null, inf as "inf").
+    """
+    from .detection import DetectionSettings, inference_params
+
+    settings = settings or DetectionSettings()
+    report = progress or (lambda fraction, message: None)
+    cases = list(cases) if not isinstance(cases, (str, Path)) else [cases]
+    if not cases:
+        raise InputError("no evaluation cases given.")
+    if not all(isinstance(c, EvalCase) for c in cases):
+        cases = find_eval_cases(cases)
+    if not 0.0 <= float(target_fpr) < 1.0:
+        raise InputError(f"target_fpr must be in [0, 1), got {target_fpr}.")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}).") from None
+
+    records, pooled = [], {"ours": [], "baseline": []}
+    n = len(cases)
+    for i, case in enumerate(cases):
+        record, scores = evaluate_case(case, model, settings, out_dir, max_slices,
+                                       progress=lambda f, m, i=i: report((i + f) / n, m), cancel=cancel)
+        records.append(record)
+        for method in pooled:
+            pooled[method].append(scores[method])
+    report(0.99, "summary")
+
+    baseline = _baseline_calibration(model)
+    calibration = model.metadata.get("calibration") or {}
+    notes = []
+    if baseline["threshold"] is None:
+        notes.append("The model carries no baseline threshold: baseline Dice, IoU, precision, recall, HD95, "
+                     "FPR and slice Dice are not reported.")
+    if max_slices is not None:
+        notes.append(f"Each case is a block of at most {max_slices} axial slices around its lesion; the "
+                     "figures are for that block only, not for the whole volume, and the intensity normalisation "
+                     "sees only the block.")
+    model_fpr = calibration.get("target_fpr")
+    if model_fpr is not None and not math.isclose(float(model_fpr), float(target_fpr)):
+        notes.append(f"The model was calibrated for a healthy-voxel FPR of {model_fpr}, not {target_fpr}.")
+    if settings.threshold is not None:
+        notes.append(f"Our threshold {settings.threshold} was set by the user, not by the model's calibration.")
+    outside = sum(r["lesion_voxels_outside_foreground"] for r in records)
+    if outside:
+        notes.append(f"{outside} lesion voxels lie outside the foreground: they count as missed in Dice, "
+                     "recall and HD95, and are outside the AUPRC/AUROC region.")
+    summary = summarise(records, pooled)
+    for method in ("ours", "baseline"):
+        fpr = summary[method]["pooled"]["fpr_healthy"]
+        summary[method]["pooled_fpr_within_target"] = (None if fpr is None or math.isnan(fpr)
+                                                       else bool(fpr <= target_fpr))
+    evaluation = {
+        "model": _model_info(model),
+        "threshold": {"value": float(settings.threshold if settings.threshold is not None else model.threshold),
+                      "source": "user" if settings.threshold is not None else "model calibration on healthy "
+                                f"validation voxels (target FPR {model_fpr})"},
+        "baseline": baseline,
+        "target_fpr": float(target_fpr),
+        "max_slices": max_slices,
+        "settings": {"detection": asdict(settings), "inference": inference_params(model, settings)},
+        "oracle_label": ORACLE_LABEL,
+        "cases": records,
+        "summary": summary,
+        "notes": notes,
+    }
+    evaluation = _jsonable(evaluation)
+    text = json.dumps(evaluation, indent=2, allow_nan=False)
+    atomic_write_bytes(out_dir / "evaluation.json", (text + "\n").encode("utf-8"))
+    atomic_write_bytes(out_dir / "evaluation.md", _markdown(evaluation).encode("utf-8"))
+    report(1.0, "done")
+    return evaluation
+
+
+__all__ = ["EvalCase", "find_eval_cases", "crop_axial", "case_metrics", "evaluate", "evaluate_case",
+           "summarise", "format_table", "ORACLE_LABEL"]

@@ -1,0 +1,132 @@
+"""First-use dependency check (no torch import) and finding the bundled engine."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "SynomalyDetection"
+sys.path.insert(0, str(MODULE_DIR))
+
+from SynomalyDetectionLib import Dependencies  # noqa: E402
+from SynomalyDetectionLib.Engine import engine_search_paths  # noqa: E402
+
+
+ALL = set(Dependencies.PIP_REQUIREMENTS) | {"torch"}
+
+
+class Recorder:
+    def __init__(self, installed, answer=True, torch_ok=True):
+        self.installed, self.answer, self.torch_ok = set(installed), answer, torch_ok
+        self.questions, self.torch_calls, self.pip_calls = [], [], []
+
+    def confirm(self, text):
+        self.questions.append(text)
+        return self.answer
+
+    def install_torch(self, requirement):
+        self.torch_calls.append(requirement)
+        if self.torch_ok:
+            self.installed.add("torch")
+        return self.torch_ok
+
+    def pip_install(self, requirements):
+        self.pip_calls.append(list(requirements))
+        self.installed |= {name for name, req in Dependencies.PIP_REQUIREMENTS.items() if req in requirements}
+
+    def run(self):
+        return Dependencies.ensure_dependencies(self.confirm, self.install_torch, self.pip_install,
+                                                find_spec=lambda name: object() if name in self.installed else None)
+
+
+def test_nothing_to_do_when_all_is_installed():
+    recorder = Recorder(ALL)
+    assert recorder.run() is None
+    assert not recorder.questions and not recorder.torch_calls and not recorder.pip_calls
+
+
+def test_missing_packages_are_offered_once_and_installed():
+    recorder = Recorder({"numpy", "scipy", "SimpleITK"})
+    assert recorder.run() is None
+    assert len(recorder.questions) == 1 and "PyTorch" in recorder.questions[0]
+    assert recorder.torch_calls == [Dependencies.TORCH_REQUIREMENT]
+    assert sorted(recorder.pip_calls[0]) == sorted(
+        ["scikit-image>=0.19", "safetensors>=0.3", "opensimplex>=0.4", "tqdm>=4.60"])
+
+
+def test_declining_installs_nothing_and_says_why():
+    recorder = Recorder({"numpy"}, answer=False)
+    message = recorder.run()
+    assert "Not installed" in message and "PyTorch" in message
+    assert not recorder.torch_calls and not recorder.pip_calls
+
+
+def test_torch_that_could_not_be_installed_points_to_the_pytorch_extension():
+    recorder = Recorder(ALL - {"torch"}, torch_ok=False)
+    assert "PyTorch" in recorder.run() and "Extensions Manager" in recorder.run()
+    assert not recorder.pip_calls
+
+
+def test_a_failed_pip_install_is_reported():
+    recorder = Recorder(ALL - {"tqdm"})
+    recorder.pip_install = lambda requirements: None
+    assert "still missing: tqdm" in recorder.run()
+
+
+def test_real_check_does_not_import_torch():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from SynomalyDetectionLib import Dependencies; "
+            "Dependencies.missing_dependencies(); assert 'torch' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+LOCATE = """
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("engine_locator", sys.argv[1])
+engine = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(engine)
+assert importlib.util.find_spec("synomaly") is None, "run without site-packages"
+try:
+    engine.ensure_engine_importable(Path(sys.argv[2]))
+except ImportError as exc:
+    print(exc)
+    sys.exit(3)
+import synomaly
+print(synomaly.__file__)
+"""
+
+
+def locate_without_site_packages(module_dir, cwd):
+    """Run the locator for a module in ``module_dir`` when no engine is pip-installed (python -S)."""
+    return subprocess.run([sys.executable, "-S", "-c", LOCATE, str(MODULE_DIR / "SynomalyDetectionLib/Engine.py"),
+                           str(module_dir)], capture_output=True, text=True, cwd=str(cwd))
+
+
+def engine_found_from(module_dir, cwd):
+    run = locate_without_site_packages(module_dir, cwd)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return Path(run.stdout.strip()).resolve()
+
+
+def test_engine_is_found_in_the_source_tree(tmp_path):
+    assert engine_search_paths(MODULE_DIR) == [MODULE_DIR, ROOT / "SynomalyEngine"]
+    assert engine_found_from(MODULE_DIR, tmp_path) == (ROOT / "SynomalyEngine/synomaly/__init__.py").resolve()
+
+
+def test_engine_is_found_beside_the_installed_module(tmp_path):
+    installed = tmp_path / "qt-scripted-modules"
+    (installed / "synomaly").mkdir(parents=True)
+    shutil.copy(ROOT / "SynomalyEngine/synomaly/__init__.py", installed / "synomaly")
+    assert engine_found_from(installed, tmp_path) == (installed / "synomaly/__init__.py").resolve()
+
+
+def test_missing_engine_is_a_clear_error(tmp_path):
+    empty = tmp_path / "modules" / "SynomalyDetection"
+    empty.mkdir(parents=True)
+    run = locate_without_site_packages(empty, tmp_path)
+    assert run.returncode == 3 and "reinstall the extension" in run.stdout

@@ -1,0 +1,220 @@
+"""What can be checked of the Slicer module without the Slicer application: the module file imports
+without torch and without the engine, the widget only uses names the .ui file defines, the packaging
+lists every Python file, and the extension metadata is consistent."""
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "SynomalyDetection"
+MODULE_FILE = MODULE_DIR / "SynomalyDetection.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "SynomalyDetection.ui"
+ENGINE_DIR = ROOT / "SynomalyEngine" / "synomaly"
+
+
+def ui_widgets():
+    tree = ET.parse(UI_FILE)
+    return {w.get("name"): w.get("class") for w in tree.iter("widget")}
+
+
+def test_widget_code_uses_only_names_defined_in_the_ui_file():
+    used = set(re.findall(r"\bui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the widget code should use the .ui widgets through self.ui"
+    missing = used - set(ui_widgets())
+    assert not missing, f"not in {UI_FILE.name}: {sorted(missing)}"
+
+
+def test_ui_file_has_the_expected_controls_with_slicer_widget_classes():
+    widgets = ui_widgets()
+    expected = {
+        "inputVolumeSelector": "qMRMLNodeComboBox", "maskSelector": "qMRMLNodeComboBox",
+        "modelComboBox": "QComboBox", "detectButton": "QPushButton", "cancelDetectionButton": "QPushButton",
+        "detectionProgressBar": "QProgressBar", "advancedCollapsibleButton": "ctkCollapsibleButton",
+        "deviceComboBox": "QComboBox", "stagesSpinBox": "QSpinBox", "noiseLevelSpinBox": "QSpinBox",
+        "thresholdSpinBox": "QDoubleSpinBox", "ensembleSpinBox": "QSpinBox", "updateOutputsCheckBox": "QCheckBox",
+        "reportLabel": "QLabel", "trainingFolderButton": "ctkDirectoryButton",
+        "trainingVolumesSelector": "qMRMLCheckableNodeComboBox", "presetComboBox": "QComboBox",
+        "stepsSpinBox": "QSpinBox", "trainingDeviceComboBox": "QComboBox", "modelNameLineEdit": "QLineEdit",
+        "startTrainingButton": "QPushButton", "resumeTrainingButton": "QPushButton",
+        "cancelTrainingButton": "QPushButton", "trainingProgressBar": "QProgressBar",
+    }
+    for name, cls in expected.items():
+        assert widgets.get(name) == cls, name
+    tree = ET.parse(UI_FILE)
+    custom = {c.findtext("class") for c in tree.iter("customwidget")}
+    non_qt = {cls for cls in widgets.values() if not cls.startswith("Q")}
+    assert non_qt <= custom, f"declare as custom widgets: {sorted(non_qt - custom)}"
+    receivers = {c.findtext("receiver") for c in tree.iter("connection")}
+    mrml_widgets = {n for n, cls in widgets.items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+    assert mrml_widgets <= receivers, "every MRML widget must get the scene from the module widget"
+
+
+def python_files(folder):
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def cmake_list(text, variable):
+    match = re.search(rf"set\({variable}\n(.*?)\n  \)", text, re.S)
+    assert match, f"{variable} not found"
+    return [line.strip() for line in match.group(1).splitlines() if line.strip()]
+
+
+def test_module_cmakelists_lists_every_python_file_of_the_module_and_the_engine():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = {s.replace("${MODULE_NAME}", "SynomalyDetection") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    assert scripts == python_files(MODULE_DIR), "update MODULE_PYTHON_SCRIPTS in SynomalyDetection/CMakeLists.txt"
+    engine = set(cmake_list(text, "ENGINE_PYTHON_SCRIPTS"))
+    assert engine == python_files(ENGINE_DIR), "update ENGINE_PYTHON_SCRIPTS in SynomalyDetection/CMakeLists.txt"
+    for resource in cmake_list(text, "MODULE_PYTHON_RESOURCES"):
+        assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "SynomalyDetection")).is_file(), resource
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+STUB_SLICER = """
+cmake_minimum_required(VERSION 3.16)
+project(StubSlicerExtension NONE)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+set(BUILD_TESTING ON)
+# Where ctkMacroCompilePythonScript copies each script: relative paths below the module source folder,
+# absolute paths keep their place relative to the module build folder.
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  set(destination ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+  foreach(file ${MY_SCRIPTS} ${MY_RESOURCES})
+    if(IS_ABSOLUTE ${file})
+      set(src ${file})
+      file(RELATIVE_PATH target ${CMAKE_CURRENT_BINARY_DIR} ${file})
+    else()
+      set(src ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+      set(target ${file})
+    endif()
+    if(NOT EXISTS ${src})
+      message(FATAL_ERROR "missing ${src}")
+    endif()
+    file(APPEND ${CMAKE_BINARY_DIR}/installed.txt "${destination}/${target}\\n")
+  endforeach()
+endfunction()
+function(slicer_add_python_unittest)
+  file(APPEND ${CMAKE_BINARY_DIR}/unittests.txt "${ARGN}\\n")
+endfunction()
+add_subdirectory(@MODULE_DIR@ SynomalyDetection)
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_module_cmakelists_configures_and_puts_the_engine_beside_the_module(tmp_path):
+    """The real CMakeLists with Slicer's macros replaced by stubs that record where files would land."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "CMakeLists.txt").write_text(STUB_SLICER.replace("@MODULE_DIR@", MODULE_DIR.as_posix()))
+    build = tmp_path / "build"
+    run = subprocess.run(["cmake", "-S", str(source), "-B", str(build)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    destination = build / "lib/Slicer-5.8/qt-scripted-modules"
+    installed = {Path(line).relative_to(destination).as_posix()
+                 for line in (build / "installed.txt").read_text().split()}
+    expected = python_files(MODULE_DIR) | {f"synomaly/{f}" for f in python_files(ENGINE_DIR)}
+    expected |= {"Resources/Icons/SynomalyDetection.png", "Resources/UI/SynomalyDetection.ui"}
+    assert installed == expected
+    assert "SCRIPT;SynomalyDetection.py" in (build / "unittests.txt").read_text()
+    for engine_file in python_files(ENGINE_DIR):
+        copied = build / "SynomalyDetection" / "synomaly" / engine_file
+        assert copied.read_bytes() == (ENGINE_DIR / engine_file).read_bytes()
+
+
+def test_extension_metadata_is_consistent():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
+    assert "add_subdirectory(SynomalyDetection)" in text
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert f"set(EXTENSION_{variable} " in text
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text
+    category = re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', text).group(1)
+    entry = json.loads((ROOT / "SynomalyDetection.json").read_text())
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["category"] == category
+    assert {"$schema", "scm_url", "category"} <= set(entry)
+
+
+def test_icons_are_128_pixel_pngs():
+    Image = pytest.importorskip("PIL.Image")
+    for path in (ROOT / "SynomalyDetection.png", MODULE_DIR / "Resources/Icons/SynomalyDetection.png"):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (128, 128), path
+
+
+def test_no_module_level_torch_import_in_the_module_or_its_lib():
+    for path in [MODULE_FILE, *sorted((MODULE_DIR / "SynomalyDetectionLib").glob("*.py"))]:
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in ("torch", "synomaly") for n in names), f"{path.name}: {names}"
+
+
+IMPORT_CHECK = """
+import sys, types
+# Stand-ins for what only the Slicer application provides (Qt bindings and the scripted-module bases).
+qt = types.ModuleType("qt")
+sys.modules["qt"] = qt
+import slicer
+slm = types.ModuleType("slicer.ScriptedLoadableModule")
+class ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+class ScriptedLoadableModuleWidget:
+    pass
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        super().__init__()
+class ScriptedLoadableModuleTest:
+    pass
+for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+            ScriptedLoadableModuleTest):
+    setattr(slm, cls.__name__, cls)
+sys.modules["slicer.ScriptedLoadableModule"] = slm
+slicer.ScriptedLoadableModule = slm
+sys.path.insert(0, sys.argv[1])
+import SynomalyDetection as m
+heavy = sorted(n for n in ("torch", "synomaly", "safetensors") if n in sys.modules)
+assert not heavy, f"importing the module imported {heavy}"
+parent = types.SimpleNamespace()
+m.SynomalyDetection(parent)
+assert parent.title == "Synomaly Detection", parent.title
+assert parent.categories and parent.contributors
+for needle in ("arXiv:2411.04004", "Medical Image Analysis", "Synomaly Noise and Multi-Stage Diffusion",
+               "Detect anomalies", "Retrain", "logic.detect("):
+    assert needle in parent.helpText + parent.acknowledgementText, needle
+logic = m.SynomalyDetectionLogic(user_models_dir="/nonexistent")
+assert callable(logic.detect) and callable(logic.train) and logic.loss_curve is None
+print("ok")
+"""
+
+
+def test_module_file_imports_without_torch_and_describes_itself():
+    """Import the real module file in a fresh interpreter, with stand-ins for the Qt-only Slicer parts."""
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(IMPORT_CHECK), str(MODULE_DIR)],
+                         capture_output=True, text=True, cwd=str(ROOT))
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def test_lib_imports_without_torch():
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import SynomalyDetectionLib; "
+            "heavy = [n for n in ('torch', 'synomaly') if n in sys.modules]; assert not heavy, heavy")
+    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
