@@ -409,7 +409,9 @@ def test_real_engine_finds_the_phantom_lesion(scene, tmp_path):
     segment = segment_array(outputs.segmentation, node) > 0
     lesion = phantom.lesion_mask > 0
     assert segment.any(), "the demo model found nothing in a phantom with a lesion"
-    assert (segment & lesion).sum() > 0.5 * segment.sum(), "most of the segment should be on the lesion"
+    assert (segment & lesion).sum() > 0.5 * lesion.sum(), "the segment should cover most of the lesion"
+    score = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    assert score[lesion].mean() > 5 * score[~lesion].mean(), "the map should be brightest on the lesion"
     assert outputs.report["anomalous_volume_ml"] > 0
 
 

@@ -64,16 +64,23 @@ class Engine:
     def load_model(self, name_or_path, device="cpu"):
         return engine_module("model_file").load_model(name_or_path, device=device)
 
+    def detection_settings(self, **values):
+        """The engine's settings object; unknown or malformed names fail here, before any work starts."""
+        return engine_module("detection").DetectionSettings(**values)
+
     def detect(self, volume, geometry, model, mask=None, settings=None, progress=None, cancel=None):
-        detection = engine_module("detection")
-        return detection.detect(volume, geometry, model, mask=mask,
-                                settings=detection.DetectionSettings(**(settings or {})),
-                                progress=progress, cancel=cancel)
+        return engine_module("detection").detect(volume, geometry, model, mask=mask, settings=settings,
+                                                 progress=progress, cancel=cancel)
+
+    def training_settings(self, **values):
+        return engine_module("training").TrainingSettings(**values)
+
+    def training_case(self, name, array, geometry):
+        return engine_module("training").TrainingCase(name, array, geometry)
 
     def train(self, healthy, output, settings=None, progress=None, cancel=None, resume=False):
-        training = engine_module("training")
-        return training.train(healthy, Path(output), training.TrainingSettings(**(settings or {})),
-                              progress=progress, cancel=cancel, resume=resume)
+        return engine_module("training").train(healthy, Path(output), settings, progress=progress,
+                                               cancel=cancel, resume=resume)
 
     def geometry_from_ijk_to_ras(self, matrix):
         return engine_module("volume_io").Geometry.from_ijk_to_ras(matrix)

@@ -6,6 +6,7 @@ preprocessing, inference defaults, calibrated threshold, training summary).
 """
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -17,6 +18,12 @@ FORMAT_VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = "brain-flair"
 DEMO_MODEL = "demo-phantom"
+USER_MODELS_ENV = "SYNOMALY_MODELS_DIR"
+
+
+def user_models_dir() -> Path:
+    """Where locally trained models live (CLI and Slicer alike): $SYNOMALY_MODELS_DIR or ~/.synomaly/models."""
+    return Path(os.environ.get(USER_MODELS_ENV) or Path.home() / ".synomaly" / "models")
 
 
 @dataclass
@@ -83,9 +90,10 @@ def save_model(path, network, metadata: Dict) -> Path:
 
 
 def list_models(extra_dirs=()) -> List[ModelInfo]:
-    """Bundled models, then models in ``extra_dirs`` (for example the user's models folder)."""
+    """Bundled models, then the user's models folder, then ``extra_dirs``."""
     out = []
-    for folder in [BUNDLED_DIR, *[Path(d) for d in extra_dirs]]:
+    folders = [BUNDLED_DIR, user_models_dir(), *[Path(d) for d in extra_dirs]]
+    for folder in dict.fromkeys(f.resolve() for f in folders if f.is_dir()):
         for path in sorted(Path(folder).glob("*.safetensors")):
             try:
                 meta = read_metadata(path)
@@ -108,20 +116,21 @@ def resolve(name_or_path) -> Path:
         if not candidate.exists():
             raise ModelFileError(f"model file {candidate} does not exist.")
         return candidate
-    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    if bundled.exists():
-        return bundled
+    for folder in (BUNDLED_DIR, user_models_dir()):
+        if (folder / f"{name_or_path}.safetensors").exists():
+            return folder / f"{name_or_path}.safetensors"
     names = ", ".join(m.name for m in list_models()) or "none"
-    raise ModelFileError(f"no model named {name_or_path!r}; bundled models: {names}; or give a path to a .safetensors file.")
+    raise ModelFileError(f"no model named {name_or_path!r}; known models: {names}; "
+                         "or give a path to a .safetensors file.")
 
 
 def read_metadata(path) -> Dict:
-    """The model description, without loading the weights."""
+    """The model description, without loading the weights (or importing torch)."""
     from safetensors import safe_open
 
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
     except Exception as exc:
         raise ModelFileError(f"{path} is not a readable model file ({type(exc).__name__}: {exc}); "

@@ -1,0 +1,531 @@
+"""Synomaly Detection: unsupervised anomaly detection (Synomaly noise + multi-stage diffusion) in 3D Slicer.
+
+Thin on purpose: the work is in SynomalyDetectionLib (Qt-free, tested with slicer-core) and in the
+engine package ``synomaly``. Importing this file imports neither torch nor the engine.
+"""
+import logging
+import sys
+import time
+import traceback
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, ensure_dependencies,
+                                  format_report, get_parameter_node, missing_dependencies)
+from SynomalyDetectionLib.Engine import engine_module, errors
+from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
+
+CITATION = ("Bi Y, Huang L, Clarenbach R, Ghotbi R, Karlas A, Navab N, Jiang Z. "
+            "Synomaly Noise and Multi-Stage Diffusion: A Novel Approach for Unsupervised Anomaly Detection "
+            "in Medical Images. Medical Image Analysis, 2025. arXiv:2411.04004.")
+
+HELP_TEXT = f"""
+<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
+(Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
+<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
+brain) and a model, then click <i>Detect anomalies</i>. The run goes on in the background; <i>Cancel</i>
+stops it and adds nothing. Results are placed beside the input in the Data module:
+a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume "&lt;input&gt; counterfactual"
+(the healthy-looking version of the input) and "&lt;input&gt; anomaly map", shown as a coloured overlay.
+The panel shows the anomalous volume in mL and its connected components. <i>Advanced</i>: device, number
+of stages, noise level, threshold (default: the model's calibrated threshold) and ensemble size.</p>
+<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
+of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
+checkpoint that <i>Resume</i> continues. The new model joins the model list.</p>
+<p><b>Python console:</b><br>
+<code>logic = slicer.util.getModuleLogic("{MODULE_NAME}")</code><br>
+<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>
+(returns the segmentation, counterfactual and anomaly-map nodes and the report)<br>
+<code>logic.train("/data/healthy", name="site-a", preset="brain-flair", steps=2000)</code></p>
+<p>Research software: not for clinical use.</p>
+"""
+
+ACKNOWLEDGEMENT_TEXT = f"""
+<p>The method is from: {CITATION}</p>
+<p>This module is a product implementation for whole 3D volumes; it is not the authors' reference code.</p>
+"""
+
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+class SynomalyDetection(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Synomaly Detection"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SynomalyDetection developers"]
+        self.parent.helpText = HELP_TEXT
+        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+
+
+def _isUserError(exc) -> bool:
+    """Errors whose message says what to do: shown as such, without a traceback."""
+    try:
+        return isinstance(exc, errors().SynomalyError)
+    except ImportError:
+        return False
+
+
+class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.ui = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._job = None
+        self._jobKind = None
+        self._jobStart = 0.0
+        self._timer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynomalyDetection.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SynomalyDetectionLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._pollJob)
+
+        for combo in (self.ui.deviceComboBox, self.ui.trainingDeviceComboBox):
+            combo.addItems(DEVICES)
+        self._populatePresets()
+        self._populateModels()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        for selector in (self.ui.inputVolumeSelector, self.ui.maskSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.trainingVolumesSelector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
+        for combo in (self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.presetComboBox,
+                      self.ui.trainingDeviceComboBox):
+            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        for spinBox in (self.ui.stagesSpinBox, self.ui.noiseLevelSpinBox, self.ui.ensembleSpinBox,
+                        self.ui.stepsSpinBox):
+            spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.thresholdSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        for toggle in (self.ui.updateOutputsCheckBox, self.ui.trainFromFolderRadioButton,
+                       self.ui.trainFromVolumesRadioButton):
+            toggle.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.trainingFolderButton.connect("directoryChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.modelNameLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+
+        self.ui.refreshModelsButton.connect("clicked()", self._populateModels)
+        self.ui.detectButton.connect("clicked()", self.onDetect)
+        self.ui.cancelDetectionButton.connect("clicked()", self.onCancel)
+        self.ui.startTrainingButton.connect("clicked()", lambda: self.onTrain(resume=False))
+        self.ui.resumeTrainingButton.connect("clicked()", lambda: self.onTrain(resume=True))
+        self.ui.cancelTrainingButton.connect("clicked()", self.onCancel)
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self._stopJob()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self._stopJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self):
+        """Reload the Lib package too, so that edits to it take effect."""
+        self._stopJob()
+        for name in [n for n in sys.modules if n.split(".")[0] == "SynomalyDetectionLib"]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # parameter node <-> GUI
+
+    def initializeParameterNode(self):
+        node = get_parameter_node()
+        parameters = Parameters.from_node(node)
+        if parameters.input_volume is None:
+            parameters.input_volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if parameters.input_volume is not None and parameters.input_volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                parameters.input_volume = None
+            parameters.to_node(node)
+        self.setParameterNode(node)
+
+    def setParameterNode(self, node):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        parameters = Parameters.from_node(self._parameterNode)
+        self._updatingGUI = True
+        try:
+            self.ui.inputVolumeSelector.setCurrentNode(parameters.input_volume)
+            self.ui.maskSelector.setCurrentNode(parameters.mask)
+            self._selectModel(parameters.model)
+            self._selectText(self.ui.deviceComboBox, parameters.device)
+            self.ui.stagesSpinBox.value = parameters.stages
+            self.ui.noiseLevelSpinBox.value = parameters.noise_level
+            self.ui.thresholdSpinBox.value = parameters.threshold
+            self.ui.ensembleSpinBox.value = parameters.ensemble
+            self.ui.updateOutputsCheckBox.checked = parameters.update_outputs
+            self.ui.reportLabel.text = format_report(parameters.report())
+            sourceButton = (self.ui.trainFromFolderRadioButton if parameters.training_from_folder
+                            else self.ui.trainFromVolumesRadioButton)
+            sourceButton.checked = True
+            if parameters.training_folder and self.ui.trainingFolderButton.directory != parameters.training_folder:
+                self.ui.trainingFolderButton.directory = parameters.training_folder
+            checked = {n.GetID() for n in parameters.training_volumes}
+            for index in range(self.ui.trainingVolumesSelector.nodeCount()):
+                node = self.ui.trainingVolumesSelector.nodeFromIndex(index)
+                state = qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked
+                self.ui.trainingVolumesSelector.setCheckState(node, state)
+            self._selectText(self.ui.presetComboBox, parameters.preset)
+            self.ui.stepsSpinBox.value = parameters.steps
+            self._selectText(self.ui.trainingDeviceComboBox, parameters.training_device)
+            if self.ui.modelNameLineEdit.text != parameters.model_name:
+                self.ui.modelNameLineEdit.text = parameters.model_name
+        finally:
+            self._updatingGUI = False
+        self._updateButtons()
+
+    def updateParameterNodeFromGUI(self, *args):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        parameters = Parameters.from_node(self._parameterNode)
+        parameters.input_volume = self.ui.inputVolumeSelector.currentNode()
+        parameters.mask = self.ui.maskSelector.currentNode()
+        parameters.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
+        parameters.device = self.ui.deviceComboBox.currentText
+        parameters.stages = self.ui.stagesSpinBox.value
+        parameters.noise_level = self.ui.noiseLevelSpinBox.value
+        parameters.threshold = self.ui.thresholdSpinBox.value
+        parameters.ensemble = self.ui.ensembleSpinBox.value
+        parameters.update_outputs = self.ui.updateOutputsCheckBox.checked
+        parameters.training_from_folder = self.ui.trainFromFolderRadioButton.checked
+        parameters.training_folder = self.ui.trainingFolderButton.directory
+        parameters.training_volumes = list(self.ui.trainingVolumesSelector.checkedNodes())
+        parameters.preset = self.ui.presetComboBox.currentText or parameters.preset
+        parameters.steps = self.ui.stepsSpinBox.value
+        parameters.training_device = self.ui.trainingDeviceComboBox.currentText
+        parameters.model_name = self.ui.modelNameLineEdit.text.strip()
+        parameters.to_node(self._parameterNode)
+
+    @staticmethod
+    def _selectText(combo, text):
+        index = combo.findText(text)
+        if index >= 0:
+            combo.setCurrentIndex(index)
+
+    def _selectModel(self, identifier):
+        index = self.ui.modelComboBox.findData(identifier) if identifier else -1
+        if index < 0 and not identifier:
+            index = self.ui.modelComboBox.findData(self._defaultModelName())
+        self.ui.modelComboBox.setCurrentIndex(max(index, 0))
+
+    def _defaultModelName(self):
+        try:
+            return self.logic.default_model()
+        except ImportError:
+            return ""
+
+    def _populatePresets(self):
+        try:
+            presets = self.logic.engine.presets()
+        except ImportError as exc:
+            logging.warning(f"Synomaly presets unavailable: {exc}")
+            presets = [Parameters().preset]
+        self.ui.presetComboBox.clear()
+        self.ui.presetComboBox.addItems(presets)
+
+    def _populateModels(self):
+        """Bundled and user-trained models; reading model files needs the dependencies, so without them
+        the list holds only the default model until they are installed."""
+        combo = self.ui.modelComboBox
+        wasUpdating, self._updatingGUI = self._updatingGUI, True
+        try:
+            combo.clear()
+            entries = []
+            if not missing_dependencies().any:
+                try:
+                    entries = self.logic.models()
+                except Exception as exc:
+                    logging.warning(f"Synomaly models could not be listed: {exc}")
+            for entry in entries:
+                combo.addItem(entry.label, entry.identifier)
+                combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
+            if not entries:
+                combo.addItem("Default model", "")
+        finally:
+            self._updatingGUI = wasUpdating
+        if self._parameterNode is not None:
+            self._selectModel(Parameters.from_node(self._parameterNode).model)
+
+    def _updateButtons(self):
+        busy = self._job is not None
+        parameters = Parameters.from_node(self._parameterNode) if self._parameterNode is not None else None
+        self.ui.detectButton.enabled = not busy and parameters is not None and parameters.input_volume is not None
+        self.ui.cancelDetectionButton.enabled = busy and self._jobKind == "detection"
+        self.ui.startTrainingButton.enabled = not busy and parameters is not None
+        self.ui.resumeTrainingButton.enabled = not busy and parameters is not None
+        self.ui.cancelTrainingButton.enabled = busy and self._jobKind == "training"
+        self.ui.trainingFolderButton.enabled = parameters is not None and parameters.training_from_folder
+        self.ui.trainingVolumesSelector.enabled = parameters is not None and not parameters.training_from_folder
+
+    # dependencies
+
+    def ensureDependencies(self) -> bool:
+        """On first use: offer to install what the engine needs; False (after saying why) when it is missing."""
+        installing = missing_dependencies().any
+        message = ensure_dependencies(
+            confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle="Synomaly Detection"),
+            install_torch=self._installTorch,
+            pip_install=self._pipInstall)
+        if message:
+            slicer.util.warningDisplay(message, windowTitle="Synomaly Detection")
+            return False
+        if installing:
+            self._populateModels()
+        return True
+
+    @staticmethod
+    def _installTorch(requirement):
+        """PyTorch through the PyTorch extension, which picks the build matching the GPU driver."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            return None
+        with slicer.util.WaitCursor():
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                torchVersionRequirement=requirement)
+
+    @staticmethod
+    def _pipInstall(requirements):
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(requirements)
+
+    # running jobs
+
+    def _showError(self, title, exc):
+        if _isUserError(exc):
+            slicer.util.errorDisplay(str(exc), windowTitle=title)
+        else:
+            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            logging.error(details)
+            slicer.util.errorDisplay(f"{title}: {exc}", windowTitle=title, detailedText=details)
+
+    def _startJob(self, kind, start):
+        try:
+            job = start()
+        except Exception as exc:
+            self._showError("Synomaly Detection could not start", exc)
+            return
+        self._job, self._jobKind, self._jobStart = job, kind, time.time()
+        self._timer.start()
+        self._updateButtons()
+
+    def _stopJob(self):
+        """Cancel a running job and forget it without waiting: a cancelled job never writes nodes."""
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        if self._timer is not None:
+            self._timer.stop()
+        if self.ui is not None:
+            self._updateButtons()
+
+    def _pollJob(self):
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        try:
+            running = job.poll()
+        except Exception as exc:
+            running = False
+            self._showError("Synomaly Detection", exc)
+        if running:
+            return
+        self._timer.stop()
+        kind, self._job = self._jobKind, None
+        elapsed = time.time() - self._jobStart
+        if kind == "detection":
+            self._onDetectionFinished(job, elapsed)
+        else:
+            self._onTrainingFinished(job, elapsed)
+        self._updateButtons()
+
+    def onCancel(self):
+        if self._job is not None:
+            self._job.cancel()
+            label = self.ui.detectionStatusLabel if self._jobKind == "detection" else self.ui.trainingStatusLabel
+            label.text = "Cancelling..."
+
+    # detection
+
+    def onDetect(self):
+        if self._job is not None or not self.ensureDependencies():
+            return
+        self.updateParameterNodeFromGUI()
+        self.ui.detectionProgressBar.value = 0
+        self.ui.detectionStatusLabel.text = "Starting..."
+        self._startJob("detection", lambda: self.logic.start_detection(
+            Parameters.from_node(self._parameterNode), self._onDetectionProgress))
+
+    def _onDetectionProgress(self, fraction, message):
+        self.ui.detectionProgressBar.value = int(round(100 * fraction))
+        self.ui.detectionStatusLabel.text = message
+
+    def _onDetectionFinished(self, job, elapsed):
+        if job.state == SUCCEEDED:
+            outputs = job.result
+            self.ui.detectionProgressBar.value = 100
+            self.ui.detectionStatusLabel.text = f"Done in {elapsed:.0f} s."
+            self.ui.reportLabel.text = format_report(outputs.report)
+            input_node = self.logic.parameters().input_volume
+            slicer.util.setSliceViewerLayers(background=input_node, foreground=outputs.anomaly_map,
+                                             foregroundOpacity=0.5)
+            outputs.segmentation.GetDisplayNode().SetVisibility(True)
+        elif job.state == CANCELLED:
+            self.ui.detectionProgressBar.value = 0
+            self.ui.detectionStatusLabel.text = "Cancelled; nothing was added to the scene."
+        else:
+            self.ui.detectionStatusLabel.text = "Failed."
+            self._showError("Anomaly detection failed", job.error)
+
+    # training
+
+    def onTrain(self, resume=False):
+        if self._job is not None or not self.ensureDependencies():
+            return
+        self.updateParameterNodeFromGUI()
+        self.ui.trainingProgressBar.value = 0
+        self.ui.trainingStatusLabel.text = "Resuming..." if resume else "Starting..."
+
+        def start():
+            job = self.logic.start_training(Parameters.from_node(self._parameterNode), resume,
+                                            self._onTrainingProgress)
+            try:
+                slicer.modules.plots.logic().ShowChartInLayout(self.logic.loss_curve.chart)
+            except Exception as exc:
+                logging.warning(f"The loss plot could not be shown: {exc}")
+            return job
+
+        self._startJob("training", start)
+
+    def _onTrainingProgress(self, step, total, loss, message):
+        self.ui.trainingProgressBar.maximum = max(int(total), 1)
+        self.ui.trainingProgressBar.value = int(step)
+        self.ui.trainingStatusLabel.text = message
+
+    def _onTrainingFinished(self, job, elapsed):
+        if job.state == SUCCEEDED:
+            entry = job.result
+            self.ui.trainingStatusLabel.text = f"Model '{entry.name}' trained in {elapsed / 60:.1f} min."
+            self._populateModels()
+            self._selectModel(entry.identifier)
+            self.updateParameterNodeFromGUI()
+        elif job.state == CANCELLED:
+            self.ui.trainingStatusLabel.text = "Cancelled; a checkpoint was kept: click Resume to continue."
+        else:
+            self.ui.trainingStatusLabel.text = "Failed."
+            self._showError("Training failed", job.error)
+
+
+class SynomalyDetectionLogic(ScriptedLoadableModuleLogic, SynomalyLogic):
+    """The Python-console API (see SynomalyDetectionLib.Logic.SynomalyLogic):
+
+    ``SynomalyDetectionLogic().detect(volumeNode, maskNode=None, model=None, **settings)`` returns the
+    output nodes; ``SynomalyDetectionLogic().train(healthy, name, preset=..., steps=...)`` trains a model.
+    """
+
+    def __init__(self, engine=None, user_models_dir=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        SynomalyLogic.__init__(self, engine=engine, user_models_dir=user_models_dir)
+
+
+class SynomalyDetectionTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: detection on a generated phantom volume, in the foreground and in the background."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_widget_opens()
+        self.setUp()
+        self.test_detection_on_phantom()
+
+    def test_widget_opens(self):
+        widget = slicer.util.getModuleWidget(MODULE_NAME)
+        self.assertIsNotNone(widget.ui.detectButton)
+        self.assertGreater(widget.ui.modelComboBox.count, 0)
+
+    def test_detection_on_phantom(self):
+        import numpy as np
+
+        if missing_dependencies().any:
+            self.delayDisplay(f"Skipped: missing {missing_dependencies().describe()}; "
+                              "open the module and click Detect to install them.")
+            return
+        model_file = engine_module("model_file")
+        if model_file.DEMO_MODEL not in [m.name for m in model_file.list_models()]:
+            self.delayDisplay(f"Skipped: the bundled model '{model_file.DEMO_MODEL}' is missing.")
+            return
+        phantom = engine_module("phantom").make_phantom(seed=engine_module("demo").DEMO_SEED)
+        volume = slicer.util.addVolumeFromArray(phantom.volume, phantom.geometry.ijk_to_ras(), name="phantom")
+        before = slicer.util.arrayFromVolume(volume).copy()
+        logic = SynomalyDetectionLogic()
+
+        self.delayDisplay("Detecting in the foreground")
+        outputs = logic.detect(volume, model=model_file.DEMO_MODEL, device="cpu")
+        segmentId = outputs.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+        segment = slicer.util.arrayFromSegmentBinaryLabelmap(outputs.segmentation, segmentId, volume) > 0
+        lesion = phantom.lesion_mask > 0
+        self.assertTrue(segment.any())
+        self.assertGreater((segment & lesion).sum(), 0.5 * lesion.sum())
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        parent = sh.GetItemParent(sh.GetItemByDataNode(volume))
+        for node in outputs.nodes():
+            self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), parent)
+
+        self.delayDisplay("Detecting in the background, then cancelling a run")
+        parameters = logic.parameters()
+        parameters.input_volume, parameters.model, parameters.device = volume, model_file.DEMO_MODEL, "cpu"
+        logic.save_parameters(parameters)
+        job = logic.start_detection(logic.parameters())
+        while job.poll():
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        self.assertEqual(job.state, SUCCEEDED)
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        parameters.update_outputs = False
+        job = logic.start_detection(parameters)
+        job.cancel()
+        while job.poll():
+            slicer.app.processEvents()
+        self.assertEqual(job.state, CANCELLED)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,141 @@
+"""Geometry round trips, reorientation, normalisation of raw and z-scored data, slice framing."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from synomaly.errors import InputError
+from synomaly.phantom import make_phantom
+from synomaly.preprocessing import (Orientation, PreprocessConfig, check_volume, foreground_mask,
+                                    prepare_volume)
+from synomaly.volume_io import Geometry, read_volume, write_volume
+
+
+def _oblique_direction(deg=20.0):
+    a = np.deg2rad(deg)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(a / 2), -np.sin(a / 2)], [0, np.sin(a / 2), np.cos(a / 2)]])
+    return tuple((rz @ rx).ravel())
+
+
+def test_ijk_to_ras_matches_simpleitk_and_round_trips():
+    geometry = Geometry((0.7, 1.3, 3.0), (10.0, -20.0, 5.5), _oblique_direction())
+    image = sitk.Image(5, 6, 7, sitk.sitkFloat32)
+    geometry.apply_to_sitk(image)
+    m = geometry.ijk_to_ras()
+    for ijk in [(0, 0, 0), (4, 5, 6), (1, 3, 2)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        ras = m @ np.array([*ijk, 1.0])
+        assert np.allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+    again = Geometry.from_ijk_to_ras(m)
+    assert np.allclose(again.spacing, geometry.spacing) and np.allclose(again.origin, geometry.origin)
+    assert np.allclose(again.direction, geometry.direction)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_file_round_trip_keeps_oblique_anisotropic_geometry(tmp_path, suffix):
+    array = np.random.default_rng(0).normal(size=(7, 6, 5)).astype(np.float32)
+    geometry = Geometry((0.7, 1.3, 3.0), (10.0, -20.0, 5.5), _oblique_direction())
+    path = tmp_path / f"v{suffix}"
+    write_volume(path, array, geometry)
+    back, g2 = read_volume(path)
+    assert np.array_equal(back, array)
+    assert np.allclose(g2.spacing, geometry.spacing, atol=1e-5)
+    assert np.allclose(g2.origin, geometry.origin, atol=1e-4)
+    assert np.allclose(g2.direction, geometry.direction, atol=1e-5)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _sitk_lps(array, geometry):
+    image = sitk.GetImageFromArray(array)
+    geometry.apply_to_sitk(image)
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    (-1, 0, 0, 0, -1, 0, 0, 0, 1),           # RAS-stored
+    (0, 0, 1, 1, 0, 0, 0, 1, 0),             # sagittal stack: k runs along x
+    (0, 1, 0, 0, 0, -1, -1, 0, 0),           # coronal stack, flipped
+])
+def test_orientation_brings_axial_slices_to_axis0_like_simpleitk(direction):
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    geometry = Geometry((1.0, 2.0, 3.0), (0.0, 0.0, 0.0), tuple(float(d) for d in direction))
+    orient = Orientation.for_geometry(geometry)
+    assert np.array_equal(orient.apply(array), _sitk_lps(array, geometry))
+    assert np.array_equal(orient.invert(orient.apply(array)), array)
+
+
+def test_orientation_of_oblique_volume_is_invertible():
+    array = np.random.default_rng(1).normal(size=(4, 5, 6))
+    orient = Orientation.for_geometry(Geometry((1, 1, 1), (0, 0, 0), _oblique_direction(40)))
+    assert np.array_equal(orient.invert(orient.apply(array)), array)
+
+
+def test_normalisation_same_for_raw_and_zscored_input():
+    """Real users bring raw integers with background 0; BraTS 2015 is z-scored with a constant
+    negative background. The robust normalisation must give the same network input for both."""
+    p = make_phantom(seed=3)
+    raw = p.volume
+    brain = raw > 0
+    z = np.zeros(raw.shape, dtype=np.float32)
+    z[brain] = (raw[brain] - raw[brain].mean()) / raw[brain].std()
+    z[~brain] = z[brain].min() - 0.1  # a constant background below the brain, as in BraTS 2015
+    config = PreprocessConfig()
+    a = prepare_volume(raw, p.geometry, config)
+    b = prepare_volume(z, p.geometry, config)
+    assert np.array_equal(a.foreground, b.foreground)
+    fg = a.foreground
+    assert np.abs(a.normalised[fg] - b.normalised[fg]).max() < 0.02
+    assert a.normalised.min() == -1.0 and a.normalised.max() <= 1.0
+    healthy = fg & ~(p.lesion_mask > 0)
+    assert -0.7 < np.median(a.normalised[healthy]) < 0.0
+    assert a.normalised[p.lesion_mask > 0].mean() > np.percentile(a.normalised[healthy], 99)
+
+
+def test_window_mode_maps_ct_window_linearly():
+    config = PreprocessConfig(intensity="window", window=(0.0, 150.0))
+    ct = np.full((4, 32, 32), -1000.0, dtype=np.float32)
+    ct[:, 8:24, 8:24] = 75.0
+    ct[:, 12:14, 12:14] = 300.0
+    ct[:, 20, 20] = 37.5 + np.arange(4)
+    prep = prepare_volume(ct, Geometry.identity(), config)
+    assert np.allclose(prep.normalised[:, 10, 10], 0.0) and np.allclose(prep.normalised[:, 12, 12], 1.0)
+    assert np.allclose(prep.normalised[:, 20, 20], (37.5 + np.arange(4)) / 75.0 - 1.0)
+    assert prep.intensity.inverse(np.array([0.0]))[0] == pytest.approx(75.0)
+
+
+def test_foreground_found_without_labels_for_noisy_background():
+    p = make_phantom(seed=1)
+    noisy = p.volume + np.random.default_rng(0).normal(5, 2, p.volume.shape).astype(np.float32)
+    fg = foreground_mask(noisy)
+    brain = p.brain_mask > 0
+    assert (fg & brain).sum() / brain.sum() > 0.97
+    assert (fg & ~brain).sum() / brain.sum() < 0.05
+
+
+def test_slice_frame_keeps_aspect_ratio_and_round_trips():
+    array = np.zeros((3, 100, 60), dtype=np.float32)
+    yy, xx = np.mgrid[:100, :60]
+    array[:] = np.sin(yy / 15.0) + np.cos(xx / 11.0) + 5
+    geometry = Geometry((2.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # x spacing 2 mm
+    prep = prepare_volume(array, geometry, PreprocessConfig(image_size=64, margin_mm=0))
+    ry, rx = prep.frame.resized
+    assert rx == 64 and ry == round(64 * 100 / 120)  # 100 mm tall, 120 mm wide: width is the long side
+    images, masks = prep.network_slices()
+    assert images.shape == (3, 1, 64, 64) and masks.any()
+    back = prep.frame.from_network(images, array.shape[1:], -1.0)
+    inner = prep.normalised[:, 5:-5, 5:-5]
+    assert np.abs(back[:, 5:-5, 5:-5] - inner).max() < 0.1
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((4, 4)), "2D"),
+    (np.zeros((0, 20, 20), dtype=np.float32), "empty"),
+    (np.ones((4, 20, 20), dtype=np.float32), "constant"),
+    (np.where(np.eye(20)[None] > 0, np.nan, 1.0).repeat(3, 0), "NaN"),
+    (np.random.default_rng(0).integers(0, 3, (4, 20, 20)).astype(np.float32), "label map"),
+    (np.random.default_rng(0).normal(size=(4, 8, 8)), "too small"),
+])
+def test_bad_volumes_are_rejected_with_a_clear_message(array, message):
+    with pytest.raises(InputError, match=message):
+        check_volume(array)
