@@ -56,7 +56,7 @@ class Engine:
         return engine_module("model_file").list_models(extra_dirs=[Path(d) for d in extra_dirs])
 
     def default_model(self) -> str:
-        return engine_module("model_file").DEFAULT_MODEL
+        return engine_module("model_file").default_model_name()
 
     def presets(self) -> List[str]:
         return list(engine_module("presets").PRESETS)

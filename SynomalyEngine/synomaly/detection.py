@@ -25,6 +25,7 @@ DEFAULT_INFERENCE = {
     "direction": 1,
     "blur_mm": 1.5,
     "min_component_mm3": 100.0,
+    "ensemble": 1,
 }
 
 
@@ -36,7 +37,7 @@ class DetectionSettings:
     stages: Optional[int] = None
     noise_level: Optional[int] = None
     threshold: Optional[float] = None
-    ensemble: int = 1
+    ensemble: Optional[int] = None
     batch_size: int = 16
     min_component_mm3: Optional[float] = None
     mode: Optional[str] = None
@@ -84,8 +85,10 @@ def inference_params(model, settings: DetectionSettings) -> Dict:
         if settings.mode not in ("multi", "single"):
             raise InputError("mode must be 'multi' or 'single'.")
         params["mode"] = settings.mode
-    if settings.ensemble < 1:
-        raise InputError("ensemble size must be at least 1.")
+    if settings.ensemble is not None:
+        if settings.ensemble < 1:
+            raise InputError("ensemble size must be at least 1.")
+        params["ensemble"] = int(settings.ensemble)
     return params
 
 
@@ -120,7 +123,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     t0 = time.perf_counter()
     network = model.network.to(device).eval()
     schedule = DiffusionSchedule(**model.metadata["schedule"])
-    k = int(settings.ensemble)
+    k = int(params["ensemble"])
     shape = prepared.normalised.shape
     diffs = np.zeros((k,) + shape, dtype=np.float32)
     preds = prepared.normalised.copy()
@@ -190,7 +193,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "threshold_source": "user" if settings.threshold is not None else "model calibration",
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
-        "settings": dict(params, ensemble=k, seed=int(settings.seed), device=str(device)),
+        "settings": dict(params, seed=int(settings.seed), device=str(device)),
         "model": {"name": model.name, "model_id": model.model_id},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
     }

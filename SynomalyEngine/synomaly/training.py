@@ -384,14 +384,10 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
     return output
 
 
-def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]], target_fpr: float,
-              device) -> Dict:
-    """Anomaly threshold = the map value exceeded by ``target_fpr`` of held-out healthy foreground voxels.
-
-    The intensity baseline's threshold is calibrated on the same voxels, so evaluations compare like
-    with like.
-    """
-    from .baseline import baseline_score_map, calibrate_threshold
+def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
+                              device) -> Tuple[np.ndarray, np.ndarray]:
+    """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
+    from .baseline import baseline_score_map
     from .detection import DetectionSettings, detect
     from .preprocessing import PreprocessConfig, prepare_volume
 
@@ -415,9 +411,21 @@ def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[i
     if not ours:
         raise InputError("no healthy validation slices to calibrate on; give more healthy volumes "
                          "or raise validation_fraction.")
-    ours_all, base_all = np.concatenate(ours), np.concatenate(base)
-    return {"threshold": float(calibrate_threshold(ours_all, target_fpr)), "target_fpr": target_fpr,
-            "voxels": int(ours_all.size), "baseline_threshold": float(calibrate_threshold(base_all, target_fpr)),
+    return np.concatenate(ours), np.concatenate(base)
+
+
+def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]], target_fpr: float,
+              device) -> Dict:
+    """Anomaly threshold = the map value exceeded by ``target_fpr`` of held-out healthy foreground voxels.
+
+    The intensity baseline's threshold is calibrated on the same voxels, so evaluations compare like
+    with like.
+    """
+    from .baseline import calibrate_threshold
+
+    ours, base = healthy_validation_scores(model, cases, validation, device)
+    return {"threshold": float(calibrate_threshold(ours, target_fpr)), "target_fpr": target_fpr,
+            "voxels": int(ours.size), "baseline_threshold": float(calibrate_threshold(base, target_fpr)),
             "baseline_median_size": 5}
 
 
