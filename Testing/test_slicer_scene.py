@@ -154,4 +154,4 @@ def test_logic_parameters_round_trip(scene):
     params.stages, params.threshold = 2, 0.3
     logic.save_parameters(params)
     assert logic.parameters().detection_settings() == {
-        "device": "auto", "stages": 2, "noise_level": None, "threshold": 0.3, "ensemble": 1}
+        "device": "auto", "stages": 2, "noise_level": None, "threshold": 0.3, "ensemble": None}

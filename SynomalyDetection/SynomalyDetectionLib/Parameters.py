@@ -26,7 +26,7 @@ def _refs(role):
 
 @dataclass
 class Parameters:
-    """Detection and training settings; 0 in stages, noise level and threshold means the model's default."""
+    """Detection and training settings; 0 in stages, noise level, threshold and ensemble means the model's default."""
 
     input_volume: Optional[object] = field(default=None, metadata=_ref("InputVolume"))
     mask: Optional[object] = field(default=None, metadata=_ref("Mask"))
@@ -35,7 +35,7 @@ class Parameters:
     stages: int = field(default=0, metadata=_scalar("Stages"))
     noise_level: int = field(default=0, metadata=_scalar("NoiseLevel"))
     threshold: float = field(default=0.0, metadata=_scalar("Threshold"))
-    ensemble: int = field(default=1, metadata=_scalar("Ensemble"))
+    ensemble: int = field(default=0, metadata=_scalar("Ensemble"))
     update_outputs: bool = field(default=True, metadata=_scalar("UpdateOutputs"))
     segmentation: Optional[object] = field(default=None, metadata=_ref("AnomalySegmentation"))
     counterfactual: Optional[object] = field(default=None, metadata=_ref("Counterfactual"))
@@ -53,7 +53,7 @@ class Parameters:
     def detection_settings(self) -> dict:
         """The engine's detection settings; None lets the model decide."""
         return {"device": self.device, "stages": self.stages or None, "noise_level": self.noise_level or None,
-                "threshold": self.threshold or None, "ensemble": self.ensemble}
+                "threshold": self.threshold or None, "ensemble": self.ensemble or None}
 
     def report(self) -> Optional[dict]:
         return json.loads(self.last_report) if self.last_report else None
