@@ -11,21 +11,50 @@ from .errors import InputError, OutputError, SynomalyError
 
 OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
 FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+# NIfTI stores geometry in float32, so only a NIfTI input round-trips exactly through NIfTI;
+# NRRD and MHA store it in full precision. DICOM folders and other inputs therefore get NRRD.
+INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (".nhdr", "nrrd"),
+                 (".mha", "mha"), (".mhd", "mha"))
+
+
+def error_line(message: str) -> str:
+    """The documented one-line error, even when a library's message spans several lines."""
+    return "synomaly: error: " + " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def case_name(path: Path) -> str:
-    """``/x/patient1.nii.gz`` -> ``patient1``; a DICOM folder -> its folder name."""
-    name = path.name
+    """``/x/patient1.nii.gz`` -> ``patient1``; a DICOM folder -> its folder name (also for ``.``)."""
+    name = path.name or path.resolve().name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def check_writable(folder: Path) -> None:
+def output_format(path: Path, requested: str) -> str:
+    """``auto``: the input's own format, so that the outputs keep its geometry exactly."""
+    if requested != "auto":
+        return requested
+    name = path.name.lower()
+    return next((fmt for suffix, fmt in INPUT_FORMATS if name.endswith(suffix)), "nrrd")
+
+
+def check_writable(folder: Path, create: bool = True) -> None:
+    """Fail before any work when outputs could not be written. With ``create=False`` a missing
+    folder is not made yet (a failed run then leaves nothing behind); its nearest existing parent
+    is checked instead."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"output folder {folder} cannot be created: {existing} is a file; "
+                          "choose another with -o.")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(folder))
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(existing))
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -43,13 +72,18 @@ def output_paths(out_dir: Path, name: str, fmt: str, ensemble: int) -> dict:
     return paths
 
 
+def _bar_disabled(enabled: bool):
+    """Bars only on a terminal (tqdm's ``None``): logs and captured output get no carriage-return noise."""
+    return True if not enabled else None
+
+
 class Progress:
     """A tqdm bar fed by the engine's progress(fraction, message) callback."""
 
     def __init__(self, desc: str, enabled: bool = True):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=1000, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
+        self.bar = tqdm(total=1000, desc=desc, disable=_bar_disabled(enabled), leave=False, file=sys.stderr,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
 
     def __call__(self, fraction: float, message: str) -> None:
@@ -65,6 +99,11 @@ def write_outputs(paths: dict, result, geometry, volume, ground_truth=None) -> N
     from .overview import render_overview
     from .volume_io import atomic_write_bytes, write_volume
 
+    folder = paths["report"].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output folder {folder} cannot be created ({exc.strerror or exc}).") from None
     write_volume(paths["anomaly_seg"], result.segmentation, geometry)
     write_volume(paths["anomaly_map"], result.anomaly_map, geometry)
     write_volume(paths["counterfactual"], result.counterfactual, geometry)
@@ -94,17 +133,17 @@ def cmd_detect(args) -> int:
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
     if settings.ensemble < 1:
         raise InputError("--ensemble must be at least 1.")
-    all_paths = [output_paths(out_dir, n, args.format, settings.ensemble) for n in names]
+    all_paths = [output_paths(out_dir, n, output_format(p, args.format), settings.ensemble)
+                 for p, n in zip(inputs, names)]
     if not args.overwrite:
         existing = [str(p) for paths in all_paths for p in paths.values() if p.exists()]
         if existing:
             raise OutputError(f"{existing[0]} already exists ({len(existing)} outputs in all); "
                               "use --overwrite to replace them, or another -o folder.")
+    check_writable(out_dir, create=False)
     device = resolve_device(args.device)
-    check_writable(out_dir)
     model = load_model(args.model, device=str(device))
-    print(f"model: {model.name} ({model.model_id}), threshold {model.threshold:.4f}, device {device}",
-          file=sys.stderr)
+    print(f"model: {model.name} ({model.model_id}), threshold {model.threshold:.4f}, device {device}")
     failures = 0
     for path, mask_path, paths in zip(inputs, masks, all_paths):
         try:
@@ -122,7 +161,10 @@ def cmd_detect(args) -> int:
                 bar.close()
             write_outputs(paths, result, geometry, volume)
         except SynomalyError as exc:
-            print(f"synomaly: error: {exc}", file=sys.stderr)
+            message = str(exc)
+            if not message.startswith(str(path)):
+                message = f"{path}: {message}"
+            print(error_line(message), file=sys.stderr)
             failures += 1
             continue
         r = result.report
@@ -137,14 +179,15 @@ def cmd_train(args) -> int:
     from .training import TrainingSettings, train
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise OutputError(f"{output} already exists; use --overwrite or another -o.")
+    if output.exists() and not (args.overwrite or args.resume):
+        raise OutputError(f"{output} already exists; use --overwrite, --resume (to continue its run) "
+                          "or another -o.")
     settings = TrainingSettings(preset=args.preset, noise=args.noise, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, image_size=args.image_size, base_channels=args.base_channels,
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr)
-    bar = tqdm(total=settings.steps, desc="training", disable=args.quiet, file=sys.stderr)
+    bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not args.quiet), file=sys.stderr)
 
     def progress(step, total, loss, message):
         bar.n = step
@@ -224,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network call")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    p.add_argument("--format", choices=sorted(FORMATS), default="nii.gz", help="volume output format")
+    p.add_argument("--format", choices=["auto", *sorted(FORMATS)], default="auto",
+                   help="volume output format (default auto: the input's own format, which keeps its geometry "
+                        "exactly: nii.gz for NIfTI, nrrd for NRRD, mha for MetaImage; nrrd for DICOM folders)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_detect)
 
@@ -280,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except SynomalyError as exc:
-        print(f"synomaly: error: {exc}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("synomaly: interrupted", file=sys.stderr)

@@ -49,6 +49,10 @@ def check_volume(array: np.ndarray, what: str = "input") -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise InputError(f"{what} contains {bad} NaN or infinite voxels; fix or mask them before detection.")
+    # Size before the label-map test: a tiny image has few distinct values and would pass for a label map.
+    if min(array.shape[1:]) < 16:
+        raise InputError(f"{what} is too small ({tuple(reversed(array.shape))} voxels); "
+                         "slices need at least 16 x 16 voxels.")
     lo, hi = array.min(), array.max()
     if lo == hi:
         raise InputError(f"{what} is constant (every voxel is {lo}); there is no image to analyse.")
@@ -58,9 +62,6 @@ def check_volume(array: np.ndarray, what: str = "input") -> None:
         if values.size <= 8 and np.all(values == np.round(values)):
             raise InputError(f"{what} looks like a label map (only the values {values.tolist()}); "
                              "give the intensity image, and pass a label map as --mask if it is an organ mask.")
-    if min(array.shape[1:]) < 16 or array.shape[0] < 1:
-        raise InputError(f"{what} is too small ({tuple(reversed(array.shape))} voxels); "
-                         "slices need at least 16 x 16 voxels.")
 
 
 def foreground_mask(array: np.ndarray) -> np.ndarray:

@@ -24,6 +24,18 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def last_line(exc: BaseException) -> str:
+    """ITK errors span several lines (source file, object address, ...); the last one says what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _discard(tmp) -> None:
+    """Remove an unpublished temporary file, also after Ctrl-C (a KeyboardInterrupt is no Exception)."""
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel-to-physical mapping of a 3D volume (ITK/LPS convention)."""
@@ -92,8 +104,7 @@ def _read_sitk(path):
             return reader.Execute()
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"{path}: cannot be read as an image ({first}).") from None
+        raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
 
 
 def read_volume(path) -> Tuple[np.ndarray, Geometry]:
@@ -129,10 +140,11 @@ def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
         os.close(fd)
         sitk.WriteImage(image, tmp, True)
         _publish(tmp, path)
+        tmp = None
     except Exception as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OutputError(f"{path}: cannot be written ({exc}).") from None
+        raise OutputError(f"{path}: cannot be written ({last_line(exc)}).") from None
+    finally:
+        _discard(tmp)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -144,7 +156,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         _publish(tmp, path)
+        tmp = None
     except Exception as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OutputError(f"{path}: cannot be written ({exc}).") from None
+        raise OutputError(f"{path}: cannot be written ({last_line(exc)}).") from None
+    finally:
+        _discard(tmp)

@@ -1,0 +1,25 @@
+"""Fixtures shared by several test files: the shared BraTS data folder and one phantom case on disk."""
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data lives outside the repository (it cannot be redistributed); CI mounts it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"BraTS data not found at {SHARED_DATA}; CI provides it")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def phantom_case(tmp_path_factory):
+    """A lesion phantom written once per session: {"flair", "brainmask", "seg"} -> path.
+
+    Tests must not modify these files (several tests check that inputs stay untouched).
+    """
+    from synomaly.phantom import write_phantom_case
+
+    return write_phantom_case(tmp_path_factory.mktemp("phantom") / "case", seed=5, lesion=True)

@@ -1,0 +1,473 @@
+"""The ``synomaly`` command end to end: real processes, real files, every bad input of the issue.
+
+Each run is a fresh ``python -m synomaly`` process, so start-up, argument parsing, exit codes and
+what lands on disk are tested as a user meets them. Inputs are phantoms (and a BraTS case where
+the shared data exists); the bundled demo model keeps a run at a few seconds on one core.
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from synomaly.phantom import make_phantom, write_phantom_case
+
+OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
+REPORT_KEYS = {"anomalous_volume_ml", "n_components", "components", "max_score", "mean_score", "threshold",
+               "settings", "model", "timings_s"}
+HELP_OPTIONS = {
+    None: ["detect", "train", "evaluate", "demo", "--version"],
+    "detect": ["--output", "--mask", "--model", "--device", "--stages", "--noise-level", "--threshold",
+               "--ensemble", "--format", "--overwrite"],
+    "train": ["--output", "--preset", "--steps", "--device", "--resume", "--checkpoint-every", "--image-size"],
+    "evaluate": ["--output", "--model", "--device", "--stages", "--target-fpr", "--max-slices"],
+    "demo": ["--output", "--device", "--overwrite"],
+}
+
+
+def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # the children must not oversubscribe a shared CPU
+    return subprocess.run([sys.executable, "-m", "synomaly", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def snapshot(*paths) -> dict:
+    """Content hash, size and mtime of every file (of a folder, recursively): to prove nothing changed."""
+    files = []
+    for p in map(Path, paths):
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return {str(f): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files}
+
+
+def geometry(image: sitk.Image):
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def check_outputs(out_dir: Path, name: str, reference: sitk.Image, ext: str = ".nii.gz", exact: bool = True,
+                  ensemble: bool = False) -> dict:
+    """All outputs of one input exist, lie on the input's grid, and the seg and report are well formed."""
+    kinds = OUTPUT_KINDS + (("uncertainty",) if ensemble else ())
+    images = {kind: sitk.ReadImage(str(out_dir / f"{name}_{kind}{ext}")) for kind in kinds}
+    for kind, image in images.items():
+        if exact:
+            assert geometry(image) == geometry(reference), kind
+        else:  # NIfTI keeps geometry in float32
+            assert image.GetSize() == reference.GetSize()
+            for got, want in zip(geometry(image)[1:], geometry(reference)[1:]):
+                np.testing.assert_allclose(got, want, atol=1e-5, err_msg=kind)
+    seg = sitk.GetArrayFromImage(images["anomaly_seg"])
+    assert seg.dtype == np.uint8 and set(np.unique(seg).tolist()) <= {0, 1}
+    assert np.isfinite(sitk.GetArrayFromImage(images["anomaly_map"])).all()
+    report = json.loads((out_dir / f"{name}_report.json").read_text())
+    assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
+    assert report["model"]["model_id"]
+    assert report["anomalous_volume_ml"] == pytest.approx(seg.sum() * np.prod(reference.GetSpacing()) / 1000,
+                                                          rel=1e-3, abs=1e-3)
+    assert (out_dir / f"{name}_overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out_dir.glob(".tmp-*")) and not list(out_dir.glob(".probe-*"))
+    return report
+
+
+def assert_refused(result: subprocess.CompletedProcess, *words: str) -> str:
+    """A clean refusal: exit 2, exactly one ``synomaly: error:`` line naming the problem, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith("synomaly: error: "), result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def write(path: Path, array: np.ndarray, is_vector: bool = False) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=is_vector), str(path))
+    return path
+
+
+# --- help ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
+def test_help(command):
+    result = ok(run_cli(*([command] if command else []), "--help"))
+    for option in HELP_OPTIONS[command]:
+        assert option in result.stdout, f"{option} missing from `synomaly {command or ''} --help`"
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "synomaly"
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (engine not pip-installed here)")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "detect" in result.stdout
+
+
+def test_no_command_is_a_usage_error():
+    result = run_cli()
+    assert result.returncode == 2 and "usage" in result.stderr.lower()
+
+
+# --- demo and detection on good inputs --------------------------------------------------------------
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = ok(run_cli("demo", "-o", out))
+    printed = re.search(r"Dice against the known lesion: ([0-9.]+)", result.stdout)
+    assert printed, result.stdout
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_anomaly_seg.nii.gz")))
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_lesion.nii.gz")))
+    measured = dice(seg, lesion)
+    assert measured > 0.3
+    assert float(printed.group(1)) == pytest.approx(measured, abs=1e-3)
+    check_outputs(out, "phantom", sitk.ReadImage(str(out / "phantom_flair.nii.gz")))
+    # A second run into the same folder refuses rather than overwriting.
+    before = snapshot(out)
+    assert_refused(run_cli("demo", "-o", out), "already exists", "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_detect_nifti(phantom_case, tmp_path):
+    flair = phantom_case["flair"]
+    before = snapshot(flair)
+    result = ok(run_cli("detect", flair, "-o", tmp_path / "out"))
+    report = check_outputs(tmp_path / "out", "flair", sitk.ReadImage(str(flair)))
+    assert snapshot(flair) == before
+    assert "mL anomalous" in result.stdout and result.stderr.strip() == ""
+    assert report["slices_processed"] > 0 and report["settings"]["ensemble"] == 1
+    # The phantom's lesion is found, by a model that has never seen it.
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "flair_anomaly_seg.nii.gz")))
+    assert dice(seg, sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_case["seg"])))) > 0.3
+
+
+@pytest.fixture(scope="module")
+def oblique_nrrd(phantom_case, tmp_path_factory):
+    """The phantom rotated 20 degrees about z, with anisotropic spacing and an odd origin, as NRRD."""
+    image = sitk.ReadImage(str(phantom_case["flair"]))
+    theta = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0], [0, 0, 1]])
+    image.SetDirection(tuple(rotation.ravel()))
+    image.SetSpacing((0.9, 1.1, 2.5))
+    image.SetOrigin((10.5, -20.25, 3.1))
+    path = tmp_path_factory.mktemp("oblique") / "oblique.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_detect_oblique_anisotropic_nrrd_keeps_geometry_exactly(oblique_nrrd, tmp_path):
+    before = snapshot(oblique_nrrd)
+    ok(run_cli("detect", oblique_nrrd, "-o", tmp_path, "--stages", "1", "-q"))
+    # The default format follows the input's, so its full-precision geometry survives.
+    check_outputs(tmp_path, "oblique", sitk.ReadImage(str(oblique_nrrd)), ext=".nrrd")
+    assert snapshot(oblique_nrrd) == before
+
+
+def test_detect_several_inputs_format_nrrd(phantom_case, oblique_nrrd, tmp_path):
+    out = tmp_path / "out"
+    result = ok(run_cli("detect", phantom_case["flair"], oblique_nrrd, "-o", out, "--format", "nrrd",
+                        "--stages", "1"))
+    assert result.stdout.count("mL anomalous") == 2
+    for name, source in (("flair", phantom_case["flair"]), ("oblique", oblique_nrrd)):
+        check_outputs(out, name, sitk.ReadImage(str(source)), ext=".nrrd")
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_detect_ensemble_writes_uncertainty(oblique_nrrd, tmp_path):
+    """Also NRRD in, NIfTI out: the geometry then survives to float32 precision (NIfTI's own)."""
+    ok(run_cli("detect", oblique_nrrd, "-o", tmp_path, "--ensemble", "2", "--stages", "1", "--format", "nii.gz",
+               "-q"))
+    report = check_outputs(tmp_path, "oblique", sitk.ReadImage(str(oblique_nrrd)), exact=False, ensemble=True)
+    assert report["settings"]["ensemble"] == 2
+    uncertainty = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "oblique_uncertainty.nii.gz")))
+    assert uncertainty.min() >= 0 and uncertainty.max() > 0
+
+
+def test_detect_with_mask(phantom_case, tmp_path):
+    ok(run_cli("detect", phantom_case["flair"], "--mask", phantom_case["brainmask"], "-o", tmp_path,
+               "--stages", "1", "--format", "mha", "-q"))
+    check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])), ext=".mha")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_case["brainmask"]))) > 0
+    for kind in ("anomaly_seg", "anomaly_map"):
+        values = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"flair_{kind}.mha")))
+        assert not values[~mask].any(), f"{kind} is non-zero outside the mask"
+
+
+def test_detect_dicom_series_folder(phantom_case, tmp_path):
+    """A DICOM series written slice by slice with the tags a reader needs to stack it."""
+    volume = sitk.Cast(sitk.ReadImage(str(phantom_case["flair"])), sitk.sitkInt16)[:, :, 8:24]
+    volume.SetOrigin((-40.0, -35.5, 12.0))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    d = volume.GetDirection()
+    shared = {"0008|0060": "MR", "0008|0008": "DERIVED\\SECONDARY",
+              "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+              "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))}
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(volume.GetDepth()):
+        plane = volume[:, :, i]
+        for tag, value in shared.items():
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, i))))
+        plane.SetMetaData("0020|0013", str(i + 1))
+        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.Execute(plane)
+    reference = read_dicom_series(folder)
+    assert reference.GetSize() == (96, 96, 16) and reference.GetSpacing() == pytest.approx((1.0, 1.0, 2.0))
+    before = snapshot(folder)
+    ok(run_cli("detect", folder, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    check_outputs(tmp_path / "out", "series", reference, ext=".nrrd")
+    assert snapshot(folder) == before
+
+
+def test_detect_small_volume_is_resampled(tmp_path):
+    """20 x 20 x 3 voxels: smaller than the network's slices, which are resampled up to it."""
+    volume = make_phantom(shape=(8, 64, 64), seed=4, lesion=False).volume[3:6, 2::3, 2::3][:, :20, :20]
+    source = write(tmp_path / "small.nii.gz", np.ascontiguousarray(volume))
+    ok(run_cli("detect", source, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    check_outputs(tmp_path / "out", "small", sitk.ReadImage(str(source)))
+
+
+def test_detect_large_volume_memory_is_bounded(tmp_path):
+    """512 x 512 x 40 voxels (4x a BraTS slice area) goes through in batches, well under a few GB."""
+    from scipy import ndimage
+
+    phantom = make_phantom(shape=(20, 64, 64), seed=7, lesion=True)
+    large = ndimage.zoom(phantom.volume, (2, 8, 8), order=1).astype(np.int16)
+    assert large.shape == (40, 512, 512)
+    image = sitk.GetImageFromArray(large)
+    image.SetSpacing((0.45, 0.45, 3.0))
+    source = tmp_path / "large.nii.gz"
+    sitk.WriteImage(image, str(source))
+    # A wrapper process reports the peak RSS of exactly the one CLI child it waited for.
+    wrapper = ("import resource, subprocess, sys\n"
+               "rc = subprocess.call([sys.executable, '-m', 'synomaly'] + sys.argv[1:])\n"
+               "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+               "sys.exit(rc)\n")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = ok(subprocess.run([sys.executable, "-c", wrapper, "detect", str(source), "-o", str(tmp_path / "out"),
+                                "--stages", "1", "-q"], capture_output=True, text=True, env=env, timeout=300))
+    peak_gb = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 1024 ** 2
+    assert peak_gb < 3.0, f"peak RSS {peak_gb:.2f} GB"
+    check_outputs(tmp_path / "out", "large", sitk.ReadImage(str(source)))
+
+
+def test_detect_real_brats_case(shared_data, tmp_path):
+    flair = shared_data / "brats2015" / "pat0001" / "flair.nii.gz"
+    if not flair.exists():
+        pytest.skip(f"BraTS case not found at {flair}; CI provides it")
+    before = snapshot(flair)
+    ok(run_cli("detect", flair, "-o", tmp_path, "--stages", "1", "-q"))
+    report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(flair)))
+    assert report["slices_processed"] > 50
+    assert snapshot(flair) == before
+
+
+# --- bad input: one clear line, exit 2, nothing changed ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """name -> (path, words the error must contain). NaN/Inf go in NRRD: ITK's NIfTI reader zeroes them."""
+    folder = tmp_path_factory.mktemp("bad")
+    p = make_phantom(shape=(16, 64, 64), seed=1)
+    v = p.volume
+    cases = {
+        "2d": (write(folder / "slice2d.nii.gz", v[8]), ["2D", "3D"]),
+        "4d": (write(folder / "series4d.nii.gz", np.stack([v, v])), ["4D", "2 "]),
+        "rgb": (write(folder / "rgb.nii.gz", np.stack([v, v, v], -1).astype(np.uint8), True), ["RGB", "scalar"]),
+        "constant": (write(folder / "constant.nii.gz", np.full_like(v, 7.0)), ["constant"]),
+        "label_map": (write(folder / "labels.nii.gz", (p.brain_mask + p.lesion_mask).astype(np.uint8)),
+                      ["label map", "--mask"]),
+        "too_small": (write(folder / "tiny.nii.gz", np.ascontiguousarray(v[7:9, 4::8, 4::8])), ["too small"]),
+    }
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        a = v.copy()
+        a[5, 30, 30] = value
+        cases[name] = (write(folder / f"{name}.nrrd", a), ["NaN or infinite"])
+    # SimpleITK will not write a 0-size image, but MetaImage can describe one.
+    empty = folder / "empty.mha"
+    empty.write_text("ObjectType = Image\nNDims = 3\nDimSize = 64 64 0\nElementType = MET_FLOAT\n"
+                     "ElementDataFile = LOCAL\n")
+    cases["empty"] = (empty, ["empty"])
+    zero_bytes = folder / "zero.nii.gz"
+    zero_bytes.write_bytes(b"")
+    cases["zero_bytes"] = (zero_bytes, ["cannot be read"])
+    cases["missing"] = (folder / "missing.nii.gz", ["no such file"])
+    return cases
+
+
+@pytest.mark.parametrize("name", ["2d", "4d", "rgb", "empty", "zero_bytes", "missing", "constant", "nan", "inf",
+                                  "too_small", "label_map"])
+def test_bad_input_is_refused_and_changes_nothing(bad_inputs, tmp_path, name):
+    path, words = bad_inputs[name]
+    before = snapshot(path) if path.exists() else None
+    out = tmp_path / "out"
+    line = assert_refused(run_cli("detect", path, "-o", out), *words)
+    assert path.name in line, "the error names the file"
+    assert not out.exists(), "a refused run leaves no output folder"
+    if before is not None:
+        assert snapshot(path) == before
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("models")
+    corrupt = folder / "corrupt.safetensors"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    foreign = folder / "foreign.safetensors"
+    save_file({"weight": torch.zeros(4, 4)}, str(foreign))
+    return {"missing": (folder / "missing.safetensors", ["does not exist"]),
+            "corrupt": (corrupt, ["not a readable model file"]),
+            "foreign": (foreign, ["not a Synomaly model"]),
+            "unknown_name": ("no-such-model", ["no-such-model", "demo-phantom"])}
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign", "unknown_name"])
+def test_bad_model_is_refused(bad_models, phantom_case, tmp_path, kind):
+    model, words = bad_models[kind]
+    before = snapshot(model) if isinstance(model, Path) and model.exists() else None
+    assert_refused(run_cli("detect", phantom_case["flair"], "--model", model, "-o", tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
+    if before is not None:
+        assert snapshot(model) == before
+
+
+def test_cuda_without_cuda_is_refused(phantom_case, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert_refused(run_cli("detect", phantom_case["flair"], "--device", "cuda", "-o", tmp_path / "out"),
+                   "CUDA", "--device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folder_is_refused(phantom_case, tmp_path):
+    """Tests run as root, whom chmod does not stop: a folder below a regular file cannot exist for anyone."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out in (blocker / "out", blocker):
+        assert_refused(run_cli("detect", phantom_case["flair"], "-o", out), str(blocker), "-o")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_mask_of_wrong_size_is_refused(phantom_case, tmp_path):
+    mask = write(tmp_path / "mask.nii.gz", np.ones((10, 10, 10), np.uint8))
+    line = assert_refused(run_cli("detect", phantom_case["flair"], "--mask", mask, "-o", tmp_path / "out"),
+                          "mask.nii.gz", "(10, 10, 10)", "(96, 96, 32)")
+    assert "resample" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_outputs_need_overwrite(phantom_case, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    names = [f"flair_{kind}.nii.gz" for kind in OUTPUT_KINDS] + ["flair_report.json", "flair_overview.png"]
+    for name in names:
+        (out / name).write_bytes(b"an earlier run")
+    before = snapshot(out)
+    assert_refused(run_cli("detect", phantom_case["flair"], "-o", out), "already exists", "--overwrite")
+    assert snapshot(out) == before
+    ok(run_cli("detect", phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1", "-q"))
+    check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+
+
+def test_failed_input_leaves_no_temporary_files(phantom_case, bad_inputs, tmp_path):
+    """The good input's outputs are complete, the bad one's are absent, and no temporary file remains."""
+    out = tmp_path / "out"
+    constant = bad_inputs["constant"][0]
+    result = run_cli("detect", phantom_case["flair"], constant, "-o", out, "--stages", "1")
+    assert_refused(result, "constant.nii.gz", "constant")
+    assert "flair" in result.stdout
+    check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert not list(out.glob("constant_*"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_write_is_atomic(phantom_case, tmp_path):
+    """An output that cannot be replaced (a folder is in its way) fails cleanly: no half or temporary file."""
+    out = tmp_path / "out"
+    (out / "flair_anomaly_map.nii.gz").mkdir(parents=True)
+    assert_refused(run_cli("detect", phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1"),
+                   "flair_anomaly_map.nii.gz", "cannot be written")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert (out / "flair_anomaly_map.nii.gz").is_dir()
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+TRAIN_ARGS = ("--steps", "6", "--image-size", "32", "--base-channels", "8", "--checkpoint-every", "3", "-q")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run on 4 healthy phantoms (32 slices each: enough 8-slice blocks for a validation split)."""
+    root = tmp_path_factory.mktemp("train")
+    for seed in range(4):
+        write_phantom_case(root / "healthy" / f"h{seed}", seed=200 + seed, lesion=False, shape=(32, 48, 48))
+    model = root / "models" / "tiny.safetensors"
+    model.parent.mkdir()
+    result = ok(run_cli("train", root / "healthy", "-o", model, *TRAIN_ARGS))
+    return {"healthy": root / "healthy", "model": model, "stdout": result.stdout}
+
+
+def test_train_writes_a_model_detect_uses(trained, phantom_case, tmp_path):
+    from synomaly.model_file import read_metadata
+
+    model = trained["model"]
+    meta = read_metadata(model)
+    assert meta["model_id"] in trained["stdout"] and meta["training"]["steps"] == 6
+    assert (model.parent / "tiny.run" / "checkpoint.pt").exists()
+    ok(run_cli("detect", phantom_case["flair"], "--model", model, "-o", tmp_path, "--stages", "1", "-q"))
+    report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert report["model"]["model_id"] == meta["model_id"]
+    assert report["threshold"] == pytest.approx(meta["threshold"])
+
+
+def test_train_refuses_existing_run_without_resume(trained):
+    model = trained["model"]
+    before = snapshot(model.parent)
+    assert_refused(run_cli("train", trained["healthy"], "-o", model, *TRAIN_ARGS), "already exists", "--resume")
+    assert_refused(run_cli("train", trained["healthy"], "-o", model, "--overwrite", *TRAIN_ARGS),
+                   "tiny.run", "--resume")
+    assert snapshot(model.parent) == before
+
+
+def test_train_resume_continues_a_finished_run(trained):
+    """The 6-step run is finished; resuming it with a larger budget trains on from its checkpoint."""
+    model = trained["model"]
+    run_dir = model.parent / "tiny.run"
+    args = list(TRAIN_ARGS)
+    args[args.index("--steps") + 1] = "9"
+    ok(run_cli("train", trained["healthy"], "-o", model, "--resume", *args))
+    losses = (run_dir / "loss.csv").read_text().strip().splitlines()
+    assert len(losses) == 1 + 9, "the resumed run trained steps 7-9 after the saved 6"
+    from synomaly.model_file import read_metadata
+
+    assert read_metadata(model)["training"]["steps"] == 9
