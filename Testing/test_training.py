@@ -172,3 +172,14 @@ def test_model_weights_do_not_match_description(trained, tmp_path):
     target.write_bytes(save(state, metadata={"synomaly": json.dumps(meta)}))
     with pytest.raises(ModelFileError, match="do not match"):
         load_model(target)
+
+
+def test_small_volumes_still_get_a_held_out_block(healthy_dir):
+    from synomaly.preprocessing import PreprocessConfig
+    from synomaly.training import extract_slices
+
+    data = extract_slices(find_cases([healthy_dir]), TrainingSettings(image_size=32),
+                          PreprocessConfig(image_size=32))
+    held_out = [z for v in data.validation.values() for z in v]
+    assert 0 < len(held_out) <= 8
+    assert data.summary["train_slices"] + data.summary["validation_slices"] == data.images.shape[0] + len(held_out)

@@ -22,15 +22,22 @@ from pathlib import Path
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="bundled model name or .safetensors path (default: the bundled default)")
+    p.add_argument("--model", default=None,
+                   help="bundled model name or .safetensors path (default: the bundled default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--slices", type=int, default=None,
                    help="run the reference loop on N evenly spaced slices only and extrapolate its network time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and OpenMP (default: 1)")
     p.add_argument("--stages", type=int, default=3, help="stages forced in both loops (default: 3)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network call in the engine (default: 16)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each pipeline, interleaved; each phase reports its median (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
     return p.parse_args(argv)
+
+
+SHOWN = ("mode", "noise_level", "max_stages", "kernel_size", "fusion_threshold", "min_component_px", "ensemble",
+         "blur_mm", "min_component_mm3", "device")
 
 
 @contextlib.contextmanager
@@ -109,7 +116,7 @@ def run_pipeline(path, model, settings, out_dir, slices=None):
     read_s = time.perf_counter() - t0
     result = detect(volume, geometry, model, None, settings, slices=slices)
     os.makedirs(out_dir, exist_ok=True)
-    paths = output_paths(Path(out_dir), "case", "nii.gz", settings.ensemble)
+    paths = output_paths(Path(out_dir), "case", "nii.gz", int(result.report["settings"].get("ensemble", 1)))
     t0 = time.perf_counter()
     write_outputs(paths, result, geometry, volume)
     write_s = time.perf_counter() - t0
@@ -117,6 +124,14 @@ def run_pipeline(path, model, settings, out_dir, slices=None):
     phases = {"read": read_s, "preprocess": t["preprocess_s"], "network": t["network_s"],
               "post-process": t["postprocess_s"], "write": write_s}
     return phases, result.report
+
+
+def median_phases(runs):
+    """Median of each phase over repeated runs (the machine is shared, single runs are noisy); last report."""
+    import statistics
+
+    phases = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+    return phases, runs[-1][1]
 
 
 def ratio(a, b):
@@ -197,12 +212,16 @@ def main(argv=None):
         settings = DetectionSettings(device=str(device), stages=args.stages, batch_size=args.batch_size,
                                      seed=args.seed)
         forced = functools.partial(multistage.StageSettings, tolerance=-1.0)
-        with patched(multistage, "StageSettings", forced):
-            ours, ours_report = run_pipeline(case, model, settings, os.path.join(tmp, "ours"))
-            with patched(multistage, "run_stages", reference_stages):
-                ref, ref_report = run_pipeline(case, model, settings, os.path.join(tmp, "reference"),
-                                               slices=ref_slices)
-        conv, conv_report = run_pipeline(case, model, settings, os.path.join(tmp, "converging"))
+        runs = {"ours": [], "reference": [], "converging": []}
+        for _ in range(max(1, args.repeats)):
+            with patched(multistage, "StageSettings", forced):
+                runs["ours"].append(run_pipeline(case, model, settings, os.path.join(tmp, "ours")))
+                with patched(multistage, "run_stages", reference_stages):
+                    runs["reference"].append(run_pipeline(case, model, settings, os.path.join(tmp, "reference"),
+                                                          slices=ref_slices))
+            runs["converging"].append(run_pipeline(case, model, settings, os.path.join(tmp, "converging")))
+        (ours, ours_report), (ref, ref_report), (conv, conv_report) = (median_phases(runs[k])
+                                                                       for k in ("ours", "reference", "converging"))
 
     n_ours = ours_report["slices_processed"]
     n_ref = ref_report["slices_processed"]
@@ -227,6 +246,9 @@ def main(argv=None):
     print(f"mean stages: ours {ours_report['mean_stages']:.2f}, reference {ref_report['mean_stages']:.2f} "
           f"(both forced to max_stages={args.stages}), ours converging {conv_report['mean_stages']:.2f} "
           f"(per-slice convergence, at most {args.stages})")
+    shown = ", ".join(f"{k}={v}" for k, v in ours_report["settings"].items() if k in SHOWN)
+    print(f"settings: {shown}")
+    print(f"timings: median of {max(1, args.repeats)} interleaved runs per column")
     print(f"network size: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB float32), input {size}x{size}")
     evals_o = n_ours * ours_report["mean_stages"]
     evals_r = n_ref * ref_report["mean_stages"]

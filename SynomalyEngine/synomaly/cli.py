@@ -62,11 +62,10 @@ def check_writable(folder: Path, create: bool = True) -> None:
                           "choose another with -o.") from None
 
 
-def output_paths(out_dir: Path, name: str, fmt: str, ensemble: int) -> dict:
+def output_paths(out_dir: Path, name: str, fmt: str) -> dict:
+    """Every output a run may write; the uncertainty map only exists for ensembles."""
     ext = FORMATS[fmt]
-    paths = {kind: out_dir / f"{name}_{kind}{ext}" for kind in OUTPUT_KINDS}
-    if ensemble > 1:
-        paths["uncertainty"] = out_dir / f"{name}_uncertainty{ext}"
+    paths = {kind: out_dir / f"{name}_{kind}{ext}" for kind in OUTPUT_KINDS + ("uncertainty",)}
     paths["report"] = out_dir / f"{name}_report.json"
     paths["overview"] = out_dir / f"{name}_overview.png"
     return paths
@@ -107,8 +106,10 @@ def write_outputs(paths: dict, result, geometry, volume, ground_truth=None) -> N
     write_volume(paths["anomaly_seg"], result.segmentation, geometry)
     write_volume(paths["anomaly_map"], result.anomaly_map, geometry)
     write_volume(paths["counterfactual"], result.counterfactual, geometry)
-    if "uncertainty" in paths and result.uncertainty is not None:
+    if result.uncertainty is not None:
         write_volume(paths["uncertainty"], result.uncertainty, geometry)
+    elif paths["uncertainty"].exists():
+        paths["uncertainty"].unlink()  # from an earlier ensemble run being overwritten: it would not match
     atomic_write_bytes(paths["report"], (json.dumps(result.report, indent=2) + "\n").encode())
     render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation, paths["overview"],
                     ground_truth=ground_truth, map_max=max(result.report["threshold"] * 2, 1e-6)
@@ -131,9 +132,9 @@ def cmd_detect(args) -> int:
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
-    if settings.ensemble < 1:
+    if settings.ensemble is not None and settings.ensemble < 1:
         raise InputError("--ensemble must be at least 1.")
-    all_paths = [output_paths(out_dir, n, output_format(p, args.format), settings.ensemble)
+    all_paths = [output_paths(out_dir, n, output_format(p, args.format))
                  for p, n in zip(inputs, names)]
     if not args.overwrite:
         existing = [str(p) for paths in all_paths for p in paths.values() if p.exists()]
@@ -243,7 +244,8 @@ def _detection_options(p, single_input: bool = False):
     p.add_argument("--noise-level", type=int, default=None, help="diffusion step t of the noise (default: the model's)")
     p.add_argument("--threshold", type=float, default=None,
                    help="anomaly-map threshold (default: the model's calibrated one)")
-    p.add_argument("--ensemble", type=int, default=1, help="noise draws to average; >1 also writes an uncertainty map")
+    p.add_argument("--ensemble", type=int, default=None,
+                   help="noise draws to average (default: the model's); >1 also writes an uncertainty map")
     p.add_argument("--mode", choices=("multi", "single"), default=None, help="multi-stage (default) or single-stage")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -61,7 +61,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet
     from .volume_io import write_volume
 
     out_dir = Path(out_dir)
-    paths = output_paths(out_dir, "phantom", "nii.gz", 1)
+    paths = output_paths(out_dir, "phantom", "nii.gz")
     inputs = {"image": out_dir / "phantom_flair.nii.gz", "lesion": out_dir / "phantom_lesion.nii.gz"}
     if not overwrite:
         existing = [p for p in list(paths.values()) + list(inputs.values()) if p.exists()]

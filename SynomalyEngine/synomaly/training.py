@@ -146,8 +146,8 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
     from .preprocessing import prepare_volume
 
     rng = np.random.default_rng(settings.seed)
-    images, masks, validation, per_case = [], [], {}, []
-    for ci, case in enumerate(cases):
+    prepared_cases, healthy_slices, val_blocks = [], [], []
+    for case in cases:
         prepared = prepare_volume(case.image, case.geometry, preprocess, case.mask, what=f"training case {case.name}")
         fg = prepared.foreground
         area = fg.shape[1] * fg.shape[2]
@@ -157,9 +157,21 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
             healthy = [z for z in healthy if not lesion[z].any()]
         blocks = sorted({z // 8 for z in healthy})
         n_val = int(round(len(blocks) * settings.validation_fraction))
-        val_blocks = set(rng.choice(blocks, size=n_val, replace=False).tolist()) if n_val and len(blocks) > 1 else set()
-        val = [z for z in healthy if z // 8 in val_blocks]
-        train = [z for z in healthy if z // 8 not in val_blocks]
+        chosen = set(rng.choice(blocks, size=n_val, replace=False).tolist()) if n_val and len(blocks) > 1 else set()
+        prepared_cases.append(prepared)
+        healthy_slices.append(healthy)
+        val_blocks.append(chosen)
+    if not any(val_blocks):
+        # Small volumes (few blocks each): hold out one block of the case with the most, so calibration
+        # always has held-out data.
+        ci = int(np.argmax([len({z // 8 for z in h}) for h in healthy_slices]))
+        blocks = sorted({z // 8 for z in healthy_slices[ci]})
+        if len(blocks) > 1:
+            val_blocks[ci] = {int(rng.choice(blocks))}
+    images, masks, validation, per_case = [], [], {}, []
+    for ci, (case, prepared, healthy, chosen) in enumerate(zip(cases, prepared_cases, healthy_slices, val_blocks)):
+        val = [z for z in healthy if z // 8 in chosen]
+        train = [z for z in healthy if z // 8 not in chosen]
         if train:
             im, m = prepared.network_slices(train)
             images.append(im)
@@ -267,16 +279,15 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
         raise OutputError(f"{run_dir} holds an earlier run; resume it (--resume) or delete the folder.")
     if resume and not checkpoint_path.exists():
         raise OutputError(f"nothing to resume: {checkpoint_path} does not exist.")
-    try:
-        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{run_dir}: cannot be created ({exc}).") from None
-
     healthy = list(healthy)
     cases = healthy if healthy and all(isinstance(c, TrainingCase) for c in healthy) else find_cases(healthy)
     preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
     report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
     data = extract_slices(cases, settings, preprocess)
+    try:
+        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{run_dir}: cannot be created ({exc}).") from None
 
     torch.manual_seed(settings.seed)
     config = UNetConfig(in_channels=1, out_channels=1, base_channels=settings.base_channels,
