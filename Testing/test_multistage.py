@@ -1,7 +1,6 @@
 """Multi-stage inference with a small real network of known behaviour (an analytic denoiser that
 always predicts the same healthy image): fusion keeps the input where the map is zero, slices
 converge on their own, and ensembles/single-stage mode run."""
-import numpy as np
 import torch
 
 from synomaly.multistage import StageSettings, difference_map, run_single_stage, run_stages

@@ -20,8 +20,7 @@ import numpy as np
 
 from . import metrics as M
 from .errors import InputError, OutputError
-from .training import IMAGE_SUFFIXES, LABEL_WORDS, MASK_WORDS
-from .volume_io import Geometry, atomic_write_bytes, read_volume
+from .volume_io import IMAGE_SUFFIXES, Geometry, atomic_write_bytes, file_role, is_image_file, read_volume
 
 ORACLE_LABEL = "oracle, uses test labels, not a result"
 BASELINE_METHOD = "3D median filter of the normalised input intensity, thresholded inside the foreground"
@@ -40,20 +39,6 @@ class EvalCase:
     mask_path: Optional[Path] = None
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _role(path: Path) -> str:
-    """Same rule as training: *mask* first (``brainmask`` is a mask), then *seg*/*label*/*lesion*."""
-    name = path.name.lower()
-    if any(w in name for w in MASK_WORDS):
-        return "mask"
-    if any(w in name for w in LABEL_WORDS):
-        return "label"
-    return "image"
-
-
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in IMAGE_SUFFIXES:
@@ -63,21 +48,21 @@ def _stem(path: Path) -> str:
 
 
 def _case_from_folder(folder: Path) -> EvalCase:
-    roles: Dict[str, List[Path]] = {"image": [], "mask": [], "label": []}
+    roles: Dict[str, List[Path]] = {"image": [], "mask": [], "labels": []}
     for p in sorted(folder.iterdir()):
-        if _is_image(p):
-            roles[_role(p)].append(p)
+        if is_image_file(p):
+            roles[file_role(p)].append(p)
     for role, files in roles.items():
         if len(files) > 1:
             raise InputError(f"{folder}: holds several {role} files ({', '.join(p.name for p in files)}); "
                              "put one image, one *seg*/*label* file and at most one *mask* file per case folder.")
     if not roles["image"]:
         raise InputError(f"{folder}: no image in the case folder (only masks or labels).")
-    if not roles["label"]:
+    if not roles["labels"]:
         raise InputError(f"{folder}: no label file for {roles['image'][0].name}; evaluation needs the ground "
                          "truth as a file whose name contains 'seg', 'label' or 'lesion'.")
     mask = roles["mask"][0] if roles["mask"] else None
-    return EvalCase(folder.name, roles["image"][0], roles["label"][0], mask)
+    return EvalCase(folder.name, roles["image"][0], roles["labels"][0], mask)
 
 
 def _cases_from_csv(path: Path) -> List[EvalCase]:
@@ -152,14 +137,14 @@ def find_eval_cases(paths: Sequence) -> List[EvalCase]:
         if path.is_file() and path.suffix.lower() == ".csv":
             cases.extend(_cases_from_csv(path))
         elif path.is_dir():
-            if any(_is_image(p) for p in path.iterdir()):
+            if any(is_image_file(p) for p in path.iterdir()):
                 cases.append(_case_from_folder(path))
                 continue
-            subs = [p for p in sorted(path.iterdir()) if p.is_dir() and any(_is_image(q) for q in p.iterdir())]
+            subs = [p for p in sorted(path.iterdir()) if p.is_dir() and any(is_image_file(q) for q in p.iterdir())]
             if not subs:
                 raise InputError(f"{path}: neither a case folder (image + label) nor a folder of case folders.")
             cases.extend(_case_from_folder(sub) for sub in subs)
-        elif _is_image(path):
+        elif is_image_file(path):
             raise InputError(f"{path}: an image alone has no ground truth; give its case folder "
                              "(image + *seg*/*label* file) or a CSV with columns image,label.")
         else:

@@ -16,11 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
-from .volume_io import Geometry, read_volume
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-MASK_WORDS = ("mask",)
-LABEL_WORDS = ("seg", "label", "lesion")
+from .volume_io import Geometry, file_role, is_image_file, read_volume
 
 
 @dataclass
@@ -73,24 +69,11 @@ class TrainingCase:
     labels: Optional[np.ndarray] = None
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _role(path: Path) -> str:
-    stem = path.name.lower()
-    if any(w in stem for w in MASK_WORDS):
-        return "mask"
-    if any(w in stem for w in LABEL_WORDS):
-        return "labels"
-    return "image"
-
-
 def _case_from_folder(folder: Path) -> Optional[TrainingCase]:
-    files = [p for p in sorted(folder.iterdir()) if _is_image(p)]
+    files = [p for p in sorted(folder.iterdir()) if is_image_file(p)]
     roles: Dict[str, List[Path]] = {"image": [], "mask": [], "labels": []}
     for p in files:
-        roles[_role(p)].append(p)
+        roles[file_role(p)].append(p)
     if not roles["image"]:
         return None
     if len(roles["image"]) > 1:
@@ -113,7 +96,7 @@ def find_cases(paths: Sequence) -> List[TrainingCase]:
     cases = []
     for raw in paths:
         path = Path(raw)
-        if _is_image(path):
+        if is_image_file(path):
             image, geometry = read_volume(path)
             cases.append(TrainingCase(path.name.split(".")[0], image, geometry))
         elif path.is_dir():

@@ -14,6 +14,24 @@ import numpy as np
 from .errors import InputError, OutputError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MASK_WORDS = ("mask",)
+LABEL_WORDS = ("seg", "label", "lesion")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def file_role(path: Path) -> str:
+    """How a case folder names its files: ``*mask*`` is an organ mask (``brainmask`` too),
+    ``*seg*``/``*label*``/``*lesion*`` are lesion labels, anything else is the image."""
+    name = path.name.lower()
+    if any(w in name for w in MASK_WORDS):
+        return "mask"
+    if any(w in name for w in LABEL_WORDS):
+        return "labels"
+    return "image"
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -126,38 +144,33 @@ def read_volume(path) -> Tuple[np.ndarray, Geometry]:
     return array, Geometry.from_sitk(image)
 
 
+def _write_atomically(path: Path, suffix: str, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename: never half a file."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
+        os.close(fd)
+        write(tmp)
+        _publish(tmp, path)
+        tmp = None
+    except Exception as exc:
+        raise OutputError(f"{path}: cannot be written ({last_line(exc)}).") from None
+    finally:
+        _discard(tmp)
+
+
 def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+    """Write atomically, in the format the file name says."""
     import SimpleITK as sitk
 
     path = Path(path)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
-        os.close(fd)
-        sitk.WriteImage(image, tmp, True)
-        _publish(tmp, path)
-        tmp = None
-    except Exception as exc:
-        raise OutputError(f"{path}: cannot be written ({last_line(exc)}).") from None
-    finally:
-        _discard(tmp)
+    _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write bytes atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _publish(tmp, path)
-        tmp = None
-    except Exception as exc:
-        raise OutputError(f"{path}: cannot be written ({last_line(exc)}).") from None
-    finally:
-        _discard(tmp)
+    _write_atomically(path, path.suffix, lambda tmp: Path(tmp).write_bytes(data))
