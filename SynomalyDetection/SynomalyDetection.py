@@ -20,7 +20,7 @@ from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, ensure
 from SynomalyDetectionLib.Engine import engine_module, errors
 from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
 
-CITATION = ("Bi Y, Huang L, Clarenbach R, Ghotbi R, Karlas A, Navab N, Jiang Z. "
+CITATION = ("Bi, Huang, Clarenbach, Ghotbi, Karlas, Navab, Jiang. "
             "Synomaly Noise and Multi-Stage Diffusion: A Novel Approach for Unsupervised Anomaly Detection "
             "in Medical Images. Medical Image Analysis, 2025. arXiv:2411.04004.")
 

@@ -38,6 +38,11 @@ def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def run_detect(*args, **kwargs) -> subprocess.CompletedProcess:
+    """``detect`` on phantoms uses the phantom-trained demo model (the default model is for real FLAIR)."""
+    return run_cli("detect", *args, "--model", "demo-phantom", **kwargs)
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
@@ -82,7 +87,7 @@ def check_outputs(out_dir: Path, name: str, reference: sitk.Image, ext: str = ".
     seg = sitk.GetArrayFromImage(images["anomaly_seg"])
     assert seg.dtype == np.uint8 and set(np.unique(seg).tolist()) <= {0, 1}
     assert np.isfinite(sitk.GetArrayFromImage(images["anomaly_map"])).all()
-    report = json.loads((out_dir / f"{name}_report.json").read_text())
+    report = json.loads((out_dir / f"{name}_report.json").read_text(encoding="utf-8"))
     assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
     assert report["model"]["model_id"]
     assert report["anomalous_volume_ml"] == pytest.approx(seg.sum() * np.prod(reference.GetSpacing()) / 1000,
@@ -152,7 +157,7 @@ def test_demo_end_to_end(tmp_path):
 def test_detect_nifti(phantom_case, tmp_path):
     flair = phantom_case["flair"]
     before = snapshot(flair)
-    result = ok(run_cli("detect", flair, "-o", tmp_path / "out"))
+    result = ok(run_detect(flair, "-o", tmp_path / "out"))
     report = check_outputs(tmp_path / "out", "flair", sitk.ReadImage(str(flair)))
     assert snapshot(flair) == before
     assert "mL anomalous" in result.stdout and result.stderr.strip() == ""
@@ -178,7 +183,7 @@ def oblique_nrrd(phantom_case, tmp_path_factory):
 
 def test_detect_oblique_anisotropic_nrrd_keeps_geometry_exactly(oblique_nrrd, tmp_path):
     before = snapshot(oblique_nrrd)
-    ok(run_cli("detect", oblique_nrrd, "-o", tmp_path, "--stages", "1", "-q"))
+    ok(run_detect(oblique_nrrd, "-o", tmp_path, "--stages", "1", "-q"))
     # The default format follows the input's, so its full-precision geometry survives.
     check_outputs(tmp_path, "oblique", sitk.ReadImage(str(oblique_nrrd)), ext=".nrrd")
     assert snapshot(oblique_nrrd) == before
@@ -186,7 +191,7 @@ def test_detect_oblique_anisotropic_nrrd_keeps_geometry_exactly(oblique_nrrd, tm
 
 def test_detect_several_inputs_format_nrrd(phantom_case, oblique_nrrd, tmp_path):
     out = tmp_path / "out"
-    result = ok(run_cli("detect", phantom_case["flair"], oblique_nrrd, "-o", out, "--format", "nrrd",
+    result = ok(run_detect(phantom_case["flair"], oblique_nrrd, "-o", out, "--format", "nrrd",
                         "--stages", "1"))
     assert result.stdout.count("mL anomalous") == 2
     for name, source in (("flair", phantom_case["flair"]), ("oblique", oblique_nrrd)):
@@ -196,7 +201,7 @@ def test_detect_several_inputs_format_nrrd(phantom_case, oblique_nrrd, tmp_path)
 
 def test_detect_ensemble_writes_uncertainty(oblique_nrrd, tmp_path):
     """Also NRRD in, NIfTI out: the geometry then survives to float32 precision (NIfTI's own)."""
-    ok(run_cli("detect", oblique_nrrd, "-o", tmp_path, "--ensemble", "2", "--stages", "1", "--format", "nii.gz",
+    ok(run_detect(oblique_nrrd, "-o", tmp_path, "--ensemble", "2", "--stages", "1", "--format", "nii.gz",
                "-q"))
     report = check_outputs(tmp_path, "oblique", sitk.ReadImage(str(oblique_nrrd)), exact=False, ensemble=True)
     assert report["settings"]["ensemble"] == 2
@@ -205,7 +210,7 @@ def test_detect_ensemble_writes_uncertainty(oblique_nrrd, tmp_path):
 
 
 def test_detect_with_mask(phantom_case, tmp_path):
-    ok(run_cli("detect", phantom_case["flair"], "--mask", phantom_case["brainmask"], "-o", tmp_path,
+    ok(run_detect(phantom_case["flair"], "--mask", phantom_case["brainmask"], "-o", tmp_path,
                "--stages", "1", "--format", "mha", "-q"))
     check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])), ext=".mha")
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_case["brainmask"]))) > 0
@@ -237,7 +242,7 @@ def test_detect_dicom_series_folder(phantom_case, tmp_path):
     reference = read_dicom_series(folder)
     assert reference.GetSize() == (96, 96, 16) and reference.GetSpacing() == pytest.approx((1.0, 1.0, 2.0))
     before = snapshot(folder)
-    ok(run_cli("detect", folder, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    ok(run_detect(folder, "-o", tmp_path / "out", "--stages", "1", "-q"))
     check_outputs(tmp_path / "out", "series", reference, ext=".nrrd")
     assert snapshot(folder) == before
 
@@ -246,7 +251,7 @@ def test_detect_small_volume_is_resampled(tmp_path):
     """20 x 20 x 3 voxels: smaller than the network's slices, which are resampled up to it."""
     volume = make_phantom(shape=(8, 64, 64), seed=4, lesion=False).volume[3:6, 2::3, 2::3][:, :20, :20]
     source = write(tmp_path / "small.nii.gz", np.ascontiguousarray(volume))
-    ok(run_cli("detect", source, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    ok(run_detect(source, "-o", tmp_path / "out", "--stages", "1", "-q"))
     check_outputs(tmp_path / "out", "small", sitk.ReadImage(str(source)))
 
 
@@ -325,7 +330,7 @@ def test_bad_input_is_refused_and_changes_nothing(bad_inputs, tmp_path, name):
     path, words = bad_inputs[name]
     before = snapshot(path) if path.exists() else None
     out = tmp_path / "out"
-    line = assert_refused(run_cli("detect", path, "-o", out), *words)
+    line = assert_refused(run_detect(path, "-o", out), *words)
     assert path.name in line, "the error names the file"
     assert not out.exists(), "a refused run leaves no output folder"
     if before is not None:
@@ -363,7 +368,7 @@ def test_cuda_without_cuda_is_refused(phantom_case, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    assert_refused(run_cli("detect", phantom_case["flair"], "--device", "cuda", "-o", tmp_path / "out"),
+    assert_refused(run_detect(phantom_case["flair"], "--device", "cuda", "-o", tmp_path / "out"),
                    "CUDA", "--device cpu")
     assert not (tmp_path / "out").exists()
 
@@ -373,13 +378,13 @@ def test_unwritable_output_folder_is_refused(phantom_case, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     for out in (blocker / "out", blocker):
-        assert_refused(run_cli("detect", phantom_case["flair"], "-o", out), str(blocker), "-o")
-    assert blocker.read_text() == "not a folder"
+        assert_refused(run_detect(phantom_case["flair"], "-o", out), str(blocker), "-o")
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
 
 
 def test_mask_of_wrong_size_is_refused(phantom_case, tmp_path):
     mask = write(tmp_path / "mask.nii.gz", np.ones((10, 10, 10), np.uint8))
-    line = assert_refused(run_cli("detect", phantom_case["flair"], "--mask", mask, "-o", tmp_path / "out"),
+    line = assert_refused(run_detect(phantom_case["flair"], "--mask", mask, "-o", tmp_path / "out"),
                           "mask.nii.gz", "(10, 10, 10)", "(96, 96, 32)")
     assert "resample" in line
     assert not (tmp_path / "out").exists()
@@ -392,9 +397,9 @@ def test_existing_outputs_need_overwrite(phantom_case, tmp_path):
     for name in names:
         (out / name).write_bytes(b"an earlier run")
     before = snapshot(out)
-    assert_refused(run_cli("detect", phantom_case["flair"], "-o", out), "already exists", "--overwrite")
+    assert_refused(run_detect(phantom_case["flair"], "-o", out), "already exists", "--overwrite")
     assert snapshot(out) == before
-    ok(run_cli("detect", phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1", "-q"))
+    ok(run_detect(phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1", "-q"))
     check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
 
 
@@ -402,7 +407,7 @@ def test_failed_input_leaves_no_temporary_files(phantom_case, bad_inputs, tmp_pa
     """The good input's outputs are complete, the bad one's are absent, and no temporary file remains."""
     out = tmp_path / "out"
     constant = bad_inputs["constant"][0]
-    result = run_cli("detect", phantom_case["flair"], constant, "-o", out, "--stages", "1")
+    result = run_detect(phantom_case["flair"], constant, "-o", out, "--stages", "1")
     assert_refused(result, "constant.nii.gz", "constant")
     assert "flair" in result.stdout
     check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
@@ -414,7 +419,7 @@ def test_failed_write_is_atomic(phantom_case, tmp_path):
     """An output that cannot be replaced (a folder is in its way) fails cleanly: no half or temporary file."""
     out = tmp_path / "out"
     (out / "flair_anomaly_map.nii.gz").mkdir(parents=True)
-    assert_refused(run_cli("detect", phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1"),
+    assert_refused(run_detect(phantom_case["flair"], "-o", out, "--overwrite", "--stages", "1"),
                    "flair_anomaly_map.nii.gz", "cannot be written")
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert (out / "flair_anomaly_map.nii.gz").is_dir()
@@ -466,7 +471,7 @@ def test_train_resume_continues_a_finished_run(trained):
     args = list(TRAIN_ARGS)
     args[args.index("--steps") + 1] = "9"
     ok(run_cli("train", trained["healthy"], "-o", model, "--resume", *args))
-    losses = (run_dir / "loss.csv").read_text().strip().splitlines()
+    losses = (run_dir / "loss.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(losses) == 1 + 9, "the resumed run trained steps 7-9 after the saved 6"
     from synomaly.model_file import read_metadata
 

@@ -72,7 +72,7 @@ def _touch(folder: Path, *names):
 def _strict_json(path: Path):
     def reject(name):
         raise ValueError(f"non-standard JSON constant {name}")
-    return json.loads(path.read_text(), parse_constant=reject)
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
 
 
 # Discovery ----------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_evaluate_writes_json_markdown_and_panels(tiny_model, lesion_cases, tmp_
     for method in ("ours", "baseline"):
         assert set(saved["summary"][method]) >= {"mean", "pooled", "defined_cases", "pooled_fpr_within_target"}
         assert 0.0 <= saved["summary"][method]["pooled"]["auprc"] <= 1.0
-    table = (out / "evaluation.md").read_text()
+    table = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "| case | Dice ours | Dice base | AUPRC ours | AUPRC base" in table
     assert "| case7 |" in table and "| **mean** |" in table and ORACLE_LABEL in table
     assert format_table(saved) in table
@@ -349,4 +349,4 @@ def test_real_brats_case_on_a_few_slices(tiny_model, tmp_path):
     # A FLAIR tumour is bright: the intensity baseline must rank it far above chance.
     assert case["baseline"]["auroc"] > 0.8
     assert (tmp_path / "pat0001_panel.png").stat().st_size > 1000
-    assert "pat0001" in (tmp_path / "evaluation.md").read_text()
+    assert "pat0001" in (tmp_path / "evaluation.md").read_text(encoding="utf-8")

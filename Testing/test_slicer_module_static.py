@@ -26,7 +26,7 @@ def ui_widgets():
 
 
 def test_widget_code_uses_only_names_defined_in_the_ui_file():
-    used = set(re.findall(r"\bui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"\bui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the widget code should use the .ui widgets through self.ui"
     missing = used - set(ui_widgets())
     assert not missing, f"not in {UI_FILE.name}: {sorted(missing)}"
@@ -68,7 +68,7 @@ def cmake_list(text, variable):
 
 
 def test_module_cmakelists_lists_every_python_file_of_the_module_and_the_engine():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = {s.replace("${MODULE_NAME}", "SynomalyDetection") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
     assert scripts == python_files(MODULE_DIR), "update MODULE_PYTHON_SCRIPTS in SynomalyDetection/CMakeLists.txt"
     engine = set(cmake_list(text, "ENGINE_PYTHON_SCRIPTS"))
@@ -121,18 +121,18 @@ def test_module_cmakelists_configures_and_puts_the_engine_beside_the_module(tmp_
     assert run.returncode == 0, run.stdout + run.stderr
     destination = build / "lib/Slicer-5.8/qt-scripted-modules"
     installed = {Path(line).relative_to(destination).as_posix()
-                 for line in (build / "installed.txt").read_text().split()}
+                 for line in (build / "installed.txt").read_text(encoding="utf-8").split()}
     expected = python_files(MODULE_DIR) | {f"synomaly/{f}" for f in python_files(ENGINE_DIR)}
     expected |= {"Resources/Icons/SynomalyDetection.png", "Resources/UI/SynomalyDetection.ui"}
     assert installed == expected
-    assert "SCRIPT;SynomalyDetection.py" in (build / "unittests.txt").read_text()
+    assert "SCRIPT;SynomalyDetection.py" in (build / "unittests.txt").read_text(encoding="utf-8")
     for engine_file in python_files(ENGINE_DIR):
         copied = build / "SynomalyDetection" / "synomaly" / engine_file
         assert copied.read_bytes() == (ENGINE_DIR / engine_file).read_bytes()
 
 
 def test_extension_metadata_is_consistent():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
     assert "add_subdirectory(SynomalyDetection)" in text
     for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
@@ -141,7 +141,7 @@ def test_extension_metadata_is_consistent():
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', text).group(1)
-    entry = json.loads((ROOT / "SynomalyDetection.json").read_text())
+    entry = json.loads((ROOT / "SynomalyDetection.json").read_text(encoding="utf-8"))
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["category"] == category
     assert {"$schema", "scm_url", "category"} <= set(entry)
@@ -156,7 +156,7 @@ def test_icons_are_128_pixel_pngs():
 
 def test_no_module_level_torch_import_in_the_module_or_its_lib():
     for path in [MODULE_FILE, *sorted((MODULE_DIR / "SynomalyDetectionLib").glob("*.py"))]:
-        for node in ast.parse(path.read_text()).body:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -260,9 +260,12 @@ def _baseline_calibration(model) -> Dict:
                                     "threshold-dependent figures are not reported (choosing one on the test "
                                     "cases would be dishonest); only its threshold-free AUPRC, AUROC and the "
                                     "oracle Dice are given."}
+    base_fpr = calibration.get("baseline_target_fpr", calibration.get("target_fpr"))
     return {"method": BASELINE_METHOD, "threshold": float(threshold), "median_size": size,
-            "threshold_source": "model calibration: the same healthy validation voxels and the same target "
-                                f"false-positive rate ({calibration.get('target_fpr')}) as the model's threshold"}
+            "target_fpr": base_fpr,
+            "threshold_source": "model calibration: the same healthy validation voxels as the model's threshold, "
+                                f"at a healthy false-positive rate of {base_fpr} (model: "
+                                f"{calibration.get('target_fpr')})"}
 
 
 def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, path) -> None:

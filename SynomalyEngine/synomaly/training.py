@@ -301,7 +301,7 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                             "step": step, "losses": losses, "elapsed_s": elapsed + time.perf_counter() - t_start,
                             "settings": settings.to_dict()}, checkpoint_path)
-        with open(run_dir / "loss.csv", "w", newline="") as f:
+        with open(run_dir / "loss.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["step", "loss"])
             w.writerows([(i + 1, f"{v:.6f}") for i, v in enumerate(losses)])
@@ -409,18 +409,19 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
 
 
 def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]], target_fpr: float,
-              device) -> Dict:
+              device, baseline_target_fpr: Optional[float] = None) -> Dict:
     """Anomaly threshold = the map value exceeded by ``target_fpr`` of held-out healthy foreground voxels.
 
-    The intensity baseline's threshold is calibrated on the same voxels, so evaluations compare like
-    with like.
+    The intensity baseline's threshold is calibrated on the same voxels (at its own target when one was
+    chosen for it by the same procedure), so evaluations compare like with like.
     """
     from .baseline import calibrate_threshold
 
+    base_fpr = target_fpr if baseline_target_fpr is None else float(baseline_target_fpr)
     ours, base = healthy_validation_scores(model, cases, validation, device)
     return {"threshold": float(calibrate_threshold(ours, target_fpr)), "target_fpr": target_fpr,
-            "voxels": int(ours.size), "baseline_threshold": float(calibrate_threshold(base, target_fpr)),
-            "baseline_median_size": 5}
+            "voxels": int(ours.size), "baseline_threshold": float(calibrate_threshold(base, base_fpr)),
+            "baseline_target_fpr": base_fpr, "baseline_median_size": 5}
 
 
 def settings_from_model(metadata: Dict) -> TrainingSettings:
@@ -431,7 +432,7 @@ def settings_from_model(metadata: Dict) -> TrainingSettings:
 
 
 def recalibrate(model_path, healthy, output=None, inference: Optional[Dict] = None, target_fpr=None,
-                device: str = "auto") -> Path:
+                device: str = "auto", baseline_target_fpr=None) -> Path:
     """Calibrate a trained model again on the same held-out healthy slices (the split is reproducible
     from the stored settings), optionally with new inference defaults; writes ``output`` (default: in place)."""
     from .detection import resolve_device
@@ -446,6 +447,7 @@ def recalibrate(model_path, healthy, output=None, inference: Optional[Dict] = No
     if inference:
         model.metadata["inference"].update(inference)
     fpr = settings.target_fpr if target_fpr is None else float(target_fpr)
-    model.metadata["calibration"] = calibrate(model, cases, data.validation, fpr, resolve_device(device))
+    model.metadata["calibration"] = calibrate(model, cases, data.validation, fpr, resolve_device(device),
+                                              baseline_target_fpr)
     model.metadata["threshold"] = model.metadata["calibration"]["threshold"]
     return save_model(Path(output or model_path), model.network.cpu(), model.metadata)
