@@ -29,7 +29,8 @@ def parse_args(argv=None):
                    help="run the reference loop on N evenly spaced slices only and extrapolate its network time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and OpenMP (default: 1)")
     p.add_argument("--stages", type=int, default=3, help="stages forced in both loops (default: 3)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network call in the engine (default: 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network call in the engine (default: the engine's, 2 on CPU, 32 on CUDA)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each pipeline, interleaved; each phase reports its median (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
@@ -116,7 +117,7 @@ def run_pipeline(path, model, settings, out_dir, slices=None):
     read_s = time.perf_counter() - t0
     result = detect(volume, geometry, model, None, settings, slices=slices)
     os.makedirs(out_dir, exist_ok=True)
-    paths = output_paths(Path(out_dir), "case", "nii.gz", int(result.report["settings"].get("ensemble", 1)))
+    paths = output_paths(Path(out_dir), "case", "nii.gz")
     t0 = time.perf_counter()
     write_outputs(paths, result, geometry, volume)
     write_s = time.perf_counter() - t0
@@ -206,10 +207,11 @@ def main(argv=None):
         del prepared
 
         network = model.network.to(device).eval()
-        fwd_batch = forward_time_per_slice(network, size, args.batch_size, device)
+        batch = args.batch_size or (32 if device.type == "cuda" else 2)
+        fwd_batch = forward_time_per_slice(network, size, batch, device)
         fwd_one = forward_time_per_slice(network, size, 1, device)
 
-        settings = DetectionSettings(device=str(device), stages=args.stages, batch_size=args.batch_size,
+        settings = DetectionSettings(device=str(device), stages=args.stages, batch_size=batch,
                                      seed=args.seed)
         forced = functools.partial(multistage.StageSettings, tolerance=-1.0)
         runs = {"ours": [], "reference": [], "converging": []}
@@ -256,7 +258,7 @@ def main(argv=None):
           f"reference {1e3 * ref_network_measured / n_ref:.1f} ms; "
           f"per slice and stage: ours {1e3 * ours['network'] / evals_o:.2f} ms, "
           f"reference {1e3 * ref_network_measured / evals_r:.2f} ms")
-    print(f"network call alone per slice: {1e3 * fwd_batch:.2f} ms at batch {args.batch_size}, "
+    print(f"network call alone per slice: {1e3 * fwd_batch:.2f} ms at batch {batch}, "
           f"{1e3 * fwd_one:.2f} ms at batch 1")
     print(f"anomalous volume: ours {ours_report['anomalous_volume_ml']:.2f} mL, ours converging "
           f"{conv_report['anomalous_volume_ml']:.2f} mL, phantom lesion {phantom.lesion_mask.sum() / 1000:.2f} mL")

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")
     _detection_options(p)
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per network call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per network call (default: 2 on CPU, 32 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--format", choices=["auto", *sorted(FORMATS)], default="auto",
                    help="volume output format (default auto: the input's own format, which keeps its geometry "
