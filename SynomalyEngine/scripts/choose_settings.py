@@ -14,7 +14,7 @@ import time
 import numpy as np
 from brain_flair_recipe import TRAINING_CASES
 
-from synomaly.baseline import baseline_score_map, calibrate_threshold
+from synomaly.baseline import baseline_for, calibrate_threshold
 from synomaly.detection import DetectionSettings, detect
 from synomaly.metrics import auprc, dice
 from synomaly.model_file import load_model
@@ -55,8 +55,7 @@ def main():
     cases = find_cases(TRAINING_CASES)
     split = extract_slices(cases, settings_from_model(model.metadata), config).validation
     regions = [tumour_slices(c, config) for c in cases]
-    baselines = [baseline_score_map(p.orientation.invert(p.normalised), p.orientation.invert(p.foreground))
-                 for p, _, _ in regions]
+    baselines = [baseline_for(p) for p, _, _ in regions]
     results = {}
     for name in args.candidates:
         t0 = time.time()

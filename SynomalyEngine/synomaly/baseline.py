@@ -84,3 +84,9 @@ def baseline_segmentation(score_map, threshold: float, foreground=None) -> np.nd
 
 
 __all__ = ["baseline_score_map", "calibrate_threshold", "calibrate_baseline_threshold", "baseline_segmentation"]
+
+
+def baseline_for(prepared, size: int = 5) -> np.ndarray:
+    """Baseline scores in the input's grid, from the normalised volume the model saw (a PreparedVolume)."""
+    orient = prepared.orientation
+    return baseline_score_map(orient.invert(prepared.normalised), orient.invert(prepared.foreground), size)

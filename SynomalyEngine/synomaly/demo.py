@@ -51,13 +51,12 @@ def demo_model(device: str = "auto", quiet: bool = False):
 
 
 def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet: bool = False) -> dict:
-    from .baseline import baseline_score_map, baseline_segmentation
+    from .baseline import baseline_for, baseline_segmentation
     from .cli import Progress, check_writable, output_paths, write_outputs
     from .detection import DetectionSettings, detect
     from .errors import OutputError
     from .metrics import auprc, dice
     from .phantom import make_phantom
-    from .preprocessing import PreprocessConfig, prepare_volume
     from .volume_io import write_volume
 
     out_dir = Path(out_dir)
@@ -81,10 +80,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet
     write_outputs(paths, result, phantom.geometry, phantom.volume, ground_truth=phantom.lesion_mask)
     gt = phantom.lesion_mask > 0
     fg = phantom.brain_mask > 0
-    prepared = prepare_volume(phantom.volume, phantom.geometry,
-                              PreprocessConfig.from_dict(model.metadata["preprocessing"]))
-    base_scores = baseline_score_map(prepared.orientation.invert(prepared.normalised),
-                                     prepared.orientation.invert(prepared.foreground))
+    base_scores = baseline_for(result.prepared)
     base_threshold = model.metadata["calibration"]["baseline_threshold"]
     figures = {
         "dice": dice(result.segmentation, gt), "auprc": auprc(result.anomaly_map, gt, fg),

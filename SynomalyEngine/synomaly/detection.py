@@ -51,6 +51,7 @@ class DetectionResult:
     counterfactual: np.ndarray           # float32, input grid, input intensity units
     uncertainty: Optional[np.ndarray]    # float32 (ensemble std), or None
     report: Dict = field(default_factory=dict)
+    prepared: Optional[object] = None    # the PreparedVolume the network saw (normalised input, foreground...)
 
 
 def resolve_device(name: str):
@@ -201,4 +202,4 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
     }
     report_progress(1.0, "done")
-    return DetectionResult(anomaly_map, seg, cf, uncertainty, report)
+    return DetectionResult(anomaly_map, seg, cf, uncertainty, report, prepared)

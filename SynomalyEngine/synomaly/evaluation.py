@@ -320,9 +320,8 @@ def _read_case(case: EvalCase):
 def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Optional[int] = None,
                   progress: Optional[Callable[[float, str], None]] = None, cancel=None) -> Tuple[Dict, Dict]:
     """Detect on one case and measure ours and the baseline; returns (record, pooled-score arrays)."""
-    from .baseline import baseline_score_map, baseline_segmentation
+    from .baseline import baseline_for, baseline_segmentation
     from .detection import detect
-    from .preprocessing import PreprocessConfig, prepare_volume
 
     report = progress or (lambda fraction, message: None)
     t0 = time.perf_counter()
@@ -333,7 +332,7 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
     result = detect(image, geometry, model, mask, settings,
                     progress=lambda f, m: report(0.85 * f, f"{case.name}: {m}"), cancel=cancel)
     report(0.87, f"{case.name}: metrics")
-    prepared = prepare_volume(image, geometry, PreprocessConfig.from_dict(model.metadata["preprocessing"]), mask)
+    prepared = result.prepared
     orient = prepared.orientation
     foreground = prepared.foreground
     spacing_xyz = tuple(reversed(prepared.spacing_zyx))
@@ -345,8 +344,7 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
     ours = case_metrics(ours_map, ours_seg, gt, foreground, spacing_xyz, volume, counterfactual)
 
     calibration = _baseline_calibration(model)
-    base_scores = orient.apply(baseline_score_map(orient.invert(prepared.normalised), orient.invert(foreground),
-                                                  calibration["median_size"]))
+    base_scores = orient.apply(baseline_for(prepared, calibration["median_size"]))
     base_seg = (baseline_segmentation(base_scores, calibration["threshold"], foreground)
                 if calibration["threshold"] is not None else None)
     baseline = case_metrics(base_scores, base_seg, gt, foreground, spacing_xyz)

@@ -381,11 +381,9 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
 def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
                               device) -> Tuple[np.ndarray, np.ndarray]:
     """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
-    from .baseline import baseline_score_map
+    from .baseline import baseline_for
     from .detection import DetectionSettings, detect
-    from .preprocessing import PreprocessConfig, prepare_volume
 
-    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     ours, base = [], []
     for ci, val in validation.items():
         if not val:
@@ -393,14 +391,13 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
         case = cases[ci]
         result = detect(case.image, case.geometry, model, case.mask,
                         DetectionSettings(device=str(device), threshold=float("inf")), slices=val)
-        prepared = prepare_volume(case.image, case.geometry, config, case.mask)
+        prepared = result.prepared
         region = np.zeros(prepared.foreground.shape, dtype=bool)
         region[val] = True
         region &= prepared.foreground
         region = prepared.orientation.invert(region)
         ours.append(result.anomaly_map[region])
-        scores = baseline_score_map(prepared.orientation.invert(prepared.normalised),
-                                    prepared.orientation.invert(prepared.foreground))
+        scores = baseline_for(prepared)
         base.append(scores[region])
     if not ours:
         raise InputError("no healthy validation slices to calibrate on; give more healthy volumes "
