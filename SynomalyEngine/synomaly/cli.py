@@ -71,6 +71,14 @@ def output_paths(out_dir: Path, name: str, fmt: str) -> dict:
     return paths
 
 
+def refuse_existing(paths) -> None:
+    """Outputs are never replaced without --overwrite."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise OutputError(f"{existing[0]} already exists ({len(existing)} outputs in all); "
+                          "use --overwrite to replace them, or another -o folder.")
+
+
 def _bar_disabled(enabled: bool):
     """Bars only on a terminal (tqdm's ``None``): logs and captured output get no carriage-return noise."""
     return True if not enabled else None
@@ -137,10 +145,7 @@ def cmd_detect(args) -> int:
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
                  for p, n in zip(inputs, names)]
     if not args.overwrite:
-        existing = [str(p) for paths in all_paths for p in paths.values() if p.exists()]
-        if existing:
-            raise OutputError(f"{existing[0]} already exists ({len(existing)} outputs in all); "
-                              "use --overwrite to replace them, or another -o folder.")
+        refuse_existing(p for paths in all_paths for p in paths.values())
     check_writable(out_dir, create=False)
     device = resolve_device(args.device)
     model = load_model(args.model, device=str(device))
@@ -151,7 +156,7 @@ def cmd_detect(args) -> int:
             volume, geometry = read_volume(path)
             mask = None
             if mask_path is not None:
-                mask, mask_geometry = read_volume(mask_path)
+                mask, _ = read_volume(mask_path)
                 if mask.shape != volume.shape:
                     raise InputError(f"{mask_path}: size {tuple(reversed(mask.shape))} differs from the input's "
                                      f"{tuple(reversed(volume.shape))}; resample the mask onto the input grid.")
@@ -236,7 +241,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _detection_options(p, single_input: bool = False):
+def _detection_options(p):
     p.add_argument("--model", default=None, help="bundled model name or path to a .safetensors file "
                                                  "(default: the bundled brain FLAIR model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -52,9 +52,8 @@ def demo_model(device: str = "auto", quiet: bool = False):
 
 def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet: bool = False) -> dict:
     from .baseline import baseline_for, baseline_segmentation
-    from .cli import Progress, check_writable, output_paths, write_outputs
+    from .cli import Progress, check_writable, output_paths, refuse_existing, write_outputs
     from .detection import DetectionSettings, detect
-    from .errors import OutputError
     from .metrics import auprc, dice
     from .phantom import make_phantom
     from .volume_io import write_volume
@@ -63,9 +62,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet
     paths = output_paths(out_dir, "phantom", "nii.gz")
     inputs = {"image": out_dir / "phantom_flair.nii.gz", "lesion": out_dir / "phantom_lesion.nii.gz"}
     if not overwrite:
-        existing = [p for p in list(paths.values()) + list(inputs.values()) if p.exists()]
-        if existing:
-            raise OutputError(f"{existing[0]} already exists; use --overwrite or another -o folder.")
+        refuse_existing(list(paths.values()) + list(inputs.values()))
     check_writable(out_dir)
     phantom = make_phantom(lesion=True, seed=DEMO_SEED)
     write_volume(inputs["image"], phantom.volume, phantom.geometry)

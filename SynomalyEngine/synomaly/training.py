@@ -92,9 +92,12 @@ def _case_from_folder(folder: Path) -> Optional[TrainingCase]:
 
 def find_cases(paths: Sequence) -> List[TrainingCase]:
     """Files are cases; a folder is a case (one image + optional *mask* / *seg* files), or holds case
-    folders, or holds plain image files (each one a case)."""
+    folders, or holds plain image files (each one a case). TrainingCase objects pass through."""
     cases = []
     for raw in paths:
+        if isinstance(raw, TrainingCase):
+            cases.append(raw)
+            continue
         path = Path(raw)
         if is_image_file(path):
             image, geometry = read_volume(path)
@@ -262,8 +265,7 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
         raise OutputError(f"{run_dir} holds an earlier run; resume it (--resume) or delete the folder.")
     if resume and not checkpoint_path.exists():
         raise OutputError(f"nothing to resume: {checkpoint_path} does not exist.")
-    healthy = list(healthy)
-    cases = healthy if healthy and all(isinstance(c, TrainingCase) for c in healthy) else find_cases(healthy)
+    cases = find_cases(healthy)
     preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
     report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
     data = extract_slices(cases, settings, preprocess)
@@ -438,8 +440,7 @@ def recalibrate(model_path, healthy, output=None, inference: Optional[Dict] = No
 
     model = load_model(model_path)
     settings = settings_from_model(model.metadata)
-    healthy = list(healthy)
-    cases = healthy if healthy and all(isinstance(c, TrainingCase) for c in healthy) else find_cases(healthy)
+    cases = find_cases(healthy)
     data = extract_slices(cases, settings, PreprocessConfig.from_dict(model.metadata["preprocessing"]))
     if inference:
         model.metadata["inference"].update(inference)
