@@ -23,3 +23,8 @@ def phantom_case(tmp_path_factory):
     from synomaly.phantom import write_phantom_case
 
     return write_phantom_case(tmp_path_factory.mktemp("phantom") / "case", seed=5, lesion=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than about 20 s on 2 CPU cores; "
+                            "`-m \"not slow\"` leaves it out for everyday runs (CI runs everything)")
