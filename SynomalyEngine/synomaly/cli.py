@@ -139,7 +139,8 @@ def cmd_detect(args) -> int:
     out_dir = Path(args.output)
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
-                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
+                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
+                                 precision=args.precision)
     if settings.ensemble is not None and settings.ensemble < 1:
         raise InputError("--ensemble must be at least 1.")
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
@@ -221,7 +222,8 @@ def cmd_evaluate(args) -> int:
     out_dir = Path(args.output)
     check_writable(out_dir)
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
-                                 threshold=args.threshold, ensemble=args.ensemble, mode=args.mode)
+                                 threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
+                                 precision=args.precision)
     model = load_model(args.model)
     bar = Progress("evaluating", enabled=not args.quiet)
     try:
@@ -252,6 +254,9 @@ def _detection_options(p):
     p.add_argument("--ensemble", type=int, default=None,
                    help="noise draws to average (default: the model's); >1 also writes an uncertainty map")
     p.add_argument("--mode", choices=("multi", "single"), default=None, help="multi-stage (default) or single-stage")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="network precision: auto (default) = bf16 on CUDA and on CPUs with native bf16 "
+                        "(AVX512-BF16, AMX), fp32 elsewhere")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

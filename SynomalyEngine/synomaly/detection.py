@@ -42,6 +42,7 @@ class DetectionSettings:
     min_component_mm3: Optional[float] = None
     mode: Optional[str] = None
     seed: int = 0
+    precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
 
 
 @dataclass
@@ -103,13 +104,15 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     import torch
 
     from .multistage import StageSettings, run_single_stage, run_stages
-    from .postprocessing import blur_map, components, segment
+    from .postprocessing import blur_map, segment
     from .preprocessing import PreprocessConfig, prepare_volume
+    from .runtime import autocast, prepare_network, resolve_precision
     from .schedule import DiffusionSchedule
 
     settings = settings or DetectionSettings()
     params = inference_params(model, settings)
     device = resolve_device(settings.device)
+    precision = resolve_precision(device, settings.precision)
     threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
     timings = {}
     report_progress = progress or (lambda fraction, message: None)
@@ -122,7 +125,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     timings["preprocess_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    network = model.network.to(device).eval()
+    network = prepare_network(model.network, device)
     schedule = DiffusionSchedule(**model.metadata["schedule"])
     k = int(params["ensemble"])
     batch_size = settings.batch_size or (32 if device.type == "cuda" else 2)
@@ -141,8 +144,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
                               kernel_size=params["kernel_size"], fusion_threshold=params["fusion_threshold"],
                               min_component_px=params["min_component_px"], soft_fusion=params["soft_fusion"],
                               signed=params["signed"], direction=params["direction"])
-        amp = device.type == "cuda"
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, precision):
             if params["mode"] == "multi":
                 result = run_stages(network, schedule, images, masks, stage, batch_size, generator,
                                     progress=lambda d, t, m: report_progress(0.05 + 0.85 * d / t, m),
@@ -175,16 +177,16 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     anomaly_map = np.mean(maps, axis=0).astype(np.float32)
     uncertainty = np.std(maps, axis=0).astype(np.float32) if k > 1 else None
     voxel_mm3 = geometry.voxel_volume_mm3
-    seg = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
-    seg = np.ascontiguousarray(orient.invert(seg))
+    # Thresholding and 26-connected labelling do not depend on the axis order, so they run in the
+    # input's grid, where the components' centres are reported.
+    seg, comps = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)
     uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
     processed = np.zeros(shape, dtype=bool)
     processed[indices] = True
     processed = orient.invert(processed & fg)
     cf = np.where(processed, prepared.intensity.inverse(orient.invert(preds)), volume).astype(np.float32)
-    comps = components(seg, anomaly_map, voxel_mm3)
     timings["postprocess_s"] = time.perf_counter() - t0
     in_fg = orient.invert(fg)
     report = {
@@ -197,7 +199,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "threshold_source": "user" if settings.threshold is not None else "model calibration",
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
-        "settings": dict(params, seed=int(settings.seed), device=str(device)),
+        "settings": dict(params, seed=int(settings.seed), device=str(device), precision=precision),
         "model": {"name": model.name, "model_id": model.model_id},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
     }

@@ -1,46 +1,66 @@
-"""3D post-processing of the anomaly map: blur, threshold, small-component removal, component figures."""
-from typing import List, Sequence
+"""3D post-processing of the anomaly map: blur, threshold, small-component removal, component figures.
+
+The map is zero outside the processed foreground, so the blur runs on the bounding box of its non-zero
+voxels (grown by the kernel's radius, which makes it exact), and the components are labelled once for
+both the small-component removal and the report.
+"""
+from typing import List, Sequence, Tuple
 
 import numpy as np
+
+TRUNCATE = 4.0  # scipy's default kernel radius, in sigmas
+
+
+def _support_box(array: np.ndarray, margins: Sequence[int]) -> Tuple[slice, ...]:
+    """The bounding box of the non-zero voxels grown by ``margins``, clipped to the array."""
+    box = []
+    for axis, margin in enumerate(margins):
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(array != 0, axis=others))
+        box.append(slice(max(0, hits[0] - margin), min(array.shape[axis], hits[-1] + margin + 1)))
+    return tuple(box)
 
 
 def blur_map(anomaly_map: np.ndarray, sigma_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
     """Gaussian blur with a physical sigma, so anisotropic volumes are smoothed alike in every direction."""
     from scipy import ndimage
 
-    if sigma_mm <= 0:
-        return anomaly_map
+    out = anomaly_map.astype(np.float32)
+    if sigma_mm <= 0 or not out.any():
+        return out
     sigma = [sigma_mm / s for s in spacing_zyx]
-    return ndimage.gaussian_filter(anomaly_map.astype(np.float32), sigma=sigma, mode="nearest")
+    # Beyond the radius the truncated kernel is zero, and inside the margin "nearest" repeats zeros,
+    # so blurring the grown box gives exactly the whole volume's result.
+    box = _support_box(out, [int(TRUNCATE * s + 0.5) for s in sigma])
+    blurred = np.zeros_like(out)
+    blurred[box] = ndimage.gaussian_filter(out[box], sigma=sigma, mode="nearest", truncate=TRUNCATE)
+    return blurred
 
 
 def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
-            voxel_volume_mm3: float) -> np.ndarray:
-    """Threshold, then drop 26-connected components smaller than ``min_component_mm3``."""
+            voxel_volume_mm3: float) -> Tuple[np.ndarray, List[dict]]:
+    """Threshold, drop 26-connected components smaller than ``min_component_mm3``; return the uint8
+    segmentation and its components (size, peak score, centre in voxel indices i, j, k), largest first."""
     from scipy import ndimage
 
     binary = anomaly_map > threshold
-    if min_component_mm3 > 0 and binary.any():
-        labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-        sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_volume_mm3
-        keep = sizes >= min_component_mm3
-        keep[0] = False
-        binary = keep[labels]
-    return binary.astype(np.uint8)
-
-
-def components(segmentation: np.ndarray, anomaly_map: np.ndarray, voxel_volume_mm3: float) -> List[dict]:
-    """Size, peak score and centre (voxel indices i, j, k) of each component, largest first."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(segmentation > 0, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
-        return []
-    index = np.arange(1, n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    peaks = ndimage.maximum(anomaly_map, labels, index)
-    centres = ndimage.center_of_mass(segmentation > 0, labels, index)
-    out = [{"volume_ml": float(c * voxel_volume_mm3 / 1000.0), "voxels": int(c), "max_score": float(p),
-            "centre_ijk": [round(float(v), 1) for v in reversed(centre)]}
-           for c, p, centre in zip(counts, np.atleast_1d(peaks), centres)]
-    return sorted(out, key=lambda d: -d["voxels"])
+    if not binary.any():
+        return binary.astype(np.uint8), []
+    box = _support_box(binary, (1, 1, 1)[:binary.ndim])
+    labels, n = ndimage.label(binary[box], structure=np.ones((3,) * binary.ndim, dtype=bool))
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = counts * voxel_volume_mm3 >= min_component_mm3
+    keep[0] = False
+    kept = np.flatnonzero(keep)
+    segmentation = np.zeros(binary.shape, dtype=np.uint8)
+    segmentation[box] = keep[labels]
+    if kept.size == 0:
+        return segmentation, []
+    peaks = np.atleast_1d(ndimage.maximum(anomaly_map[box], labels, kept))
+    centres = ndimage.center_of_mass(np.ones(labels.shape, dtype=np.uint8), labels, kept)
+    offset = [s.start for s in box]
+    found = [{"volume_ml": float(counts[k] * voxel_volume_mm3 / 1000.0), "voxels": int(counts[k]),
+              "max_score": float(p),
+              "centre_ijk": [round(float(c + o), 1) for c, o in reversed(list(zip(centre, offset)))]}
+             for k, p, centre in zip(kept, peaks, centres)]
+    return segmentation, sorted(found, key=lambda d: -d["voxels"])

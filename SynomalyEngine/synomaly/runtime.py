@@ -1,0 +1,74 @@
+"""How the network runs on this machine: numeric precision, memory layout, and the CPU's name.
+
+bf16 autocast halves the network's time on CPUs that compute bf16 natively (AVX512-BF16 or AMX) and
+slows it down on the others (AVX2 only), where it is emulated; so ``auto`` decides per machine.
+On CUDA, bf16 autocast is the default. ``fp32`` or ``bf16`` force either.
+"""
+import contextlib
+import platform
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX tiles (oneDNN then runs bf16 convolutions natively)."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None:
+            try:
+                if check():
+                    return True
+            except RuntimeError:
+                continue
+    return False
+
+
+def resolve_precision(device: torch.device, requested: Optional[str] = "auto") -> str:
+    """``fp32`` or ``bf16`` for this device; ``auto``: bf16 on CUDA and on native-bf16 CPUs."""
+    requested = requested or "auto"
+    if requested not in PRECISIONS:
+        raise InputError(f"unknown precision {requested!r}; use auto, fp32 or bf16.")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the network runs in; fp32 needs none."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_network(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Inference mode on ``device``; channels-last on CPU, where oneDNN's convolutions prefer it."""
+    network = network.to(device).eval()
+    if device.type == "cpu":
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS names it (benchmarks print it next to every figure)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_cpu() -> str:
+    """``AMD EPYC ... (AVX512, native bf16: yes)``."""
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
+    return f"{cpu_name()} ({capability}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"

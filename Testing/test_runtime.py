@@ -1,0 +1,43 @@
+"""Precision and layout of the network at inference: chosen per machine, forced on request, same answer."""
+import numpy as np
+import pytest
+import torch
+
+from synomaly.errors import InputError
+from synomaly.runtime import cpu_has_native_bf16, describe_cpu, resolve_precision
+
+
+def test_precision_auto_follows_the_machine():
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision(torch.device("cuda"), "auto") == "bf16"
+    assert resolve_precision(cpu, "fp32") == "fp32"
+    assert resolve_precision(cpu, "bf16") == "bf16"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision(torch.device("cpu"), "fp16")
+
+
+def test_cpu_description_names_capability():
+    text = describe_cpu()
+    assert "native bf16" in text and torch.backends.cpu.get_cpu_capability() in text
+
+
+def test_bf16_and_channels_last_give_the_fp32_answer(phantom_case):
+    """The fast path must not move the result: same segmentation up to a few boundary voxels."""
+    from synomaly.detection import DetectionSettings, detect
+    from synomaly.model_file import load_model
+    from synomaly.volume_io import read_volume
+
+    volume, geometry = read_volume(phantom_case["flair"])
+    model = load_model("demo-phantom")
+    results = {p: detect(volume, geometry, model, settings=DetectionSettings(device="cpu", precision=p))
+               for p in ("fp32", "bf16")}
+    assert results["fp32"].report["settings"]["precision"] == "fp32"
+    assert results["bf16"].report["settings"]["precision"] == "bf16"
+    a, b = results["fp32"].segmentation > 0, results["bf16"].segmentation > 0
+    dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+    assert a.sum() > 0 and dice > 0.95
+    assert np.abs(results["fp32"].anomaly_map - results["bf16"].anomaly_map).max() < 0.1
