@@ -1,18 +1,21 @@
-"""Per-volume wall time of detection by phase, next to the reference research loop on the same network.
+"""Per-volume wall time of detection by phase: the reference research loop, our previous path and today's default.
 
-Why: the engine batches slices and keeps them on the device between stages; the original research code
-runs one slice at a time and does the difference map, the fusion and the stopping test in numpy on the
-host after every stage. This script measures what that design costs on a BraTS-sized volume
-(240 x 240 x 155 voxels, 1 mm), with the same model, settings, number of stages, reading, preprocessing,
-post-processing and writing, so the only difference between the two columns is the stage loop.
+Columns, all on the same volume and weights, interleaved: the research code's loop (fp32, one slice at a
+time, the difference map, fusion and stopping test in numpy on the host after every stage, stages forced);
+our previous path (fp32, contiguous layout, batch of 2 on CPU, per-slice convergence); today's default
+(precision chosen per machine: bf16 autocast where the CPU computes bf16 natively, channels-last on CPU).
+Also: the network call alone per slice, the post-processing alone (previous vs now), and the peak resident
+memory of a whole ``synomaly detect`` process on a BraTS-sized and on a 512 x 512 x 300 volume.
+The CPU's name and capability are printed first: figures are only comparable on the same machine.
 
-The reference loop is a drop-in replacement for ``synomaly.multistage.run_stages``, so both runs go
-through ``synomaly.detection.detect`` and are timed by its own ``timings_s``.
+The reference loop is a drop-in replacement for ``synomaly.multistage.run_stages``, so every column goes
+through ``synomaly.detection.detect`` and is timed by its own ``timings_s``.
 
-Run:  python SynomalyEngine/benchmarks/bench_detection.py [--slices N] [--threads 1] [--device cpu]
+Run:  python SynomalyEngine/benchmarks/bench_detection.py [--slices N] [--threads 2] [--device cpu]
 """
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each pipeline, interleaved; each phase reports its median (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
+    p.add_argument("--precision", default="auto", help="precision of the default column (default: auto)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     return p.parse_args(argv)
 
 
@@ -161,19 +166,59 @@ def forward_time_per_slice(network, size, batch, device, repeats=5):
     return statistics.median(times) / batch
 
 
+def plain_network(network, device):
+    """The previous path: fp32 weights in the default (contiguous) layout."""
+    return network.to(device).eval()
+
+
+def previous_postprocessing(arr, threshold, min_mm3, voxel_mm3, spacing, sigma_mm):
+    """The previous post-processing on the same map: whole-volume blur, label to filter, label again."""
+    import numpy as np
+    from scipy import ndimage
+
+    structure = np.ones((3, 3, 3), dtype=bool)
+    blurred = ndimage.gaussian_filter(arr.astype(np.float32), sigma=[sigma_mm / s for s in spacing], mode="nearest")
+    labels, n = ndimage.label(blurred > threshold, structure=structure)
+    keep = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3 >= min_mm3
+    keep[0] = False
+    seg = keep[labels]
+    labels, n = ndimage.label(seg, structure=structure)
+    if n:
+        index = np.arange(1, n + 1)
+        ndimage.maximum(blurred, labels, index)
+        ndimage.center_of_mass(seg, labels, index)
+    return seg
+
+
+def peak_memory_mb(path, args, out_dir):
+    """Peak resident memory of a whole ``synomaly detect`` run in a fresh process (MiB)."""
+    import subprocess
+
+    code = ("import resource, sys\nfrom synomaly.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\nsys.exit(rc)")
+    cmd = [sys.executable, "-c", code, "detect", str(path), "-o", str(out_dir), "-q", "--overwrite",
+           "--device", args.device]
+    if args.model:
+        cmd += ["--model", args.model]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return float("nan"), done.stderr.strip().splitlines()[-1:]
+    peak = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK")]
+    return peak[0], []
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Thread counts must be set before numpy/torch load their thread pools.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    import functools
-
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
 
     import synomaly.multistage as multistage
+    import synomaly.runtime as runtime
     from synomaly.detection import DetectionSettings, resolve_device
     from synomaly.model_file import load_model
     from synomaly.network import count_parameters
@@ -185,8 +230,12 @@ def main(argv=None):
     model = load_model(args.model)
     size = int(model.metadata["preprocessing"]["image_size"])
     n_params = count_parameters(model.network)
+    precision = runtime.resolve_precision(device, args.precision)
     print(f"synomaly detection benchmark: torch {torch.__version__}, device {device}, "
           f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, torch.get_num_threads()={torch.get_num_threads()}")
+    print(f"CPU: {runtime.describe_cpu()}")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
     print(f"model: {model.name} ({model.model_id}), {n_params:,} parameters, input {size}x{size}")
 
     with tempfile.TemporaryDirectory(prefix="synomaly-bench-") as tmp:
@@ -206,62 +255,99 @@ def main(argv=None):
             ref_slices = [all_slices[i] for i in sorted(set(pick.tolist()))]
         del prepared
 
-        network = model.network.to(device).eval()
-        batch = args.batch_size or (32 if device.type == "cuda" else 2)
-        fwd_batch = forward_time_per_slice(network, size, batch, device)
-        fwd_one = forward_time_per_slice(network, size, 1, device)
+        old_batch = 32 if device.type == "cuda" else 2
+        batch = args.batch_size or old_batch
+        network = model.network
+        fwd = {}
+        for name, prec, layout in (("fp32", "fp32", plain_network), (precision, precision, runtime.prepare_network)):
+            net = layout(network, device)
+            with runtime.autocast(device, prec):
+                fwd[name] = (forward_time_per_slice(net, size, batch, device),
+                             forward_time_per_slice(net, size, 1, device))
 
-        settings = DetectionSettings(device=str(device), stages=args.stages, batch_size=batch,
-                                     seed=args.seed)
+        fp32 = DetectionSettings(device=str(device), stages=args.stages, batch_size=old_batch, seed=args.seed,
+                                 precision="fp32")
+        default = DetectionSettings(device=str(device), stages=args.stages, batch_size=args.batch_size,
+                                    seed=args.seed, precision=args.precision)
         forced = functools.partial(multistage.StageSettings, tolerance=-1.0)
-        runs = {"ours": [], "reference": [], "converging": []}
+        runs = {"reference": [], "previous": [], "default": []}
         for _ in range(max(1, args.repeats)):
-            with patched(multistage, "StageSettings", forced):
-                runs["ours"].append(run_pipeline(case, model, settings, os.path.join(tmp, "ours")))
-                with patched(multistage, "run_stages", reference_stages):
-                    runs["reference"].append(run_pipeline(case, model, settings, os.path.join(tmp, "reference"),
+            with patched(runtime, "prepare_network", plain_network):
+                with patched(multistage, "StageSettings", forced), patched(multistage, "run_stages", reference_stages):
+                    runs["reference"].append(run_pipeline(case, model, fp32, os.path.join(tmp, "reference"),
                                                           slices=ref_slices))
-            runs["converging"].append(run_pipeline(case, model, settings, os.path.join(tmp, "converging")))
-        (ours, ours_report), (ref, ref_report), (conv, conv_report) = (median_phases(runs[k])
-                                                                       for k in ("ours", "reference", "converging"))
+                runs["previous"].append(run_pipeline(case, model, fp32, os.path.join(tmp, "previous")))
+            runs["default"].append(run_pipeline(case, model, default, os.path.join(tmp, "default")))
+        (ref, ref_report), (prev, prev_report), (new, new_report) = (
+            median_phases(runs[k]) for k in ("reference", "previous", "default"))
 
-    n_ours = ours_report["slices_processed"]
+        # Post-processing alone, previous vs now, on the same raw map (the phase above also holds the
+        # inverse reorientation and the counterfactual's intensity mapping).
+        from synomaly.postprocessing import blur_map, segment
+        raw = np.zeros(phantom.volume.shape, dtype=np.float32)
+        raw[phantom.lesion_mask > 0] = 0.5
+        raw += (np.random.default_rng(0).random(raw.shape, dtype=np.float32) * 0.05) * (phantom.volume > 0)
+        s = new_report["settings"]
+        t0 = time.perf_counter()
+        previous_postprocessing(raw, new_report["threshold"], s["min_component_mm3"], 1.0, (1, 1, 1), s["blur_mm"])
+        post_prev = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        segment(blur_map(raw, s["blur_mm"], (1, 1, 1)), new_report["threshold"], s["min_component_mm3"], 1.0)
+        post_new = time.perf_counter() - t0
+
+        memory = {}
+        if not args.no_memory:
+            memory["240 x 240 x 155"] = peak_memory_mb(case, args, os.path.join(tmp, "mem1"))
+            import SimpleITK as sitk
+            from scipy import ndimage
+
+            small = make_phantom(shape=(75, 128, 128), seed=args.seed).volume
+            big = sitk.GetImageFromArray(ndimage.zoom(small, (4, 4, 4), order=1).astype(np.int16))
+            big.SetSpacing((0.45, 0.45, 0.6))
+            big_path = os.path.join(tmp, "big.nii.gz")
+            sitk.WriteImage(big, big_path)
+            del big, small
+            memory["512 x 512 x 300"] = peak_memory_mb(big_path, args, os.path.join(tmp, "mem2"))
+
+    n_new = new_report["slices_processed"]
     n_ref = ref_report["slices_processed"]
     ref_network_measured = ref["network"]
-    if n_ref < n_ours:
-        ref["network"] = ref_network_measured * n_ours / n_ref
+    if n_ref < n_new:
+        ref["network"] = ref_network_measured * n_new / n_ref
 
     print()
-    print(f"{'phase':<14}{'ours (s)':>10}{'reference (s)':>15}{'ratio ref/ours':>16}{'ours, converging (s)':>22}")
-    for phase in ours:
-        mark = "*" if phase == "network" and n_ref < n_ours else " "
-        print(f"{phase:<14}{ours[phase]:>10.2f}{ref[phase]:>14.2f}{mark}{ratio(ref[phase], ours[phase]):>16}"
-              f"{conv[phase]:>22.2f}")
-    total_o, total_r, total_c = sum(ours.values()), sum(ref.values()), sum(conv.values())
-    print(f"{'total':<14}{total_o:>10.2f}{total_r:>14.2f}{'*' if n_ref < n_ours else ' '}"
-          f"{ratio(total_r, total_o):>16}{total_c:>22.2f}")
+    print(f"{'phase (s)':<14}{'reference loop':>16}{'previous (fp32)':>17}{'default (' + precision + ')':>16}"
+          f"{'ref/default':>13}{'prev/default':>14}")
+    for phase in new:
+        mark = "*" if phase == "network" and n_ref < n_new else " "
+        print(f"{phase:<14}{ref[phase]:>15.2f}{mark}{prev[phase]:>17.2f}{new[phase]:>16.2f}"
+              f"{ratio(ref[phase], new[phase]):>13}{ratio(prev[phase], new[phase]):>14}")
+    tr, tp, tn = sum(ref.values()), sum(prev.values()), sum(new.values())
+    print(f"{'total':<14}{tr:>15.2f}{'*' if n_ref < n_new else ' '}{tp:>17.2f}{tn:>16.2f}"
+          f"{ratio(tr, tn):>13}{ratio(tp, tn):>14}")
     print()
-    print(f"slices processed: ours {n_ours}, reference {n_ref}"
-          + (f" (* network time extrapolated x{n_ours / n_ref:.2f} from {n_ref} evenly spaced slices: "
-             f"{ref_network_measured:.2f} s measured)" if n_ref < n_ours else "")
-          + f", ours converging {conv_report['slices_processed']}")
-    print(f"mean stages: ours {ours_report['mean_stages']:.2f}, reference {ref_report['mean_stages']:.2f} "
-          f"(both forced to max_stages={args.stages}), ours converging {conv_report['mean_stages']:.2f} "
-          f"(per-slice convergence, at most {args.stages})")
-    shown = ", ".join(f"{k}={v}" for k, v in ours_report["settings"].items() if k in SHOWN)
+    print("reference loop: fp32, contiguous layout, one slice at a time, host round trip per stage, "
+          f"{args.stages} stages forced; previous: fp32, contiguous, batch {old_batch}, per-slice convergence; "
+          f"default: precision {precision}, channels-last on CPU, batch {default.batch_size or old_batch}, "
+          "per-slice convergence")
+    print(f"slices processed: {n_new}" + (f" (* reference network time extrapolated x{n_new / n_ref:.2f} from "
+                                          f"{n_ref} evenly spaced slices: {ref_network_measured:.2f} s measured)"
+                                          if n_ref < n_new else ""))
+    print(f"mean stages: reference {ref_report['mean_stages']:.2f} (forced), previous {prev_report['mean_stages']:.2f},"
+          f" default {new_report['mean_stages']:.2f}")
+    shown = ", ".join(f"{k}={v}" for k, v in new_report["settings"].items() if k in SHOWN)
     print(f"settings: {shown}")
     print(f"timings: median of {max(1, args.repeats)} interleaved runs per column")
-    print(f"network size: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB float32), input {size}x{size}")
-    evals_o = n_ours * ours_report["mean_stages"]
-    evals_r = n_ref * ref_report["mean_stages"]
-    print(f"network phase per slice (all stages): ours {1e3 * ours['network'] / n_ours:.1f} ms, "
-          f"reference {1e3 * ref_network_measured / n_ref:.1f} ms; "
-          f"per slice and stage: ours {1e3 * ours['network'] / evals_o:.2f} ms, "
-          f"reference {1e3 * ref_network_measured / evals_r:.2f} ms")
-    print(f"network call alone per slice: {1e3 * fwd_batch:.2f} ms at batch {batch}, "
-          f"{1e3 * fwd_one:.2f} ms at batch 1")
-    print(f"anomalous volume: ours {ours_report['anomalous_volume_ml']:.2f} mL, ours converging "
-          f"{conv_report['anomalous_volume_ml']:.2f} mL, phantom lesion {phantom.lesion_mask.sum() / 1000:.2f} mL")
+    for name, (at_batch, at_one) in fwd.items():
+        print(f"network call alone per slice, {name}: {1e3 * at_batch:.2f} ms at batch {batch}, "
+              f"{1e3 * at_one:.2f} ms at batch 1")
+    print(f"post-processing alone on one map: previous {post_prev:.3f} s, now {post_new:.3f} s "
+          f"({ratio(post_prev, post_new)}x)")
+    print(f"anomalous volume: previous {prev_report['anomalous_volume_ml']:.2f} mL, default "
+          f"{new_report['anomalous_volume_ml']:.2f} mL, phantom lesion {phantom.lesion_mask.sum() / 1000:.2f} mL")
+    for shape, (peak, err) in memory.items():
+        print(f"peak resident memory of `synomaly detect` on {shape}: "
+              + (f"{peak:.0f} MiB" if not err else f"failed: {err}"))
     return 0
 
 
