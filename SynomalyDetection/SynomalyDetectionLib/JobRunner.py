@@ -206,6 +206,8 @@ class WorkerJob:
         result = self._read_result()
         if self._cancel_at is not None:
             self.state = CANCELLED
+            if result is not None and result.get("status") == "cancelled":  # it stopped by itself
+                self.error = errors().Cancelled(panel_wording(result.get("message") or "Cancelled."))
             return
         if result is None:
             self.state = FAILED
@@ -214,7 +216,7 @@ class WorkerJob:
             return
         status = result.get("status")
         if status == "cancelled":
-            self.state, self.error = CANCELLED, errors().Cancelled(result.get("message") or "Cancelled.")
+            self.state, self.error = CANCELLED, errors().Cancelled(panel_wording(result.get("message") or "Cancelled."))
             return
         if status != "succeeded":
             self.state, self.error = FAILED, worker_error(result.get("error") or {})

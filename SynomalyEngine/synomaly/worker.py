@@ -101,15 +101,15 @@ def run_detection(request: dict, folder: Path, progress: Callable, cancel: Calla
     from .model_file import load_model
     from .volume_io import read_volume, write_volume
 
+    settings = settings_from_dict(DetectionSettings, request.get("settings") or {})
     volume, geometry = read_volume(folder / request["input"])
     mask = None
     if request.get("mask"):
         mask = read_volume(folder / request["mask"])[0] > 0
-    settings = settings_from_dict(DetectionSettings, request.get("settings") or {})
-    progress(0.0, "loading the model")
-    model = load_model(request["model"], device="cpu")
     if cancel():
         raise Cancelled("detection cancelled.")
+    progress(0.0, "loading the model")
+    model = load_model(request["model"], device="cpu")
     result = detect(volume, geometry, model, mask=mask, settings=settings, progress=progress, cancel=cancel)
     outputs = {}
     for kind in DETECTION_OUTPUTS:
@@ -124,6 +124,7 @@ def run_training(request: dict, folder: Path, progress: Callable, cancel: Callab
     from .training import TrainingCase, TrainingSettings, train
     from .volume_io import read_volume
 
+    settings = settings_from_dict(TrainingSettings, request.get("settings") or {})
     healthy = []
     for item in request["healthy"]:
         if isinstance(item, dict):
@@ -131,7 +132,6 @@ def run_training(request: dict, folder: Path, progress: Callable, cancel: Callab
             healthy.append(TrainingCase(item["name"], image, geometry))
         else:
             healthy.append(Path(item))
-    settings = settings_from_dict(TrainingSettings, request.get("settings") or {})
     model = train(healthy, Path(request["output"]), settings, progress=progress, cancel=cancel,
                   resume=bool(request.get("resume")))
     return {"model": str(model)}
