@@ -402,6 +402,8 @@ def test_missing_model_gives_a_clear_error_before_any_job(scene, logic, tmp_path
         logic.detect(node, model="no-such-model")
     with pytest.raises(ModelFileError, match="gone.safetensors"):
         logic.detect(node, model=str(tmp_path / "gone.safetensors"))
+    with pytest.raises(InputError, match="model name or a model file path"):
+        logic.detect(node, model=object())
     assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
 
 

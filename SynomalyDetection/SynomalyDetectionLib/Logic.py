@@ -95,6 +95,9 @@ class SynomalyLogic:
     def check_model(self, model=None) -> str:
         """The model's identifier for the worker; fails early, without loading weights, when a model name
         or path leads nowhere."""
+        if model is not None and not isinstance(model, (str, Path)):
+            raise errors().InputError("Give the model as a model name or a model file path; the engine runs in "
+                                      "a worker process, which loads it itself.")
         key = str(model) if model else self.default_model()
         path = Path(key).expanduser()
         if path.is_file():
