@@ -408,6 +408,10 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         else:
             self._onTrainingFinished(job, elapsed)
 
+    def _cancelling(self) -> bool:
+        """A cancelled training run goes on until it has saved its checkpoint: its status stays "Cancelling..."."""
+        return self._job is not None and self._job.cancelling
+
     def onCancel(self):
         if self._job is not None:
             label = self.ui.detectionStatusLabel if self._jobKind == "detection" else self.ui.trainingStatusLabel
@@ -427,7 +431,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _onDetectionProgress(self, fraction, message):
         self.ui.detectionProgressBar.value = int(round(100 * fraction))
-        self.ui.detectionStatusLabel.text = message
+        if not self._cancelling():
+            self.ui.detectionStatusLabel.text = message
 
     def _onDetectionFinished(self, job, elapsed):
         if job.state == SUCCEEDED:
@@ -476,7 +481,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _onTrainingProgress(self, step, total, loss, message):
         self.ui.trainingProgressBar.maximum = max(int(total), 1)
         self.ui.trainingProgressBar.value = int(step)
-        self.ui.trainingStatusLabel.text = message
+        if not self._cancelling():
+            self.ui.trainingStatusLabel.text = message
 
     def _onTrainingFinished(self, job, elapsed):
         if job.state == SUCCEEDED:

@@ -13,7 +13,7 @@ from SynomalyDetectionLib import Parameters, SynomalyLogic
 from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
 from SynomalyDetectionLib.Logic import HealthyVolume
 from SynomalyDetectionLib.LossCurve import LossCurve
-from synomaly.errors import Cancelled, InputError
+from synomaly.errors import Cancelled, InputError, OutputError
 from synomaly.phantom import make_phantom
 
 # A network small enough for a few CPU steps a second; calibration with one stage.
@@ -95,6 +95,15 @@ def test_the_panel_refuses_to_train_before_a_folder_is_chosen(scene, tmp_path, j
     assert not list(jobs_dir.iterdir())
     with pytest.raises(InputError, match="No healthy cases"):
         logic.start_training(Parameters(training_from_folder=False, model_name="x"))
+
+
+def test_a_models_folder_that_cannot_be_made_is_an_output_error(scene, tmp_path, jobs_dir):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    logic = SynomalyLogic(user_models_dir=blocker / "models")
+    with pytest.raises(OutputError, match="SYNOMALY_MODELS_DIR"):
+        logic.train(healthy_nodes(1), "x", steps=1)
+    assert not list(jobs_dir.iterdir())
 
 
 def test_label_maps_are_not_healthy_cases(scene, tmp_path):

@@ -242,7 +242,12 @@ class SynomalyLogic:
                     healthy.append({"name": case.name, "image": image})
                 else:
                     healthy.append(str(case))
-            request.output.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                request.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise errors().OutputError(f"The models folder {request.output.parent} cannot be created "
+                                           f"({exc.strerror or exc}); set SYNOMALY_MODELS_DIR to a writable "
+                                           "folder.") from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
