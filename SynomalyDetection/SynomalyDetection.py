@@ -1,9 +1,11 @@
 """Synomaly Detection: unsupervised anomaly detection (Synomaly noise + multi-stage diffusion) in 3D Slicer.
 
 Thin on purpose: the work is in SynomalyDetectionLib (Qt-free, tested with slicer-core) and in the
-engine package ``synomaly``. Importing this file imports neither torch nor the engine.
+engine package ``synomaly``, which runs in a worker process. Importing this file imports neither torch
+nor the engine.
 """
 import logging
+import os
 import sys
 import time
 import traceback
@@ -15,40 +17,26 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, ensure_dependencies,
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.4 has no translations
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, WorkerError, ensure_dependencies,
                                   format_report, get_parameter_node, missing_dependencies)
+from SynomalyDetectionLib.Dependencies import installing
 from SynomalyDetectionLib.Engine import engine_module, errors
 from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
+from SynomalyDetectionLib.MrmlBridge import show_side_by_side
 
 CITATION = ("Bi, Huang, Clarenbach, Ghotbi, Karlas, Navab, Jiang. "
             "Synomaly Noise and Multi-Stage Diffusion: A Novel Approach for Unsupervised Anomaly Detection "
             "in Medical Images. Medical Image Analysis, 2025. arXiv:2411.04004.")
-
-HELP_TEXT = f"""
-<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
-(Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
-<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
-brain) and a model, then click <i>Detect anomalies</i>. The run goes on in the background; <i>Cancel</i>
-stops it and adds nothing. Results are placed beside the input in the Data module:
-a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume "&lt;input&gt; counterfactual"
-(the healthy-looking version of the input) and "&lt;input&gt; anomaly map", shown as a coloured overlay.
-The panel shows the anomalous volume in mL and its connected components. <i>Advanced</i>: device, number
-of stages, noise level, threshold (default: the model's calibrated threshold) and ensemble size.</p>
-<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
-of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
-checkpoint that <i>Resume</i> continues. The new model joins the model list.</p>
-<p><b>Python console:</b><br>
-<code>logic = slicer.util.getModuleLogic("{MODULE_NAME}")</code><br>
-<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>
-(returns the segmentation, counterfactual and anomaly-map nodes and the report)<br>
-<code>logic.train("/data/healthy", name="site-a", preset="brain-flair", steps=2000)</code></p>
-<p>Research software: not for clinical use.</p>
-"""
-
-ACKNOWLEDGEMENT_TEXT = f"""
-<p>The method is from: {CITATION}</p>
-<p>This module is a product implementation for whole 3D volumes; it is not the authors' reference code.</p>
-"""
 
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -56,12 +44,36 @@ DEVICES = ["auto", "cpu", "cuda"]
 class SynomalyDetection(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Synomaly Detection"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Synomaly Detection")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["SynomalyDetection developers"]
-        self.parent.helpText = HELP_TEXT
-        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+        self.parent.helpText = _("""
+<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
+(Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
+<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
+brain) and a model, then click <i>Detect anomalies</i>. The run goes on in a separate process, so Slicer
+stays responsive; <i>Cancel</i> stops it and adds nothing. Results are placed beside the input in the Data
+module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume
+"&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly map"
+(coloured over the input where scores are high) and, for an ensemble, "&lt;input&gt; uncertainty". The
+views then show the input and the counterfactual side by side, linked. The panel shows the anomalous
+volume in mL and its connected components. <i>Advanced</i>: device, number of stages, noise level,
+threshold (default: the model's calibrated threshold) and ensemble size.</p>
+<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
+of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
+checkpoint that <i>Resume</i> continues. The new model joins the model list.</p>
+<p><b>Python console:</b><br>
+<code>logic = slicer.util.getModuleLogic("{module}")</code><br>
+<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>
+(returns the segmentation, counterfactual and anomaly-map nodes and the report)<br>
+<code>logic.train("/data/healthy", name="site-a", preset="brain-flair", steps=2000)</code></p>
+<p>Research software: not for clinical use.</p>
+""").format(module=MODULE_NAME)
+        self.parent.acknowledgementText = _("""
+<p>The method is from: {citation}</p>
+<p>This module is a product implementation for whole 3D volumes; it is not the authors' reference code.</p>
+""").format(citation=CITATION)
 
 
 def _isUserError(exc) -> bool:
@@ -74,16 +86,17 @@ def _isUserError(exc) -> bool:
 
 class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # Set before the base class runs: without a parent it calls setup() from its __init__.
         self.logic = None
         self.ui = None
         self._parameterNode = None
         self._updatingGUI = False
+        self._installingDependencies = False
         self._job = None
         self._jobKind = None
         self._jobStart = 0.0
         self._timer = None
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # also runs VTKObservationMixin.__init__
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -276,36 +289,50 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 combo.addItem(entry.label, entry.identifier)
                 combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
             if not entries:
-                combo.addItem("Default model", "")
+                combo.addItem(_("Default model"), "")
         finally:
             self._updatingGUI = wasUpdating
         if self._parameterNode is not None:
             self._selectModel(Parameters.from_node(self._parameterNode).model)
 
     def _updateButtons(self):
-        busy = self._job is not None
+        idle = self._job is None and not self._installingDependencies and not installing()
         parameters = Parameters.from_node(self._parameterNode) if self._parameterNode is not None else None
-        self.ui.detectButton.enabled = not busy and parameters is not None and parameters.input_volume is not None
-        self.ui.cancelDetectionButton.enabled = busy and self._jobKind == "detection"
-        self.ui.startTrainingButton.enabled = not busy and parameters is not None
-        self.ui.resumeTrainingButton.enabled = not busy and parameters is not None
-        self.ui.cancelTrainingButton.enabled = busy and self._jobKind == "training"
+        canTrain = idle and parameters is not None and bool(parameters.training_source())
+        self.ui.detectButton.enabled = idle and parameters is not None and parameters.input_volume is not None
+        self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
+        self.ui.startTrainingButton.enabled = canTrain
+        self.ui.resumeTrainingButton.enabled = canTrain
+        self.ui.cancelTrainingButton.enabled = self._job is not None and self._jobKind == "training"
         self.ui.trainingFolderButton.enabled = parameters is not None and parameters.training_from_folder
         self.ui.trainingVolumesSelector.enabled = parameters is not None and not parameters.training_from_folder
+        noSource = parameters is not None and not parameters.training_source()
+        self.ui.startTrainingButton.toolTip = (_("Choose a folder of healthy volumes, or check loaded volumes.")
+                                               if noSource else _("Train a new model on the chosen healthy cases."))
 
     # dependencies
 
     def ensureDependencies(self) -> bool:
-        """On first use: offer to install what the engine needs; False (after saying why) when it is missing."""
-        installing = missing_dependencies().any
-        message = ensure_dependencies(
-            confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle="Synomaly Detection"),
-            install_torch=self._installTorch,
-            pip_install=self._pipInstall)
-        if message:
-            slicer.util.warningDisplay(message, windowTitle="Synomaly Detection")
+        """On first use: offer to install what the engine needs; False (after saying why) when it is missing.
+        The run buttons stay disabled while installing: the installation processes events."""
+        if self._installingDependencies or installing():
             return False
-        if installing:
+        wasMissing = missing_dependencies().any
+        self._installingDependencies = True
+        self._updateButtons()
+        try:
+            problem = ensure_dependencies(
+                confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Synomaly Detection")),
+                install_torch=self._installTorch,
+                pip_install=self._pipInstall)
+        finally:
+            self._installingDependencies = False
+            self._updateButtons()
+        if problem:
+            extra = {"detailedText": problem.details} if problem.details else {}
+            slicer.util.warningDisplay(problem.message, windowTitle=_("Synomaly Detection"), **extra)
+            return False
+        if wasMissing:
             self._populateModels()
         return True
 
@@ -330,28 +357,31 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _showError(self, title, exc):
         if _isUserError(exc):
             slicer.util.errorDisplay(str(exc), windowTitle=title)
-        else:
-            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            logging.error(details)
-            slicer.util.errorDisplay(f"{title}: {exc}", windowTitle=title, detailedText=details)
+            return
+        details = getattr(exc, "details", "") if isinstance(exc, WorkerError) else ""
+        details = details or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        logging.error(details)
+        slicer.util.errorDisplay(_("{title}: {error}").format(title=title, error=exc), windowTitle=title,
+                                 detailedText=details)
 
     def _startJob(self, kind, start):
         try:
             job = start()
         except Exception as exc:
-            self._showError("Synomaly Detection could not start", exc)
+            self._showError(_("Synomaly Detection could not start"), exc)
             return
         self._job, self._jobKind, self._jobStart = job, kind, time.time()
         self._timer.start()
         self._updateButtons()
 
     def _stopJob(self):
-        """Cancel a running job and forget it without waiting: a cancelled job never writes nodes."""
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
+        """Stop a running job (its process is gone when this returns) and forget it: a stopped job writes
+        no nodes. A training run gets its grace period to save a checkpoint."""
         if self._timer is not None:
             self._timer.stop()
+        job, self._job = self._job, None
+        if job is not None:
+            job.stop()
         if self.ui is not None:
             self._updateButtons()
 
@@ -363,24 +393,30 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             running = job.poll()
         except Exception as exc:
-            running = False
-            self._showError("Synomaly Detection", exc)
+            # Stop the timer and forget the job before any dialog: the timer would go on polling behind it.
+            self._stopJob()
+            self._showError(_("Synomaly Detection"), exc)
+            return
         if running:
             return
         self._timer.stop()
         kind, self._job = self._jobKind, None
+        self._updateButtons()
         elapsed = time.time() - self._jobStart
         if kind == "detection":
             self._onDetectionFinished(job, elapsed)
         else:
             self._onTrainingFinished(job, elapsed)
-        self._updateButtons()
+
+    def _cancelling(self) -> bool:
+        """A cancelled training run goes on until it has saved its checkpoint: its status stays "Cancelling..."."""
+        return self._job is not None and self._job.cancelling
 
     def onCancel(self):
         if self._job is not None:
-            self._job.cancel()
             label = self.ui.detectionStatusLabel if self._jobKind == "detection" else self.ui.trainingStatusLabel
-            label.text = "Cancelling..."
+            label.text = _("Cancelling...")
+            self._job.cancel()
 
     # detection
 
@@ -389,30 +425,38 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.updateParameterNodeFromGUI()
         self.ui.detectionProgressBar.value = 0
-        self.ui.detectionStatusLabel.text = "Starting..."
+        self.ui.detectionStatusLabel.text = _("Starting...")
         self._startJob("detection", lambda: self.logic.start_detection(
             Parameters.from_node(self._parameterNode), self._onDetectionProgress))
 
     def _onDetectionProgress(self, fraction, message):
         self.ui.detectionProgressBar.value = int(round(100 * fraction))
-        self.ui.detectionStatusLabel.text = message
+        if not self._cancelling():
+            self.ui.detectionStatusLabel.text = message
 
     def _onDetectionFinished(self, job, elapsed):
         if job.state == SUCCEEDED:
             outputs = job.result
             self.ui.detectionProgressBar.value = 100
-            self.ui.detectionStatusLabel.text = f"Done in {elapsed:.0f} s."
+            self.ui.detectionStatusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=elapsed)
             self.ui.reportLabel.text = format_report(outputs.report)
-            input_node = self.logic.parameters().input_volume
-            slicer.util.setSliceViewerLayers(background=input_node, foreground=outputs.anomaly_map,
-                                             foregroundOpacity=0.5)
-            outputs.segmentation.GetDisplayNode().SetVisibility(True)
+            self.showResults(outputs)
         elif job.state == CANCELLED:
             self.ui.detectionProgressBar.value = 0
-            self.ui.detectionStatusLabel.text = "Cancelled; nothing was added to the scene."
+            self.ui.detectionStatusLabel.text = _("Cancelled; nothing was added to the scene.")
         else:
-            self.ui.detectionStatusLabel.text = "Failed."
-            self._showError("Anomaly detection failed", job.error)
+            self.ui.detectionStatusLabel.text = _("Failed.")
+            self._showError(_("Anomaly detection failed"), job.error)
+
+    @staticmethod
+    def showResults(outputs):
+        """The analysed input (with the anomaly map) and the counterfactual side by side, linked, with the
+        segmentation over both."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        show_side_by_side(outputs)
+        slicer.util.resetSliceViews()
 
     # training
 
@@ -421,7 +465,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.updateParameterNodeFromGUI()
         self.ui.trainingProgressBar.value = 0
-        self.ui.trainingStatusLabel.text = "Resuming..." if resume else "Starting..."
+        self.ui.trainingStatusLabel.text = _("Resuming...") if resume else _("Starting...")
 
         def start():
             job = self.logic.start_training(Parameters.from_node(self._parameterNode), resume,
@@ -437,50 +481,84 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _onTrainingProgress(self, step, total, loss, message):
         self.ui.trainingProgressBar.maximum = max(int(total), 1)
         self.ui.trainingProgressBar.value = int(step)
-        self.ui.trainingStatusLabel.text = message
+        if not self._cancelling():
+            self.ui.trainingStatusLabel.text = message
 
     def _onTrainingFinished(self, job, elapsed):
         if job.state == SUCCEEDED:
             entry = job.result
-            self.ui.trainingStatusLabel.text = f"Model '{entry.name}' trained in {elapsed / 60:.1f} min."
+            self.ui.trainingStatusLabel.text = _("Model '{name}' trained in {minutes:.1f} min.").format(
+                name=entry.name, minutes=elapsed / 60)
             self._populateModels()
             self._selectModel(entry.identifier)
             self.updateParameterNodeFromGUI()
         elif job.state == CANCELLED:
-            self.ui.trainingStatusLabel.text = "Cancelled; a checkpoint was kept: click Resume to continue."
+            self.ui.trainingStatusLabel.text = _("Cancelled; a checkpoint was kept: click Resume to continue.")
         else:
-            self.ui.trainingStatusLabel.text = "Failed."
-            self._showError("Training failed", job.error)
+            self.ui.trainingStatusLabel.text = _("Failed.")
+            self._showError(_("Training failed"), job.error)
 
 
-class SynomalyDetectionLogic(ScriptedLoadableModuleLogic, SynomalyLogic):
+class SynomalyDetectionLogic(SynomalyLogic, ScriptedLoadableModuleLogic):
     """The Python-console API (see SynomalyDetectionLib.Logic.SynomalyLogic):
 
     ``SynomalyDetectionLogic().detect(volumeNode, maskNode=None, model=None, **settings)`` returns the
     output nodes; ``SynomalyDetectionLogic().train(healthy, name, preset=..., steps=...)`` trains a model.
+    Both run the engine in a worker process and wait for it; ``start_detection``/``start_training``
+    return the running job instead. SynomalyLogic comes first in the bases: its __init__ runs once and
+    hands on to ScriptedLoadableModuleLogic's through super().
     """
 
     def __init__(self, engine=None, user_models_dir=None):
-        ScriptedLoadableModuleLogic.__init__(self)
         SynomalyLogic.__init__(self, engine=engine, user_models_dir=user_models_dir)
 
 
+def _processGone(pid) -> bool:
+    """True once ``pid`` has ended (POSIX: no such process, or a zombie that nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class SynomalyDetectionTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: detection on a generated phantom volume, in the foreground and in the background."""
+    """In-Slicer self-test: the panel, and detection on a generated phantom in a worker process, polled
+    from the main thread without sleeping (the GIL stays with Slicer's main thread)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_widget_opens()
-        self.setUp()
-        self.test_detection_on_phantom()
+        for test in (self.test_widget_opens, self.test_widget_without_parent_keeps_its_setup,
+                     self.test_detection_on_phantom):
+            self.setUp()
+            test()
+        self.delayDisplay("Test passed")
 
     def test_widget_opens(self):
         widget = slicer.util.getModuleWidget(MODULE_NAME)
         self.assertIsNotNone(widget.ui.detectButton)
         self.assertGreater(widget.ui.modelComboBox.count, 0)
+
+    def test_widget_without_parent_keeps_its_setup(self):
+        widget = SynomalyDetectionWidget()
+        try:
+            self.assertIsNotNone(widget.ui, "setup() ran from the base __init__; its results must stay")
+            self.assertIsNotNone(widget.logic)
+            self.assertIsNotNone(widget._timer)
+            self.assertEqual(widget.logic.moduleName, MODULE_NAME)
+        finally:
+            widget.cleanup()
+            widget.parent.deleteLater()
+
+    def _phantom(self, name="phantom"):
+        phantom = engine_module("phantom").make_phantom(seed=engine_module("demo").DEMO_SEED)
+        return phantom, slicer.util.addVolumeFromArray(phantom.volume, phantom.geometry.ijk_to_ras(), name=name)
 
     def test_detection_on_phantom(self):
         import numpy as np
@@ -493,12 +571,11 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
         if model_file.DEMO_MODEL not in [m.name for m in model_file.list_models()]:
             self.delayDisplay(f"Skipped: the bundled model '{model_file.DEMO_MODEL}' is missing.")
             return
-        phantom = engine_module("phantom").make_phantom(seed=engine_module("demo").DEMO_SEED)
-        volume = slicer.util.addVolumeFromArray(phantom.volume, phantom.geometry.ijk_to_ras(), name="phantom")
+        phantom, volume = self._phantom()
         before = slicer.util.arrayFromVolume(volume).copy()
         logic = SynomalyDetectionLogic()
 
-        self.delayDisplay("Detecting in the foreground")
+        self.delayDisplay("Detecting from the console API (a worker process, waited for)")
         outputs = logic.detect(volume, model=model_file.DEMO_MODEL, device="cpu")
         segmentId = outputs.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
         segment = slicer.util.arrayFromSegmentBinaryLabelmap(outputs.segmentation, segmentId, volume) > 0
@@ -511,21 +588,60 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
         for node in outputs.nodes():
             self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), parent)
 
-        self.delayDisplay("Detecting in the background, then cancelling a run")
+        self.delayDisplay("Detecting in the background, polling without sleeping")
         parameters = logic.parameters()
         parameters.input_volume, parameters.model, parameters.device = volume, model_file.DEMO_MODEL, "cpu"
+        parameters.ensemble = 2
         logic.save_parameters(parameters)
         job = logic.start_detection(logic.parameters())
         while job.poll():
             slicer.app.processEvents()
-            time.sleep(0.02)
         self.assertEqual(job.state, SUCCEEDED)
+        self.assertIsNotNone(job.result.uncertainty, "an ensemble's uncertainty map is a node")
+
+        self.delayDisplay("Cancelling a run: its process is gone before the next one starts")
         count = slicer.mrmlScene.GetNumberOfNodes()
-        parameters.update_outputs = False
+        parameters = logic.parameters()
+        parameters.update_outputs, parameters.ensemble = False, 0
         job = logic.start_detection(parameters)
+        pid = job.pid
         job.cancel()
+        if os.name == "posix":
+            self.assertTrue(_processGone(pid))
         while job.poll():
             slicer.app.processEvents()
         self.assertEqual(job.state, CANCELLED)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
-        self.delayDisplay("Test passed")
+
+        self.delayDisplay("The panel: results over the analysed volume, side by side with the counterfactual")
+        widget = slicer.util.getModuleWidget(MODULE_NAME)
+        widget.initializeParameterNode()
+        other = self._phantom("selected later")[1]
+        parameters = widget.logic.parameters()
+        parameters.input_volume, parameters.model, parameters.device = volume, model_file.DEMO_MODEL, "cpu"
+        parameters.update_outputs = False
+        widget.logic.save_parameters(parameters)
+        widget.onDetect()
+        self.assertIsNotNone(widget._job)
+        widget.ui.inputVolumeSelector.setCurrentNode(other)
+        while widget._job is not None:
+            slicer.app.processEvents()
+        layoutManager = slicer.app.layoutManager()
+        self.assertEqual(layoutManager.layout, slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
+        yellow = layoutManager.sliceWidget("Yellow").mrmlSliceCompositeNode()
+        self.assertEqual(red.GetBackgroundVolumeID(), volume.GetID())
+        counterfactual = slicer.mrmlScene.GetNodeByID(yellow.GetBackgroundVolumeID())
+        self.assertTrue(counterfactual.GetName().startswith(f"{volume.GetName()} counterfactual"))
+        self.assertTrue(red.GetLinkedControl() and yellow.GetLinkedControl())
+
+        self.delayDisplay("An error while polling stops the timer and the job before any dialog")
+        widget._job = widget.logic.start_detection(widget.logic.parameters(), lambda *args: 1 / 0)
+        widget._jobKind = "detection"
+        pid = widget._job.pid
+        widget._timer.start()
+        while widget._job is not None:
+            slicer.app.processEvents()
+        self.assertFalse(widget._timer.active)
+        if os.name == "posix":
+            self.assertTrue(_processGone(pid))

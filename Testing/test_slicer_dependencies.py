@@ -60,21 +60,57 @@ def test_missing_packages_are_offered_once_and_installed():
 
 def test_declining_installs_nothing_and_says_why():
     recorder = Recorder({"numpy"}, answer=False)
-    message = recorder.run()
+    message = recorder.run().message
     assert "Not installed" in message and "PyTorch" in message
     assert not recorder.torch_calls and not recorder.pip_calls
 
 
 def test_torch_that_could_not_be_installed_points_to_the_pytorch_extension():
     recorder = Recorder(ALL - {"torch"}, torch_ok=False)
-    assert "PyTorch" in recorder.run() and "Extensions Manager" in recorder.run()
+    assert "PyTorch" in recorder.run().message and "Extensions Manager" in recorder.run().message
     assert not recorder.pip_calls
 
 
 def test_a_failed_pip_install_is_reported():
     recorder = Recorder(ALL - {"tqdm"})
     recorder.pip_install = lambda requirements: None
-    assert "still missing: tqdm" in recorder.run()
+    assert "still missing: tqdm" in recorder.run().message
+
+
+def test_an_installer_that_raises_is_a_problem_with_its_output_as_details():
+    """pip_install and PyTorchUtils raise CalledProcessError: that reached only the Python console."""
+    recorder = Recorder(ALL - {"tqdm"})
+
+    def failing_pip(requirements):
+        raise subprocess.CalledProcessError(1, ["pip", "install"], output="ERROR: No matching distribution for tqdm")
+
+    recorder.pip_install = failing_pip
+    problem = recorder.run()
+    assert "tqdm" in problem.message and "failed" in problem.message
+    assert "No matching distribution" in problem.details and "CalledProcessError" in problem.details
+    assert not Dependencies.installing()
+
+    recorder = Recorder(ALL - {"torch"})
+    recorder.install_torch = lambda requirement: 1 / 0
+    problem = recorder.run()
+    assert "PyTorch could not be installed" in problem.message and "ZeroDivisionError" in problem.details
+    assert not Dependencies.installing()
+
+
+def test_a_second_request_while_installing_installs_nothing():
+    """The installation processes GUI events, so a second click could start a nested installation."""
+    recorder = Recorder(ALL - {"tqdm"})
+    nested = []
+
+    def pip_install(requirements):
+        assert Dependencies.installing()
+        nested.append(Recorder(ALL - {"tqdm"}).run())
+        recorder.installed.add("tqdm")
+
+    recorder.pip_install = pip_install
+    assert recorder.run() is None
+    assert "already running" in nested[0].message
+    assert not Dependencies.installing()
 
 
 def test_real_check_does_not_import_torch():

@@ -1,33 +1,37 @@
 """Detection through the module's Qt-free logic on real MRML nodes (slicer-core).
 
-A stand-in engine (thresholding, same interface as the real one) checks what the module does with
-nodes; the real engine with the bundled demo model checks the whole chain once that model exists.
+What the module does with nodes is checked with results computed here from the prepared request (a
+threshold stands in for the engine between ``prepare_detection`` and ``apply_detection``); the worker
+process, its progress, cancel and errors are checked with the real engine (a tiny untrained model, or
+the bundled demo model).
 """
-import threading
+import ctypes
+import ctypes.util
+import os
+import signal
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import vtk
 
 from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, slicer  # noqa: F401
 
-from SynomalyDetectionLib import MrmlBridge, Parameters, SynomalyLogic, format_report
+from SynomalyDetectionLib import MrmlBridge, Parameters, SynomalyLogic, format_report, panel_wording
 from SynomalyDetectionLib.Engine import Engine
-from SynomalyDetectionLib.JobRunner import CANCELLED, FAILED, SUCCEEDED, BackgroundJob
-from synomaly.errors import Cancelled, InputError, ModelFileError, SynomalyError
+from SynomalyDetectionLib.JobRunner import CANCELLED, FAILED, SUCCEEDED, WorkerError, WorkerJob
+from synomaly.detection import DetectionResult
+from synomaly.errors import Cancelled, DeviceError, InputError, ModelFileError, SynomalyError
 from synomaly.phantom import make_phantom
 
 SHAPE = (12, 48, 48)
+POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="process groups and /proc are POSIX")
 
 
-class ThresholdEngine(Engine):
-    """The engine's interface with a trivial detector: voxels above ``level`` are anomalous."""
-
-    def __init__(self, level=0.8, block=None):
-        self.level = level
-        self.block = block  # an Event the detector waits on, polling cancel, to test cancelling mid-run
-        self.calls = []
+class StandInModels(Engine):
+    """The real engine's light calls, with one bundled model named 'threshold'."""
 
     def list_models(self, extra_dirs=()):
         from synomaly.model_file import ModelInfo
@@ -40,33 +44,25 @@ class ThresholdEngine(Engine):
     def default_model(self):
         return "threshold"
 
-    def load_model(self, name_or_path, device="cpu"):
-        return {"name": str(name_or_path)}
 
-    def detect(self, volume, geometry, model, mask=None, settings=None, progress=None, cancel=None):
-        from synomaly.detection import DetectionResult
+def threshold_result(request, level=0.8, ensemble=False):
+    """What a trivial detector would return for the request: voxels above ``level`` are anomalous."""
+    volume = request.volume
+    score = np.clip(volume.astype(np.float32), 0, None)
+    if request.mask is not None:
+        score = score * request.mask
+    seg = (score > level).astype(np.uint8)
+    report = {"anomalous_volume_ml": float(seg.sum() * request.geometry.voxel_volume_mm3 / 1000),
+              "n_components": int(seg.any()), "components": [{"volume_ml": 0.1}], "max_score": float(score.max()),
+              "mean_score": float(score.mean()), "threshold": level}
+    return DetectionResult(score, seg, np.minimum(volume, level).astype(np.float32),
+                           score * 0.1 if ensemble else None, report)
 
-        self.calls.append({"model": model, "settings": settings, "mask": mask, "geometry": geometry})
-        for z in range(volume.shape[0]):
-            if self.block is not None:
-                while not self.block.is_set():
-                    if cancel and cancel():
-                        raise Cancelled("cancelled")
-                    time.sleep(0.005)
-            if cancel and cancel():
-                raise Cancelled("cancelled")
-            if progress:
-                progress((z + 1) / volume.shape[0], f"slice {z + 1}/{volume.shape[0]}")
-        score = np.clip(volume.astype(np.float32), 0, None)
-        if mask is not None:
-            score = score * mask
-        seg = (score > self.level).astype(np.uint8)
-        result = DetectionResult(score, seg, np.minimum(volume, self.level).astype(np.float32), None,
-                                 {"anomalous_volume_ml": float(seg.sum() * geometry.voxel_volume_mm3 / 1000),
-                                  "n_components": int(seg.any()), "components": [{"volume_ml": 0.1}],
-                                  "max_score": float(score.max()), "mean_score": float(score.mean())})
-        volume[...] = 0  # a careless engine: the input node must not notice, since it gets a copy
-        return result
+
+def run_here(logic, node, level=0.8, ensemble=False, **kwargs):
+    """prepare -> (stand-in result) -> apply, in this process."""
+    request = logic.prepare_detection(node, **kwargs)
+    return logic.apply_detection(request, threshold_result(request, level, ensemble))
 
 
 def lesion_volume(shape=SHAPE):
@@ -80,9 +76,22 @@ def scene():
     return new_scene()
 
 
+@pytest.fixture(autouse=True)
+def jobs_dir(tmp_path, monkeypatch):
+    """Job folders go here, so that a test can see that none is left behind."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def leftover_jobs(jobs_dir):
+    return sorted(p.name for p in jobs_dir.iterdir())
+
+
 @pytest.fixture
 def logic(tmp_path):
-    return SynomalyLogic(engine=ThresholdEngine(), user_models_dir=tmp_path / "models")
+    return SynomalyLogic(engine=StandInModels(), user_models_dir=tmp_path / "models")
 
 
 def assert_same_grid(node, reference):
@@ -100,6 +109,7 @@ def check_outputs(outputs, volume_node, expected_segment):
     assert outputs.segmentation.GetName() == f"{volume_node.GetName()} anomalies"
     assert outputs.counterfactual.GetName() == f"{volume_node.GetName()} counterfactual"
     assert outputs.anomaly_map.GetName() == f"{volume_node.GetName()} anomaly map"
+    assert outputs.input_node is volume_node
     for node in (outputs.counterfactual, outputs.anomaly_map):
         assert_same_grid(node, volume_node)
     geometry_ref = outputs.segmentation.GetNodeReference(
@@ -114,7 +124,14 @@ def check_outputs(outputs, volume_node, expected_segment):
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == parent
 
 
-def test_detect_creates_three_aligned_outputs_beside_the_input(scene, logic):
+def names_in(scene):
+    return [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())]
+
+
+# what the module does with nodes: prepare and apply, in this process
+
+
+def test_outputs_are_three_aligned_nodes_beside_the_input(scene, logic):
     sh = MrmlBridge.subject_hierarchy(scene)
     study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
     volume = lesion_volume()
@@ -125,7 +142,12 @@ def test_detect_creates_three_aligned_outputs_beside_the_input(scene, logic):
     sh.CreateItem(study, node)
     before = slicer.util.arrayFromVolume(node).copy()
 
-    outputs = logic.detect(node, threshold=0.5)
+    request = logic.prepare_detection(node, threshold=0.5)
+    assert request.settings["threshold"] == 0.5 and request.model == "threshold"
+    assert np.allclose(request.geometry.ijk_to_ras(), oblique_matrix())
+    request.volume[...] = 0  # a careless engine: the input node must not notice, since it gets a copy
+    request.volume[...] = volume
+    outputs = logic.apply_detection(request, threshold_result(request))
 
     check_outputs(outputs, node, volume > 0.8)
     assert np.array_equal(slicer.util.arrayFromVolume(node), before)
@@ -133,86 +155,199 @@ def test_detect_creates_three_aligned_outputs_beside_the_input(scene, logic):
     counterfactual_display = outputs.counterfactual.GetDisplayNode()
     assert (counterfactual_display.GetWindow(), counterfactual_display.GetLevel()) == pytest.approx((0.9, 0.45))
     assert outputs.anomaly_map.GetDisplayNode().GetColorNodeID() == MrmlBridge.ANOMALY_MAP_COLOR_NODE_ID
-    assert outputs.report["n_components"] == 1
-    assert logic.engine.calls[0]["settings"].threshold == 0.5
+    assert outputs.report["n_components"] == 1 and outputs.uncertainty is None
+
+
+def test_anomaly_map_overlay_colours_only_high_scores(scene, logic):
+    """The heat map over the input: with no threshold, every voxel (score 0 included) was painted."""
+    node = add_volume(lesion_volume(), name="flair")
+    outputs = run_here(logic, node, level=0.8)
+    display = outputs.anomaly_map.GetDisplayNode()
+    assert display.GetApplyThreshold()
+    assert 0 < display.GetLowerThreshold() <= 0.8
+    assert display.GetUpperThreshold() >= slicer.util.arrayFromVolume(outputs.anomaly_map).max()
 
 
 def test_outputs_follow_the_input_transform(scene, logic):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     node = add_volume(lesion_volume(), oblique_matrix(), name="moved")
     node.SetAndObserveTransformNodeID(transform.GetID())
-    outputs = logic.detect(node)
+    outputs = run_here(logic, node, ensemble=True)
     assert all(n.GetTransformNodeID() == transform.GetID() for n in outputs.nodes())
 
 
-def test_mask_from_segmentation_and_label_map_reaches_the_engine(scene, logic):
+def test_mask_from_segmentation_and_label_map_reaches_the_request(scene, logic):
     volume = lesion_volume()
     node = add_volume(volume, oblique_matrix(), name="flair")
     region = np.zeros(SHAPE, np.uint8)
     region[:, :26, :] = 1
     label = add_volume(region, oblique_matrix(), name="half", class_name="vtkMRMLLabelMapVolumeNode")
-    outputs = logic.detect(node, maskNode=label)
-    assert np.array_equal(logic.engine.calls[-1]["mask"], region > 0)
+    request = logic.prepare_detection(node, maskNode=label)
+    assert np.array_equal(request.mask, region > 0)
+    outputs = logic.apply_detection(request, threshold_result(request))
     assert np.array_equal(segment_array(outputs.segmentation, node) > 0, (volume > 0.8) & (region > 0))
 
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("brain")
     slicer.util.updateSegmentBinaryLabelmapFromArray(region, segmentation, segment_id, node)
-    logic.detect(node, maskNode=segmentation)
-    assert np.array_equal(logic.engine.calls[-1]["mask"], region > 0)
+    assert np.array_equal(logic.prepare_detection(node, maskNode=segmentation).mask, region > 0)
 
 
 def test_label_map_mask_on_another_grid_is_resampled(scene, logic):
     node = add_volume(lesion_volume(), np.diag([1.0, 1.0, 2.0, 1.0]), name="flair")
     coarse = np.ones((6, 24, 24), np.uint8)
     label = add_volume(coarse, np.diag([2.0, 2.0, 4.0, 1.0]), name="coarse", class_name="vtkMRMLLabelMapVolumeNode")
-    logic.detect(node, maskNode=label)
-    mask = logic.engine.calls[-1]["mask"]
+    mask = logic.prepare_detection(node, maskNode=label).mask
     assert mask.shape == SHAPE and mask[1:-1, 1:-1, 1:-1].all()
+
+
+def shifted_region():
+    region = np.zeros(SHAPE, np.uint8)
+    region[:, :, 10:20] = 1
+    expected = np.zeros(SHAPE, bool)
+    expected[:, :, 15:25] = True  # 5 mm to the right: 5 voxels along i (R) on an identity grid
+    return region, expected
+
+
+@pytest.mark.parametrize("kind", ["label map", "segmentation"])
+def test_mask_under_another_transform_is_taken_where_it_is_shown(scene, logic, kind):
+    """A mask moved by a transform covers, on the input's grid, where Slicer shows it."""
+    node = add_volume(lesion_volume(), name="flair")
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 5.0)
+    shift.SetMatrixTransformToParent(matrix)
+    region, expected = shifted_region()
+    if kind == "label map":
+        mask = add_volume(region, name="moved labels", class_name="vtkMRMLLabelMapVolumeNode")
+    else:
+        reference = add_volume(np.zeros(SHAPE, np.float32), name="grid")
+        mask = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moved segments")
+        mask.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        segment_id = mask.GetSegmentation().AddEmptySegment("region")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(region, mask, segment_id, reference)
+    mask.SetAndObserveTransformNodeID(shift.GetID())
+    assert np.array_equal(logic.prepare_detection(node, maskNode=mask).mask, expected)
+
+    node.SetAndObserveTransformNodeID(shift.GetID())  # both moved alike: no shift between them
+    assert np.array_equal(logic.prepare_detection(node, maskNode=mask).mask, region > 0)
+
+
+def test_resampled_label_map_releases_its_image(scene, logic, monkeypatch):
+    """CreateOrientedImageDataFromVolumeNode hands over a reference: keeping it leaked every mask image."""
+    created = []
+    real = slicer.vtkSlicerSegmentationsModuleLogic
+
+    class Spy(real):
+        @staticmethod
+        def CreateOrientedImageDataFromVolumeNode(*args):
+            image = real.CreateOrientedImageDataFromVolumeNode(*args)
+            created.append(image)
+            return image
+
+    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", Spy)
+    node = add_volume(lesion_volume(), np.diag([1.0, 1.0, 2.0, 1.0]), name="flair")
+    label = add_volume(np.ones((6, 24, 24), np.uint8), np.diag([2.0, 2.0, 4.0, 1.0]), name="coarse",
+                       class_name="vtkMRMLLabelMapVolumeNode")
+    logic.prepare_detection(node, maskNode=label)
+    assert len(created) == 1
+    assert created[0].GetReferenceCount() == 1, "only this test's Python reference may be left"
 
 
 def test_rerun_updates_or_adds_outputs(scene, logic):
     node = add_volume(lesion_volume(), name="flair")
-    first = logic.detect(node)
+    first = run_here(logic, node)
     count = scene.GetNumberOfNodes()
-    again = logic.detect(node, outputs=first)
+    again = run_here(logic, node, outputs=first)
     assert [n.GetID() for n in again.nodes()] == [n.GetID() for n in first.nodes()]
     assert scene.GetNumberOfNodes() == count
-    fresh = logic.detect(node)
+    fresh = run_here(logic, node)
     assert not {n.GetID() for n in fresh.nodes()} & {n.GetID() for n in first.nodes()}
     assert fresh.segmentation.GetName() != first.segmentation.GetName()
 
 
-def test_background_detection_through_parameters_remembers_and_reuses_outputs(scene, logic):
+def test_reused_outputs_never_share_a_name_with_other_nodes(scene, logic):
+    """Updating the second run's outputs renamed them to the first run's names."""
+    node = add_volume(lesion_volume(), name="flair")
+    run_here(logic, node)
+    second = run_here(logic, node)
+    run_here(logic, node, outputs=second)
+    names = names_in(scene)
+    assert len(names) == len(set(names)), sorted(names)
+    node.SetName("flair-renamed")
+    run_here(logic, node, outputs=second)
+    assert second.segmentation.GetName() == "flair-renamed anomalies"
+    names = names_in(scene)
+    assert len(names) == len(set(names)), sorted(names)
+
+
+def test_ensemble_uncertainty_becomes_a_volume_node(scene, logic):
     node = add_volume(lesion_volume(), oblique_matrix(), name="flair")
-    params = Parameters(input_volume=node, model="threshold", update_outputs=True)
-    logic.save_parameters(params)
-    messages = []
-    main = threading.get_ident()
-    on_progress = lambda fraction, message: messages.append((fraction, message, threading.get_ident()))
-    outputs = logic.start_detection(logic.parameters(), on_progress).wait()
-    assert messages and all(thread == main for _, _, thread in messages)
-    assert messages[-1][0] == pytest.approx(1.0)
+    logic.save_parameters(Parameters(input_volume=node, update_outputs=True, ensemble=3))
+    request = logic.prepare_panel_detection(logic.parameters())
+    outputs = logic.apply_detection(request, threshold_result(request, ensemble=True), remember=True)
+    assert outputs.uncertainty.GetName() == "flair uncertainty"
+    assert outputs.uncertainty.IsA("vtkMRMLScalarVolumeNode")
+    assert_same_grid(outputs.uncertainty, node)
+    assert np.allclose(slicer.util.arrayFromVolume(outputs.uncertainty), 0.1 * np.clip(lesion_volume(), 0, None))
+    assert logic.parameters().uncertainty is outputs.uncertainty
+
+    request = logic.prepare_panel_detection(logic.parameters())
+    again = logic.apply_detection(request, threshold_result(request, ensemble=True), remember=True)
+    assert again.uncertainty is outputs.uncertainty
+    request = logic.prepare_panel_detection(logic.parameters())
+    single = logic.apply_detection(request, threshold_result(request), remember=True)
+    assert single.uncertainty is None and outputs.uncertainty.GetScene() is None, "a stale map is removed"
+    assert single.segmentation is outputs.segmentation and logic.parameters().uncertainty is None
+
+
+def test_side_by_side_view_shows_input_and_counterfactual_linked(scene, logic):
+    views = {}
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal")):
+        slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        slice_node.SetLayoutName(name)
+        slice_node.SetOrientation(orientation)
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+        views[name] = (slice_node, composite)
+    node = add_volume(lesion_volume(), name="flair")
+    outputs = run_here(logic, node)
+    MrmlBridge.show_side_by_side(outputs)
+    red, yellow = views["Red"][1], views["Yellow"][1]
+    assert red.GetBackgroundVolumeID() == node.GetID()
+    assert red.GetForegroundVolumeID() == outputs.anomaly_map.GetID() and red.GetForegroundOpacity() > 0
+    assert yellow.GetBackgroundVolumeID() == outputs.counterfactual.GetID()
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    assert views["Yellow"][0].GetOrientationString() == "Axial"
+    assert outputs.segmentation.GetDisplayNode().GetVisibility2D()
+
+
+def test_panel_detection_remembers_and_reuses_outputs(scene, logic):
+    node = add_volume(lesion_volume(), oblique_matrix(), name="flair")
+    logic.save_parameters(Parameters(input_volume=node, model="threshold", update_outputs=True))
+    request = logic.prepare_panel_detection(logic.parameters())
+    outputs = logic.apply_detection(request, threshold_result(request), remember=True)
     stored = logic.parameters()
     assert stored.segmentation is outputs.segmentation and stored.anomaly_map is outputs.anomaly_map
     assert stored.report()["n_components"] == 1
-    second = logic.start_detection(logic.parameters()).wait()
-    assert second.segmentation is outputs.segmentation
+    request = logic.prepare_panel_detection(logic.parameters())
+    assert request.reuse.segmentation is outputs.segmentation
     stored.update_outputs = False
-    third = logic.start_detection(stored).wait()
-    assert third.segmentation is not outputs.segmentation
+    assert logic.prepare_panel_detection(stored).reuse is None
 
 
 def test_update_mode_never_overwrites_the_outputs_of_another_input(scene, logic):
     first = add_volume(lesion_volume(), name="first")
     second = add_volume(lesion_volume() * 0.5, name="second")
     logic.save_parameters(Parameters(input_volume=first, update_outputs=True))
-    outputs_first = logic.start_detection(logic.parameters()).wait()
+    request = logic.prepare_panel_detection(logic.parameters())
+    outputs_first = logic.apply_detection(request, threshold_result(request), remember=True)
     params = logic.parameters()
     params.input_volume = second
-    outputs_second = logic.start_detection(params).wait()
-    assert outputs_second.segmentation is not outputs_first.segmentation
+    request = logic.prepare_panel_detection(params)
+    assert request.reuse is None
+    outputs_second = logic.apply_detection(request, threshold_result(request), remember=True)
     assert outputs_first.segmentation.GetName() == "first anomalies"
     assert outputs_second.segmentation.GetName() == "second anomalies"
 
@@ -227,40 +362,6 @@ def test_report_is_summarised_for_the_panel():
     assert format_report(None) == ""
 
 
-def test_cancel_leaves_no_new_nodes(scene, tmp_path):
-    gate = threading.Event()
-    logic = SynomalyLogic(engine=ThresholdEngine(block=gate), user_models_dir=tmp_path)
-    node = add_volume(lesion_volume(), name="flair")
-    logic.save_parameters(Parameters(input_volume=node))
-    before = node_ids(scene)
-    job = logic.start_detection(logic.parameters())
-    assert job.poll()
-    job.cancel()
-    with pytest.raises(Cancelled):
-        job.wait()
-    assert job.state == CANCELLED
-    assert node_ids(scene) == before
-
-
-def test_cancel_after_the_engine_finished_still_writes_nothing(scene, logic):
-    node = add_volume(lesion_volume(), name="flair")
-    logic.save_parameters(Parameters(input_volume=node))
-    before = node_ids(scene)
-    job = logic.start_detection(logic.parameters())
-    job._thread.join()
-    job.cancel()
-    assert not job.poll() and job.state == CANCELLED
-    assert node_ids(scene) == before
-
-
-def test_cancelled_synchronous_run_raises_and_adds_nothing(scene, logic):
-    node = add_volume(lesion_volume(), name="flair")
-    before = node_ids(scene)
-    with pytest.raises(Cancelled):
-        logic.detect(node, cancel=lambda: True)
-    assert node_ids(scene) == before
-
-
 def bad_inputs(scene):
     vector = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6, 3), np.float32), name="rgb",
                                             nodeClassName="vtkMRMLVectorVolumeNode")
@@ -272,15 +373,14 @@ def bad_inputs(scene):
 
 
 @pytest.mark.parametrize("case", ["no volume", "vector volume", "label map", "2D volume", "no image data"])
-def test_bad_input_gives_a_clear_error_and_no_nodes(scene, logic, case):
+def test_bad_input_gives_a_clear_error_before_any_job(scene, logic, jobs_dir, case):
     node, expected = bad_inputs(scene)[case]
     before = node_ids(scene)
     with pytest.raises(InputError, match=expected):
         logic.detect(node)
     with pytest.raises(InputError, match=expected):
         logic.start_detection(Parameters(input_volume=node))
-    assert node_ids(scene) == before
-    assert not logic.engine.calls
+    assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
 
 
 def test_bad_mask_gives_a_clear_error(scene, logic):
@@ -295,14 +395,16 @@ def test_bad_mask_gives_a_clear_error(scene, logic):
     assert node_ids(scene) == before
 
 
-def test_missing_model_gives_a_clear_error_and_no_nodes(scene, logic, tmp_path):
+def test_missing_model_gives_a_clear_error_before_any_job(scene, logic, tmp_path, jobs_dir):
     node = add_volume(lesion_volume(), name="flair")
     before = node_ids(scene)
     with pytest.raises(ModelFileError, match="no-such-model"):
         logic.detect(node, model="no-such-model")
     with pytest.raises(ModelFileError, match="gone.safetensors"):
         logic.detect(node, model=str(tmp_path / "gone.safetensors"))
-    assert node_ids(scene) == before and not logic.engine.calls
+    with pytest.raises(InputError, match="model name or a model file path"):
+        logic.detect(node, model=object())
+    assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
 
 
 def test_unknown_setting_is_an_input_error(scene, logic):
@@ -311,32 +413,31 @@ def test_unknown_setting_is_an_input_error(scene, logic):
         logic.detect(node, stagez=3)
 
 
-def test_engine_result_that_cannot_be_written_leaves_no_nodes(scene, tmp_path):
-    class WrongShape(ThresholdEngine):
-        def detect(self, volume, *args, **kwargs):
-            result = super().detect(volume, *args, **kwargs)
-            result.counterfactual = result.counterfactual[:-1]
-            return result
-
-    logic = SynomalyLogic(engine=WrongShape(), user_models_dir=tmp_path)
+def test_engine_result_that_cannot_be_written_leaves_no_nodes(scene, logic):
     node = add_volume(lesion_volume(), name="flair")
     before = node_ids(scene)
-    job = logic.start_detection(Parameters(input_volume=node))
+    request = logic.prepare_detection(node)
+    result = threshold_result(request)
+    result.counterfactual = result.counterfactual[:-1]
     with pytest.raises(RuntimeError, match="shape"):
-        job.wait()
-    assert job.state == FAILED and node_ids(scene) == before
+        logic.apply_detection(request, result)
+    assert node_ids(scene) == before
 
 
-def test_job_runner_reports_failures_and_results():
-    job = BackgroundJob(lambda progress, cancel: 1 / 0).start()
-    with pytest.raises(ZeroDivisionError):
-        job.wait()
-    assert job.state == FAILED
-    seen = []
-    job = BackgroundJob(lambda progress, cancel: progress(3) or 5, finish=lambda raw: raw * 2,
-                        on_progress=seen.append).start()
-    assert job.wait() == 10 and job.state == SUCCEEDED and seen == [3]
-    assert not job.poll()
+@pytest.mark.parametrize("message, flag, words", [
+    ("--device cuda was asked for but CUDA is not available here (no NVIDIA GPU or a CPU-only torch); "
+     "use --device cpu or auto.", "--device", "choose 'cpu' or 'auto' as the device"),
+    ("the input volume looks like a label map (only the values [0, 1]); give the intensity image, and pass "
+     "a label map as --mask if it is an organ mask.", "--mask", "as the Mask"),
+    ("/m/a.run holds an earlier run; resume it (--resume) or delete the folder.", "--resume", "click Resume"),
+])
+def test_engine_messages_are_worded_for_the_panel(message, flag, words):
+    worded = panel_wording(message)
+    assert flag not in worded and words in worded
+    assert panel_wording("No healthy cases: choose a folder.") == "No healthy cases: choose a folder."
+
+
+# the worker process, with the real engine
 
 
 @pytest.fixture(scope="module")
@@ -357,14 +458,32 @@ def tiny_model(tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("models") / "tiny.safetensors", network, metadata)
 
 
-def test_real_engine_chain_with_a_tiny_model(scene, tmp_path, tiny_model):
+def phantom_node(name="phantom"):
     phantom = make_phantom(shape=(12, 48, 48), seed=1)
-    node = add_volume(phantom.volume, oblique_matrix(spacing=phantom.geometry.spacing), name="phantom")
+    return add_volume(phantom.volume, oblique_matrix(spacing=phantom.geometry.spacing), name=name)
+
+
+def process_alive(pid) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_real_engine_chain_in_a_worker_process(scene, tmp_path, tiny_model, jobs_dir):
+    node = phantom_node()
     before = slicer.util.arrayFromVolume(node).copy()
     logic = SynomalyLogic(user_models_dir=tmp_path)
     logic.save_parameters(Parameters(input_volume=node, model=str(tiny_model), device="cpu"))
     messages = []
-    outputs = logic.start_detection(logic.parameters(), lambda f, m: messages.append(m)).wait()
+    job = logic.start_detection(logic.parameters(), lambda f, m: messages.append(m))
+    assert job.pid != os.getpid() and job.pid is not None
+    outputs = job.wait()
     assert np.array_equal(slicer.util.arrayFromVolume(node), before)
     for output in (outputs.counterfactual, outputs.anomaly_map):
         assert_same_grid(output, node)
@@ -372,15 +491,117 @@ def test_real_engine_chain_with_a_tiny_model(scene, tmp_path, tiny_model):
     assert segment_array(outputs.segmentation, node).shape == before.shape
     assert outputs.report["model"]["name"] == "tiny-untrained" and messages[-1] == "done"
     assert logic.parameters().report()["slices_processed"] > 0
+    assert logic.parameters().segmentation is outputs.segmentation
+    assert not leftover_jobs(jobs_dir), "the job folder is removed"
 
 
-def test_real_engine_cancel_leaves_no_new_nodes(scene, tmp_path, tiny_model):
-    node = add_volume(make_phantom(shape=(12, 48, 48), seed=1).volume, name="phantom")
+def time_polling(logic, parameters, between_polls) -> float:
+    start = time.perf_counter()
+    job = logic.start_detection(parameters)
+    while job.poll():
+        between_polls()
+    elapsed = time.perf_counter() - start
+    assert job.state == SUCCEEDED, job.error
+    return elapsed
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("c"), reason="needs the C library's usleep")
+def test_a_run_is_not_slowed_by_a_main_thread_that_holds_the_gil(scene, tmp_path, tiny_model):
+    """Slicer's main thread keeps the GIL while the Qt event loop waits between timer ticks. A C sleep
+    through ctypes.PyDLL keeps it the same way; a Python worker thread then barely ran (50x slower)."""
+    libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    parameters = Parameters(input_volume=phantom_node(), model=str(tiny_model), device="cpu", update_outputs=False)
+    released = time_polling(logic, parameters, lambda: time.sleep(0.1))
+    held = time_polling(logic, parameters, lambda: libc.usleep(100_000))
+    assert held < 3 * released, f"{held:.1f} s with the GIL held between polls, {released:.1f} s without"
+
+
+@POSIX_ONLY
+def test_cancel_kills_the_worker_before_a_new_run(scene, tmp_path, tiny_model, jobs_dir):
+    node = phantom_node()
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    logic.save_parameters(Parameters(input_volume=node, model=str(tiny_model), device="cpu"))
+    before = node_ids(scene)
+    job = logic.start_detection(logic.parameters())
+    pid = job.pid
+    assert job.poll() and process_alive(pid)
+    job.cancel()
+    assert not process_alive(pid), "the process is gone when cancel() returns"
+    assert not job.poll() and job.state == CANCELLED
+    with pytest.raises(Cancelled):
+        job.wait()
+    assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
+
+    again = logic.start_detection(logic.parameters())
+    assert again.wait() is not None and again.state == SUCCEEDED
+
+
+@POSIX_ONLY
+def test_a_worker_that_ignores_cancel_is_killed_with_its_children_after_the_grace_period(
+        tmp_path, monkeypatch, jobs_dir):
+    """A stand-in interpreter that starts a child and ignores SIGTERM and the cancel file."""
+    child_file = tmp_path / "child.pid"
+    script = tmp_path / "stubborn-python"
+    script.write_text("#!/bin/sh\ntrap '' TERM\nsleep 60 &\necho $! > \"$CHILD_PID_FILE\"\nwait\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CHILD_PID_FILE", str(child_file))
+    folder = Path(tempfile.mkdtemp(prefix="synomaly-job-"))
+    job = WorkerJob(folder, {"kind": "training"}, grace_s=0.5, python=str(script)).start()
+    deadline = time.monotonic() + 10
+    while not (child_file.exists() and child_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(child_file.read_text())
+    job.cancel()
+    assert (folder / "cancel").exists(), "the worker is asked first"
+    assert job.poll() and process_alive(job.pid), "and given the grace period to stop by itself"
+    while job.poll():
+        time.sleep(0.05)
+    assert job.state == CANCELLED
+    assert not process_alive(job.pid) and not process_alive(child)
+    assert not leftover_jobs(jobs_dir)
+
+
+@POSIX_ONLY
+def test_a_worker_that_dies_is_a_failure_with_its_log(scene, tmp_path, tiny_model, jobs_dir):
+    node = phantom_node()
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    before = node_ids(scene)
+    job = logic.start_detection(Parameters(input_volume=node, model=str(tiny_model), device="cpu"))
+    os.kill(job.pid, signal.SIGKILL)
+    with pytest.raises(WorkerError, match="ended unexpectedly"):
+        job.wait()
+    assert job.state == FAILED and node_ids(scene) == before and not leftover_jobs(jobs_dir)
+
+
+def test_worker_errors_come_back_as_engine_errors(scene, tmp_path, jobs_dir):
+    node = phantom_node()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ModelFileError, match="broken.safetensors"):
+        logic.detect(node, model=str(broken), device="cpu")
+    assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
+
+
+def test_a_device_error_from_the_worker_is_in_the_panel_words(scene, tmp_path, tiny_model):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    with pytest.raises(DeviceError) as caught:
+        logic.detect(phantom_node(), model=str(tiny_model), device="cuda")
+    assert "--device" not in str(caught.value) and "as the device" in str(caught.value)
+
+
+def test_cancelled_synchronous_run_raises_and_adds_nothing(scene, tmp_path, tiny_model, jobs_dir):
+    node = phantom_node()
     logic = SynomalyLogic(user_models_dir=tmp_path)
     before = node_ids(scene)
     with pytest.raises(Cancelled):
         logic.detect(node, model=str(tiny_model), device="cpu", cancel=lambda: True)
-    assert node_ids(scene) == before
+    assert node_ids(scene) == before and not leftover_jobs(jobs_dir)
 
 
 def demo_model_available():
@@ -395,14 +616,15 @@ def demo_model_available():
 @pytest.mark.skipif(not demo_model_available(),
                     reason="the engine's bundled demo model 'demo-phantom' is not there yet")
 def test_real_engine_finds_the_phantom_lesion(scene, tmp_path):
-    pytest.importorskip("torch")
     from synomaly.demo import DEMO_SEED
 
     phantom = make_phantom(seed=DEMO_SEED)
     node = add_volume(phantom.volume, phantom.geometry.ijk_to_ras(), name="phantom")
     before = slicer.util.arrayFromVolume(node).copy()
     logic = SynomalyLogic(user_models_dir=tmp_path)
-    outputs = logic.detect(node, model="demo-phantom", device="cpu")
+    messages = []
+    outputs = logic.detect(node, model="demo-phantom", device="cpu", progress=lambda f, m: messages.append(f))
+    assert messages and messages[-1] == pytest.approx(1.0)
     assert np.array_equal(slicer.util.arrayFromVolume(node), before)
     for output in (outputs.counterfactual, outputs.anomaly_map):
         assert_same_grid(output, node)

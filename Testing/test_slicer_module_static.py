@@ -167,19 +167,30 @@ def test_no_module_level_torch_import_in_the_module_or_its_lib():
 
 IMPORT_CHECK = """
 import sys, types
-# Stand-ins for what only the Slicer application provides (Qt bindings and the scripted-module bases).
+# Stand-ins for what only the Slicer application provides (Qt bindings, translations and the
+# scripted-module bases, which call super().__init__() as Slicer's do).
 qt = types.ModuleType("qt")
 sys.modules["qt"] = qt
 import slicer
+i18n = types.ModuleType("slicer.i18n")
+i18n.tr = lambda text: text
+i18n.translate = lambda context, text: text
+sys.modules["slicer.i18n"] = i18n
 slm = types.ModuleType("slicer.ScriptedLoadableModule")
 class ScriptedLoadableModule:
     def __init__(self, parent):
+        super().__init__()
         self.parent = parent
 class ScriptedLoadableModuleWidget:
-    pass
+    def __init__(self, parent=None):
+        super().__init__()
+        self.parent = parent
+        if not parent:
+            self.setup()
 class ScriptedLoadableModuleLogic:
     def __init__(self, parent=None):
         super().__init__()
+        self.base_inits = getattr(self, "base_inits", 0) + 1
 class ScriptedLoadableModuleTest:
     pass
 for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
@@ -196,12 +207,64 @@ m.SynomalyDetection(parent)
 assert parent.title == "Synomaly Detection", parent.title
 assert parent.categories and parent.contributors
 for needle in ("arXiv:2411.04004", "Medical Image Analysis", "Synomaly Noise and Multi-Stage Diffusion",
-               "Detect anomalies", "Retrain", "logic.detect("):
+               "Detect anomalies", "Retrain", "logic.detect(", 'getModuleLogic("SynomalyDetection")'):
     assert needle in parent.helpText + parent.acknowledgementText, needle
+
+import SynomalyDetectionLib.Logic as lib_logic
+inits = []
+original = lib_logic.SynomalyLogic.__init__
+def counted(self, *args, **kwargs):
+    inits.append(1)
+    original(self, *args, **kwargs)
+lib_logic.SynomalyLogic.__init__ = counted
 logic = m.SynomalyDetectionLogic(user_models_dir="/nonexistent")
 assert callable(logic.detect) and callable(logic.train) and logic.loss_curve is None
+assert len(inits) == 1, f"SynomalyLogic.__init__ ran {len(inits)} times"
+assert logic.base_inits == 1, f"ScriptedLoadableModuleLogic.__init__ ran {logic.base_inits} times"
+assert str(logic.user_models_dir) == "/nonexistent"
+
+def setup(self):
+    self.ui, self.logic, self._timer = "ui", "logic", "timer"
+m.SynomalyDetectionWidget.setup = setup
+widget = m.SynomalyDetectionWidget()
+assert (widget.ui, widget.logic, widget._timer) == ("ui", "logic", "timer"), "__init__ undid setup()"
+assert widget._job is None and widget.Observations == []
 print("ok")
 """
+
+
+def _literal_text(node) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                                                and bool(node.value.strip()))
+
+
+def test_user_visible_strings_go_through_tr():
+    """As current Slicer modules do: labels, tooltips, titles and dialog texts are translatable."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    untranslated = []
+    for name in ("SynomalyDetection", "SynomalyDetectionWidget"):
+        for node in ast.walk(classes[name]):
+            if isinstance(node, ast.Assign) and _literal_text(node.value):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and target.attr in (
+                            "text", "toolTip", "title", "helpText", "acknowledgementText"):
+                        untranslated.append(f"line {node.lineno}: .{target.attr} = {ast.unparse(node.value)[:40]}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith(
+                    "Display"):
+                texts = node.args[:1] + [k.value for k in node.keywords if k.arg == "windowTitle"]
+                untranslated += [f"line {node.lineno}: {ast.unparse(t)[:40]}" for t in texts if _literal_text(t)]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "addItem":
+                untranslated += [f"line {node.lineno}: {ast.unparse(a)[:40]}" for a in node.args[:1]
+                                 if _literal_text(a)]
+    assert not untranslated, "wrap in _() (slicer.i18n.tr): " + "; ".join(untranslated)
+    module_init = next(n for n in classes["SynomalyDetection"].body if isinstance(n, ast.FunctionDef))
+    assigned = {t.attr: node.value for node in ast.walk(module_init) if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Attribute)}
+    for attr in ("title", "helpText", "acknowledgementText"):
+        call = assigned[attr]
+        call = call.func.value if isinstance(call.func, ast.Attribute) else call  # _("...").format(...)
+        assert isinstance(call, ast.Call) and getattr(call.func, "id", "") == "_", attr
 
 
 def test_module_file_imports_without_torch_and_describes_itself():

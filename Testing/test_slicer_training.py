@@ -1,6 +1,6 @@
 """Retraining through the module's logic: healthy cases from a folder or from volume nodes, the loss plot,
-cancel and resume, and the new model joining the model list."""
-import threading
+cancel and resume in the worker process, and the new model joining the model list."""
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,48 +10,28 @@ import pytest
 from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, slicer  # noqa: F401
 
 from SynomalyDetectionLib import Parameters, SynomalyLogic
-from SynomalyDetectionLib.Engine import Engine
 from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
+from SynomalyDetectionLib.Logic import HealthyVolume
 from SynomalyDetectionLib.LossCurve import LossCurve
-from synomaly.errors import Cancelled, InputError
+from synomaly.errors import Cancelled, InputError, OutputError
 from synomaly.phantom import make_phantom
 
-
-class RecordingTrainer(Engine):
-    """The engine's training interface: records the call, reports a falling loss, writes a model file."""
-
-    def __init__(self, steps_done_before_cancel=None):
-        self.calls = []
-        self.gate = threading.Event()
-        self.stop_after = steps_done_before_cancel
-
-    def list_models(self, extra_dirs=()):
-        from synomaly.model_file import ModelInfo
-
-        infos = [ModelInfo("brain-flair", Path("/bundled/brain-flair.safetensors"), "bundled")]
-        for folder in extra_dirs:
-            infos += [ModelInfo(p.stem, p, f"user model {p.stem}") for p in sorted(Path(folder).glob("*.safetensors"))]
-        return infos
-
-    def train(self, healthy, output, settings=None, progress=None, cancel=None, resume=False):
-        self.calls.append({"healthy": healthy, "output": Path(output), "settings": settings, "resume": resume})
-        progress = progress or (lambda *args: None)
-        start = 5 if resume else 0
-        progress(start, settings.steps, float("nan"), "extracting slices")
-        for step in range(start + 1, settings.steps + 1):
-            if self.stop_after is not None and step > self.stop_after and not resume:
-                while not (cancel and cancel()):
-                    time.sleep(0.005)
-            if cancel and cancel():
-                raise Cancelled(f"training cancelled at step {step - 1}; resume to continue.")
-            progress(step, settings.steps, 1.0 / step, f"step {step}/{settings.steps}")
-        Path(output).write_bytes(b"model")
-        return output
+# A network small enough for a few CPU steps a second; calibration with one stage.
+TINY = dict(batch_size=2, image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(), validation_fraction=0.5, preview_every=1000, inference={"max_stages": 1})
 
 
 @pytest.fixture
 def scene():
     return new_scene()
+
+
+@pytest.fixture(autouse=True)
+def jobs_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def healthy_folder(tmp_path):
@@ -61,32 +41,32 @@ def healthy_folder(tmp_path):
     return folder
 
 
-def test_train_from_a_folder_writes_into_the_user_models_folder(scene, tmp_path):
-    engine = RecordingTrainer()
-    logic = SynomalyLogic(engine=engine, user_models_dir=tmp_path / "models")
-    progress = []
-    entry = logic.train(healthy_folder(tmp_path), "Site A v2", preset="liver-ct", steps=12, device="cpu",
-                        progress=lambda *args: progress.append(args))
-    call = engine.calls[0]
-    assert call["output"] == tmp_path / "models" / "Site-A-v2.safetensors"
-    assert call["healthy"] == [tmp_path / "healthy"]
-    settings = call["settings"]
-    assert (settings.preset, settings.steps, settings.device, settings.name) == ("liver-ct", 12, "cpu", "Site A v2")
-    assert progress[-1][:2] == (12, 12)
-    assert entry.name == "Site-A-v2" and not entry.bundled and entry.identifier == str(call["output"])
-    assert entry in logic.models()
+def healthy_nodes(count=4):
+    nodes = []
+    for seed in range(count):
+        phantom = make_phantom(shape=(10, 48, 48), seed=seed, lesion=False)
+        nodes.append(add_volume(phantom.volume, phantom.geometry.ijk_to_ras(), name=f"healthy-{seed}"))
+    return nodes
 
 
-def test_train_from_volume_nodes_passes_arrays_and_geometry(scene, tmp_path):
-    engine = RecordingTrainer()
-    logic = SynomalyLogic(engine=engine, user_models_dir=tmp_path / "models")
+def test_a_folder_request_names_the_model_file_in_the_user_models_folder(scene, tmp_path):
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    request = logic.prepare_training(healthy_folder(tmp_path), "Site A v2", preset="liver-ct", steps=12, device="cpu")
+    assert request.output == tmp_path / "models" / "Site-A-v2.safetensors"
+    assert request.healthy == [(tmp_path / "healthy").resolve()]
+    assert {k: request.settings[k] for k in ("preset", "steps", "device", "name")} == {
+        "preset": "liver-ct", "steps": 12, "device": "cpu", "name": "Site A v2"}
+
+
+def test_volume_nodes_are_copied_with_their_geometry(scene, tmp_path):
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
     data = np.random.default_rng(0).random((6, 8, 10)).astype(np.float32)
     nodes = [add_volume(data, oblique_matrix(), name="healthy-1"), add_volume(data * 2, name="healthy-2")]
-    logic.train(nodes, "from-nodes", steps=3)
-    cases = engine.calls[0]["healthy"]
+    cases = logic.prepare_training(nodes, "from-nodes", steps=3).healthy
+    assert all(isinstance(c, HealthyVolume) for c in cases)
     assert [c.name for c in cases] == ["healthy-1", "healthy-2"]
-    assert np.array_equal(cases[0].image, data) and np.allclose(cases[0].geometry.ijk_to_ras(), oblique_matrix())
-    cases[0].image[:] = 0
+    assert np.array_equal(cases[0].array, data) and np.allclose(cases[0].geometry.ijk_to_ras(), oblique_matrix())
+    cases[0].array[:] = 0
     assert np.array_equal(slicer.util.arrayFromVolume(nodes[0]), data)
 
 
@@ -96,73 +76,98 @@ def test_train_from_volume_nodes_passes_arrays_and_geometry(scene, tmp_path):
     (None, "  ", "brain-flair", "name"),
     (None, "ok", "knee-xray", "Unknown preset"),
 ])
-def test_bad_training_requests_are_input_errors(scene, tmp_path, healthy, name, preset, message):
-    logic = SynomalyLogic(engine=RecordingTrainer(), user_models_dir=tmp_path / "models")
+def test_bad_training_requests_are_input_errors_before_any_job(scene, tmp_path, jobs_dir, healthy, name, preset,
+                                                                message):
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
     with pytest.raises(InputError, match=message):
         logic.train(healthy_folder(tmp_path) if healthy is None else healthy, name, preset=preset)
-    assert not logic.engine.calls
+    assert not list(jobs_dir.iterdir())
+
+
+@pytest.mark.parametrize("folder", ["", ".", " "])
+def test_the_panel_refuses_to_train_before_a_folder_is_chosen(scene, tmp_path, jobs_dir, folder):
+    """A directory button holds "." until a folder is chosen: training then scanned the working folder."""
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    parameters = Parameters(training_from_folder=True, training_folder=folder, model_name="x")
+    assert parameters.training_source() == []
+    with pytest.raises(InputError, match="No healthy cases"):
+        logic.start_training(parameters)
+    assert not list(jobs_dir.iterdir())
+    with pytest.raises(InputError, match="No healthy cases"):
+        logic.start_training(Parameters(training_from_folder=False, model_name="x"))
+
+
+def test_a_models_folder_that_cannot_be_made_is_an_output_error(scene, tmp_path, jobs_dir):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    logic = SynomalyLogic(user_models_dir=blocker / "models")
+    with pytest.raises(OutputError, match="SYNOMALY_MODELS_DIR"):
+        logic.train(healthy_nodes(1), "x", steps=1)
+    assert not list(jobs_dir.iterdir())
 
 
 def test_label_maps_are_not_healthy_cases(scene, tmp_path):
-    logic = SynomalyLogic(engine=RecordingTrainer(), user_models_dir=tmp_path / "models")
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
     label = add_volume(np.ones((4, 5, 6), np.uint8), name="labels", class_name="vtkMRMLLabelMapVolumeNode")
     with pytest.raises(InputError, match="label map"):
         logic.train([label], "x")
 
 
-def test_background_training_plots_the_loss_then_cancel_and_resume(scene, tmp_path):
-    engine = RecordingTrainer(steps_done_before_cancel=5)
-    logic = SynomalyLogic(engine=engine, user_models_dir=tmp_path / "models")
-    folder = healthy_folder(tmp_path)
-    logic.save_parameters(Parameters(training_folder=str(folder), model_name="site-b", steps=10))
+def finite_steps(progress):
+    return [int(step) for step, _, loss, _ in progress if loss == loss]
+
+
+@pytest.mark.slow
+def test_panel_training_plots_the_loss_then_cancel_keeps_a_checkpoint_that_resume_continues(
+        scene, tmp_path, jobs_dir):
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    logic.save_parameters(Parameters(training_from_folder=False, training_volumes=healthy_nodes(),
+                                     model_name="site-b", steps=2000, training_device="cpu"))
     seen = []
-    job = logic.start_training(logic.parameters(), on_progress=lambda *args: seen.append(args))
-    while not any(step == 5 for step, *_ in seen):
-        assert job.poll()
-        time.sleep(0.01)
+    job = logic.start_training(logic.parameters(), on_progress=lambda *args: seen.append(args), **TINY)
+    deadline = time.monotonic() + 120
+    while not any(step >= 3 for step in finite_steps(seen)):
+        assert job.poll(), job.error
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     job.cancel()
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match="resume"):
         job.wait()
     assert job.state == CANCELLED
+    stopped_at = max(finite_steps(seen))
     table = logic.parameters().loss_table
     assert table is logic.loss_curve.table
-    assert [step for step, _ in LossCurve(scene, table).points()] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in LossCurve(scene, table).points()] == list(range(1, stopped_at + 1))
     assert not (tmp_path / "models" / "site-b.safetensors").exists()
 
-    job = logic.start_training(logic.parameters(), resume=True)
+    parameters = logic.parameters()
+    parameters.steps = stopped_at + 2
+    resumed = []
+    job = logic.start_training(parameters, resume=True, on_progress=lambda *args: resumed.append(args), **TINY)
     entry = job.wait()
-    assert job.state == SUCCEEDED and engine.calls[-1]["resume"]
+    assert job.state == SUCCEEDED
+    assert min(finite_steps(resumed)) == stopped_at + 1, "the worker saved a checkpoint when asked to stop"
     curve = LossCurve(scene, logic.parameters().loss_table)
     assert curve.table is table, "resuming continues the same plot"
-    assert [step for step, _ in curve.points()] == list(range(1, 11))
-    assert curve.chart.GetNthPlotSeriesNode(0).GetTableNode() is table
-    assert entry.identifier == str(tmp_path / "models" / "site-b.safetensors")
+    assert [step for step, _ in curve.points()] == list(range(1, stopped_at + 3))
+    assert entry.identifier == str(tmp_path / "models" / "site-b.safetensors") and entry in logic.models()
+    assert not list(jobs_dir.iterdir())
 
-
-def test_a_new_training_run_starts_a_clean_plot(scene, tmp_path):
-    logic = SynomalyLogic(engine=RecordingTrainer(), user_models_dir=tmp_path / "models")
-    logic.save_parameters(Parameters(training_folder=str(healthy_folder(tmp_path)), model_name="a", steps=4))
-    logic.start_training(logic.parameters()).wait()
     nodes = node_ids(scene)
-    params = logic.parameters()
-    params.model_name = "b"
-    logic.save_parameters(params)
-    logic.start_training(logic.parameters()).wait()
-    assert node_ids(scene) == nodes, "the plot nodes are reused"
-    assert [step for step, _ in logic.loss_curve.points()] == [1, 2, 3, 4]
+    parameters.model_name = "site-c"
+    job = logic.start_training(parameters, **TINY)
+    assert logic.loss_curve.points() == [] and logic.loss_curve.table is table, "a new run clears the same plot"
+    assert node_ids(scene) == nodes
+    job.stop(timeout_s=0)
+    assert job.state == CANCELLED and not list(jobs_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_real_engine_trains_from_volume_nodes_and_the_model_detects(scene, tmp_path):
-    """A few steps of real training on phantom volume nodes; the model joins the list and runs."""
-    pytest.importorskip("torch")
-    nodes = []
-    for seed in range(4):
-        phantom = make_phantom(shape=(10, 48, 48), seed=seed, lesion=False)
-        nodes.append(add_volume(phantom.volume, phantom.geometry.ijk_to_ras(), name=f"healthy-{seed}"))
+    """A few steps of real training on phantom volume nodes in the worker; the model joins the list and runs."""
+    nodes = healthy_nodes()
     logic = SynomalyLogic(user_models_dir=tmp_path / "models")
-    entry = logic.train(nodes, "tiny", steps=2, device="cpu", batch_size=2, image_size=32, base_channels=8,
-                        channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), validation_fraction=0.5,
-                        preview_every=1000)
+    entry = logic.train(nodes, "tiny", steps=2, device="cpu", **TINY)
     assert Path(entry.identifier).is_file() and entry in logic.models()
     outputs = logic.detect(nodes[0], model=entry.identifier, device="cpu")
     assert outputs.report["model"]["name"] == "tiny"

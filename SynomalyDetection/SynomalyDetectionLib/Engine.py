@@ -38,6 +38,12 @@ def ensure_engine_importable(module_dir: Path = MODULE_DIR) -> None:
         importlib.invalidate_caches()
 
 
+def engine_root() -> Path:
+    """The folder holding the ``synomaly`` package, for a worker process's PYTHONPATH."""
+    ensure_engine_importable()
+    return Path(importlib.util.find_spec("synomaly").origin).resolve().parent.parent
+
+
 def engine_module(name: str):
     """Import ``synomaly.<name>`` after making the engine importable."""
     ensure_engine_importable()
@@ -50,7 +56,9 @@ def errors():
 
 
 class Engine:
-    """The engine calls the logic makes; a test or a console user can pass another object with these methods."""
+    """The light engine calls the logic makes in Slicer's process (model list, settings checks, geometry);
+    detection and training themselves run in a worker process (JobRunner). A test can pass another
+    object with these methods."""
 
     def list_models(self, extra_dirs=()):
         return engine_module("model_file").list_models(extra_dirs=[Path(d) for d in extra_dirs])
@@ -61,26 +69,12 @@ class Engine:
     def presets(self) -> List[str]:
         return list(engine_module("presets").PRESETS)
 
-    def load_model(self, name_or_path, device="cpu"):
-        return engine_module("model_file").load_model(name_or_path, device=device)
-
     def detection_settings(self, **values):
         """The engine's settings object; unknown or malformed names fail here, before any work starts."""
         return engine_module("detection").DetectionSettings(**values)
 
-    def detect(self, volume, geometry, model, mask=None, settings=None, progress=None, cancel=None):
-        return engine_module("detection").detect(volume, geometry, model, mask=mask, settings=settings,
-                                                 progress=progress, cancel=cancel)
-
     def training_settings(self, **values):
         return engine_module("training").TrainingSettings(**values)
-
-    def training_case(self, name, array, geometry):
-        return engine_module("training").TrainingCase(name, array, geometry)
-
-    def train(self, healthy, output, settings=None, progress=None, cancel=None, resume=False):
-        return engine_module("training").train(healthy, Path(output), settings, progress=progress,
-                                               cancel=cancel, resume=resume)
 
     def geometry_from_ijk_to_ras(self, matrix):
         return engine_module("volume_io").Geometry.from_ijk_to_ras(matrix)

@@ -1,96 +1,250 @@
-"""A long engine call on a worker thread, driven by polling from the main thread.
+"""A long engine call in a worker process (``python -m synomaly.worker``), driven by polling.
 
-The worker only computes on numpy arrays; it reports progress into a queue. The main thread calls
-``poll()`` (from a qt.QTimer in the widget, or in a loop in ``wait()``): progress callbacks and the
-``finish`` step, which writes MRML nodes, therefore run on the main thread. A cancelled job never
-runs ``finish``, so cancelling leaves the scene untouched.
+Inside Slicer the main thread holds the GIL while the Qt event loop idles, so the engine cannot run on
+a Python thread there; it runs in a process of its own, and no thread is started here. The job folder
+holds the request, the inputs and the outputs as files. The main thread calls ``poll()`` (from a
+qt.QTimer in the widget, in a loop in ``wait()``): it reads the progress lines the worker appended
+since the last poll, and once the process has ended it reads the result and runs ``finish``, which
+writes MRML nodes. Cancel asks the worker to stop (it saves a training checkpoint) and kills the
+process and its children if they are still there after ``grace_s``; a cancelled job never runs
+``finish``, so cancelling leaves the scene untouched.
 """
-import queue
-import threading
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from .Engine import engine_root, errors
+from .Messages import panel_wording
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+REQUEST_FILE, PROGRESS_FILE, RESULT_FILE, CANCEL_FILE, LOG_FILE = (
+    "request.json", "progress.jsonl", "result.json", "cancel", "worker.log")
+LOG_TAIL_CHARS = 4000
 
 
-class BackgroundJob:
-    def __init__(self, work: Callable, finish: Optional[Callable] = None,
-                 on_progress: Optional[Callable] = None, cancelled_error: Optional[type] = None, name: str = "Synomaly job"):
-        """``work(progress, cancel)`` runs on the worker thread and returns a raw result;
-        ``finish(raw)`` runs on the polling thread and returns the job's result;
-        ``on_progress(*args)`` receives, on the polling thread, what the worker passed to ``progress``;
-        ``cancelled_error`` is the exception type by which ``work`` says it stopped on request."""
-        self._work, self._finish, self._on_progress = work, finish, on_progress
-        self._cancelled_error = cancelled_error
-        self._events = queue.Queue()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._raw = None
-        self._worker_error = None
+class WorkerError(RuntimeError):
+    """The worker failed in a way the user cannot fix; ``details`` holds its traceback or log."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+def worker_python() -> str:
+    """The interpreter for the worker: Slicer's own Python inside Slicer, this one elsewhere."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return sys.executable
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    candidates = [Path(app.slicerHome) / "bin" / name, shutil.which("PythonSlicer"), sys.executable]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and Path(candidate).name.startswith("PythonSlicer"):
+            return str(candidate)
+    raise WorkerError(f"Slicer's Python interpreter ({name}) was not found in {Path(app.slicerHome) / 'bin'} "
+                      "nor on the PATH; reinstall Slicer.")
+
+
+def worker_error(record: dict) -> Exception:
+    """The exception a failed worker's error record stands for: the engine's own error class for errors
+    the user can fix (in the panel's words), else a WorkerError carrying the worker's traceback."""
+    message = record.get("message") or record.get("type") or "unknown error"
+    if record.get("user_error"):
+        cls = getattr(errors(), str(record.get("type")), None)
+        if isinstance(cls, type) and issubclass(cls, errors().SynomalyError):
+            return cls(panel_wording(message))
+        return errors().SynomalyError(panel_wording(message))
+    return WorkerError(f"{record.get('type', 'Error')}: {message}", record.get("traceback", ""))
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """Kill the worker and whatever it started, then reap it: its PID is gone when this returns."""
+    if process.poll() is None:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        else:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the worker leads its own process group
+            except (ProcessLookupError, PermissionError):
+                process.kill()
+    process.wait()
+
+
+class WorkerJob:
+    def __init__(self, folder: Path, request: dict, finish: Optional[Callable] = None,
+                 on_progress: Optional[Callable] = None, grace_s: float = 0.0, python: Optional[str] = None):
+        """``folder``: the job folder, holding the input files; it is removed when the job ends.
+        ``request``: the worker's request (see ``synomaly.worker``), paths relative to ``folder``.
+        ``finish(result)`` runs on the polling thread with the worker's result (output paths made
+        absolute) and returns the job's result; ``on_progress(*args)`` receives, on the polling thread,
+        what the engine passed to ``progress``. ``grace_s``: how long a cancelled worker may take to stop
+        by itself (a training run saves its checkpoint) before it is killed."""
+        self.folder = Path(folder)
+        self.request = dict(request, parent_pid=os.getpid())
+        self._finish, self._on_progress, self._grace_s = finish, on_progress, grace_s
+        self._python = python
+        self._process: Optional[subprocess.Popen] = None
+        self._offset = 0
+        self._cancel_at: Optional[float] = None
         self.state = RUNNING
         self.result = None
         self.error: Optional[BaseException] = None
 
-    def start(self) -> "BackgroundJob":
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        """Ask the worker to stop; the job ends as cancelled at the next poll after it has stopped."""
-        self._cancel.set()
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
 
     @property
     def done(self) -> bool:
         return self.state != RUNNING
 
-    def _run(self) -> None:
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel_at is not None and not self.done
+
+    def command(self) -> List[str]:
+        return [self._python or worker_python(), "-m", "synomaly.worker", str(self.folder / REQUEST_FILE)]
+
+    def start(self) -> "WorkerJob":
+        """Write the request and start the worker; on failure the job folder is removed and the error raised."""
         try:
-            self._raw = self._work(lambda *args: self._events.put(args), self._cancel.is_set)
-        except BaseException as exc:  # handed to the main thread, which decides what to show
-            self._worker_error = exc
+            (self.folder / REQUEST_FILE).write_text(json.dumps(self.request), encoding="utf-8")
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            root = engine_root()
+            env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            options = {}
+            if os.name == "nt":
+                options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+            else:
+                options["start_new_session"] = True
+            with open(self.folder / LOG_FILE, "wb") as log:
+                self._process = subprocess.Popen(self.command(), cwd=str(self.folder), env=env,
+                                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                 **options)
+        except BaseException:
+            self._remove_folder()
+            raise
+        return self
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; without a grace period it is killed now. The job ends as cancelled at
+        the next poll after the process has gone."""
+        if self.done or self._cancel_at is not None:
+            return
+        self._cancel_at = time.monotonic()
+        try:
+            (self.folder / CANCEL_FILE).touch()
+        except OSError:
+            self._grace_s = 0.0
+        if self._grace_s <= 0 and self._process is not None:
+            kill_process_tree(self._process)
+
+    def stop(self, timeout_s: Optional[float] = None) -> None:
+        """Cancel and return only once the process is gone (killed after ``timeout_s``, default the grace)."""
+        self.cancel()
+        deadline = time.monotonic() + (self._grace_s if timeout_s is None else timeout_s)
+        while self.poll():
+            if time.monotonic() >= deadline:
+                kill_process_tree(self._process)
+            time.sleep(0.05)
 
     def poll(self) -> bool:
-        """Deliver pending progress; once the worker has ended, finish the job. True while running."""
+        """Deliver new progress; once the worker has ended, finish the job. True while running."""
         if self.done:
             return False
         self._deliver_progress()
-        if self._thread.is_alive():
-            return True
-        self._thread.join()
+        if self._process.poll() is None:
+            if self._cancel_at is not None and time.monotonic() - self._cancel_at >= self._grace_s:
+                kill_process_tree(self._process)
+            else:
+                return True
         self._deliver_progress()
-        self._complete()
+        try:
+            self._complete()
+        finally:
+            self._remove_folder()
         return False
 
     def _deliver_progress(self) -> None:
-        while True:
-            try:
-                args = self._events.get_nowait()
-            except queue.Empty:
-                return
+        """Complete lines added since the last call; a line still being written waits for the next."""
+        try:
+            with open(self.folder / PROGRESS_FILE, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            args = json.loads(line.decode("utf-8")).get("progress", [])
             if self._on_progress is not None:
                 self._on_progress(*args)
 
-    def _complete(self) -> None:
-        error = self._worker_error
-        if self._cancel.is_set() or (self._cancelled_error and isinstance(error, self._cancelled_error)):
-            self.state = CANCELLED
-            self.error = error
-            return
-        if error is not None:
-            self.state, self.error = FAILED, error
-            return
+    def _read_result(self) -> Optional[dict]:
         try:
-            self.result = self._finish(self._raw) if self._finish else self._raw
+            return json.loads((self.folder / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.folder / LOG_FILE).read_text(encoding="utf-8", errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError:
+            return ""
+
+    def _complete(self) -> None:
+        result = self._read_result()
+        if self._cancel_at is not None:
+            self.state = CANCELLED
+            if result is not None and result.get("status") == "cancelled":  # it stopped by itself
+                self.error = errors().Cancelled(panel_wording(result.get("message") or "Cancelled."))
+            return
+        if result is None:
+            self.state = FAILED
+            self.error = WorkerError(f"The worker process ended unexpectedly (exit code {self._process.returncode}) "
+                                     "without a result; see the details.", self._log_tail())
+            return
+        status = result.get("status")
+        if status == "cancelled":
+            self.state, self.error = CANCELLED, errors().Cancelled(panel_wording(result.get("message") or "Cancelled."))
+            return
+        if status != "succeeded":
+            self.state, self.error = FAILED, worker_error(result.get("error") or {})
+            return
+        if "outputs" in result:
+            result["outputs"] = {kind: self.folder / name for kind, name in result["outputs"].items()}
+        try:
+            self.result = self._finish(result) if self._finish else result
             self.state = SUCCEEDED
         except Exception as exc:
             self.state, self.error = FAILED, exc
 
-    def wait(self, interval_s: float = 0.05):
-        """Poll until done (for the Python console and tests); return the result or raise the error."""
-        while self.poll():
-            time.sleep(interval_s)
+    def _remove_folder(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def wait(self, interval_s: float = 0.05, cancel: Optional[Callable[[], bool]] = None):
+        """Poll until done (for the Python console and tests); return the result or raise the error.
+        ``cancel()`` is asked between polls; an interrupt (Ctrl-C) stops the worker before it propagates."""
+        try:
+            while self.poll():
+                if cancel is not None and not self._cancel_at and cancel():
+                    self.cancel()
+                time.sleep(interval_s)
+        except BaseException:
+            self.stop()
+            raise
         if self.state == SUCCEEDED:
             return self.result
         if self.state == CANCELLED and self.error is None:
-            raise (self._cancelled_error or RuntimeError)("Cancelled.")
+            raise errors().Cancelled("Cancelled.")
         raise self.error

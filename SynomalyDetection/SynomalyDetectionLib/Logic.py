@@ -1,52 +1,74 @@
 """Detection and training on scene nodes, without Qt: used by the widget, the Python console and tests.
 
 Each run has three parts: ``prepare_*`` (main thread: checks the inputs and copies them out of the
-nodes), ``run_*`` (any thread: only the engine and numpy arrays) and ``apply_*`` (main thread: writes
-nodes). ``detect``/``train`` chain them in the calling thread; ``start_*`` put the middle part on a
-worker thread and return a BackgroundJob to poll.
+nodes), the engine in a worker process (``python -m synomaly.worker``; the inputs and outputs are files
+in a job folder) and ``apply_*`` (main thread: writes nodes). ``start_*`` return the running WorkerJob,
+which the caller polls; ``detect``/``train`` start the same job and wait for it. Nothing here runs the
+engine in Slicer's process, so torch is never imported there and Slicer's GIL never slows a run.
 """
+import dataclasses
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import numpy as np
 import slicer
 
 from . import MrmlBridge
-from .Engine import Engine, errors
-from .JobRunner import BackgroundJob
+from .Engine import Engine, engine_module, errors
+from .JobRunner import WorkerJob
 from .LossCurve import LossCurve
 from .Models import ModelEntry, available_models, default_user_models_dir, model_file_name
 from .Parameters import Parameters, get_parameter_node
+
+# How long a cancelled training run may take to save its checkpoint and stop before it is killed.
+TRAINING_GRACE_S = 30.0
 
 
 @dataclass
 class DetectionRequest:
     input_node: object
-    volume: object
+    volume: np.ndarray
     geometry: object
-    mask: object
-    model: object  # identifier for load_model, or a loaded model
-    settings: object
+    mask: Optional[np.ndarray]
+    model: str  # a bundled model's name or a model file's path
+    settings: dict  # the engine's DetectionSettings, as values
     reuse: Optional[MrmlBridge.OutputNodes]
 
 
 @dataclass
+class HealthyVolume:
+    """A healthy case copied out of a volume node."""
+
+    name: str
+    array: np.ndarray
+    geometry: object
+
+
+@dataclass
 class TrainingRequest:
-    healthy: list
+    healthy: list  # paths, or HealthyVolume copies of volume nodes
     output: Path
-    settings: object
+    settings: dict  # TrainingSettings values given by the caller (the rest are the engine's defaults)
     resume: bool
 
 
+def new_job_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="synomaly-job-"))
+
+
 class SynomalyLogic:
-    def __init__(self, engine=None, user_models_dir=None, scene=None):
-        """``engine``: the object the engine calls go through (Engine by default; tests may pass another);
-        ``scene``: the MRML scene (slicer.mrmlScene at the time of each call by default)."""
+    def __init__(self, engine=None, user_models_dir=None, scene=None, **kwargs):
+        """``engine``: the object the light engine calls go through (Engine by default; tests may pass
+        another); ``scene``: the MRML scene (slicer.mrmlScene at the time of each call by default).
+        Other keyword arguments go to the next class in a subclass's bases (Slicer's module logic)."""
+        super().__init__(**kwargs)
         self.engine = engine if engine is not None else Engine()
         self.user_models_dir = Path(user_models_dir) if user_models_dir else default_user_models_dir()
         self._scene = scene
-        self._loaded_model = None
         self.loss_curve: Optional[LossCurve] = None
 
     @property
@@ -70,30 +92,22 @@ class SynomalyLogic:
     def save_parameters(self, parameters: Parameters) -> None:
         parameters.to_node(self.parameter_node())
 
-    def check_model(self, model=None) -> None:
-        """Fail early, without loading weights, when a model name or path leads nowhere."""
+    def check_model(self, model=None) -> str:
+        """The model's identifier for the worker; fails early, without loading weights, when a model name
+        or path leads nowhere."""
         if model is not None and not isinstance(model, (str, Path)):
-            return
+            raise errors().InputError("Give the model as a model name or a model file path; the engine runs in "
+                                      "a worker process, which loads it itself.")
         key = str(model) if model else self.default_model()
-        if Path(key).expanduser().is_file():
-            return
+        path = Path(key).expanduser()
+        if path.is_file():
+            return str(path.resolve())
         bundled = [entry.name for entry in self.models() if entry.bundled]
         if key not in bundled:
             raise errors().ModelFileError(
                 f"No model {key!r}: it is neither a model file nor a bundled model "
                 f"(bundled: {', '.join(bundled) or 'none installed'}). Pick a model from the list.")
-
-    def load_model(self, model=None):
-        """The loaded model; the last one is kept, since loading imports torch and reads the weights.
-        A model file rewritten since (a resumed training) is loaded again."""
-        if model is not None and not isinstance(model, (str, Path)):
-            return model
-        name = str(model) if model else self.default_model()
-        path = Path(name).expanduser()
-        key = (name, path.stat().st_mtime_ns if path.is_file() else None)
-        if self._loaded_model is None or self._loaded_model[0] != key:
-            self._loaded_model = (key, self.engine.load_model(name, device="cpu"))
-        return self._loaded_model[1]
+        return key
 
     # detection
 
@@ -102,60 +116,79 @@ class SynomalyLogic:
         """Check everything that can be checked before the long run, and copy the inputs out of the nodes."""
         MrmlBridge.check_input_volume(volumeNode)
         MrmlBridge.check_mask(maskNode)
-        self.check_model(model)
+        model = self.check_model(model)
         try:
             engine_settings = self.engine.detection_settings(**settings)
         except TypeError as exc:
             raise errors().InputError(f"Unknown detection setting: {exc}.") from None
         geometry = self.engine.geometry_from_ijk_to_ras(MrmlBridge.ijk_to_ras(volumeNode))
         return DetectionRequest(volumeNode, MrmlBridge.volume_to_array(volumeNode), geometry,
-                                MrmlBridge.mask_to_array(maskNode, volumeNode), model, engine_settings, outputs)
+                                MrmlBridge.mask_to_array(maskNode, volumeNode), model,
+                                dataclasses.asdict(engine_settings), outputs)
 
-    def run_detection(self, request: DetectionRequest, progress=None, cancel=None):
-        """The engine call; touches no node, so it may run on a worker thread."""
-        model = self.load_model(request.model)
-        return self.engine.detect(request.volume, request.geometry, model, mask=request.mask,
-                                  settings=request.settings, progress=progress, cancel=cancel)
+    def prepare_panel_detection(self, parameters: Parameters) -> DetectionRequest:
+        """The request the panel's settings describe; with "update outputs", the last outputs of the same
+        input are overwritten."""
+        reuse = None
+        if parameters.update_outputs and parameters.input_volume is not None:
+            reuse = MrmlBridge.reusable_outputs(parameters.input_volume, parameters.segmentation,
+                                                parameters.counterfactual, parameters.anomaly_map,
+                                                parameters.uncertainty)
+        return self.prepare_detection(parameters.input_volume, parameters.mask, parameters.model or None,
+                                      reuse, **parameters.detection_settings())
 
-    def apply_detection(self, request: DetectionRequest, result) -> MrmlBridge.OutputNodes:
+    def start_detection_job(self, request: DetectionRequest, on_progress: Optional[Callable] = None,
+                            remember: bool = False) -> WorkerJob:
+        """Write the inputs into a job folder and start the worker; ``apply_detection`` runs when it is done.
+        ``on_progress(fraction, message)`` runs on the polling thread."""
+        volume_io = engine_module("volume_io")
+        folder = new_job_folder()
+        try:
+            volume_io.write_volume(folder / "input.nrrd", request.volume, request.geometry)
+            mask = None
+            if request.mask is not None:
+                mask = "mask.nrrd"
+                volume_io.write_volume(folder / mask, request.mask.astype(np.uint8), request.geometry)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = {"kind": "detection", "input": "input.nrrd", "mask": mask, "model": request.model,
+               "settings": request.settings}
+        return WorkerJob(folder, job, lambda result: self.apply_detection(request, read_detection_result(result),
+                                                                          remember),
+                         on_progress).start()
+
+    def apply_detection(self, request: DetectionRequest, result, remember: bool = False) -> MrmlBridge.OutputNodes:
+        """Write the output nodes; ``remember``: the parameter node keeps them and the report (the panel)."""
         if request.input_node.GetScene() is None:
             raise errors().InputError(f"The input volume '{request.input_node.GetName()}' was removed during "
                                       "the run; nothing was added.")
-        return MrmlBridge.write_outputs(request.input_node, result, request.reuse)
+        outputs = MrmlBridge.write_outputs(request.input_node, result, request.reuse)
+        if remember:
+            stored = self.parameters()
+            stored.segmentation, stored.counterfactual, stored.anomaly_map, stored.uncertainty = (
+                outputs.segmentation, outputs.counterfactual, outputs.anomaly_map, outputs.uncertainty)
+            stored.last_report = json.dumps(outputs.report or {}, default=str)
+            self.save_parameters(stored)
+        return outputs
 
     def detect(self, volumeNode, maskNode=None, model=None, outputs=None, progress=None, cancel=None,
                **settings) -> MrmlBridge.OutputNodes:
         """Detect anomalies in ``volumeNode``; return the output nodes (and the report).
 
-        ``model``: a model name, a model file path or a loaded model (default: the engine's default
-        model); ``outputs``: earlier outputs to overwrite instead of creating new nodes; ``settings``:
-        the engine's DetectionSettings (device, stages, noise_level, threshold, ensemble...).
-        Blocks until done; the input node is not modified.
+        ``model``: a model name or a model file path (default: the engine's default model); ``outputs``:
+        earlier outputs to overwrite instead of creating new nodes; ``settings``: the engine's
+        DetectionSettings (device, stages, noise_level, threshold, ensemble...). ``progress(fraction,
+        message)`` is called here while waiting, ``cancel()`` is asked between polls. Runs in a worker
+        process and blocks until done; the input node is not modified.
         """
         request = self.prepare_detection(volumeNode, maskNode, model, outputs, **settings)
-        return self.apply_detection(request, self.run_detection(request, progress, cancel))
+        return self.start_detection_job(request, progress).wait(cancel=cancel)
 
-    def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None) -> BackgroundJob:
-        """Detection in the background from the panel's settings; on success the parameter node
+    def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None) -> WorkerJob:
+        """Detection in a worker process from the panel's settings; on success the parameter node
         remembers the outputs and the report. ``on_progress(fraction, message)`` runs on the polling thread."""
-        reuse = None
-        if parameters.update_outputs and parameters.input_volume is not None:
-            reuse = MrmlBridge.reusable_outputs(parameters.input_volume, parameters.segmentation,
-                                                parameters.counterfactual, parameters.anomaly_map)
-        request = self.prepare_detection(parameters.input_volume, parameters.mask, parameters.model or None,
-                                         reuse, **parameters.detection_settings())
-
-        def finish(result):
-            outputs = self.apply_detection(request, result)
-            stored = self.parameters()
-            stored.segmentation, stored.counterfactual, stored.anomaly_map = (
-                outputs.segmentation, outputs.counterfactual, outputs.anomaly_map)
-            stored.last_report = json.dumps(outputs.report or {}, default=str)
-            self.save_parameters(stored)
-            return outputs
-
-        return BackgroundJob(lambda progress, cancel: self.run_detection(request, progress, cancel),
-                             finish, on_progress, errors().Cancelled, "Synomaly detection").start()
+        return self.start_detection_job(self.prepare_panel_detection(parameters), on_progress, remember=True)
 
     # training
 
@@ -167,12 +200,12 @@ class SynomalyLogic:
         if steps:
             values["steps"] = int(steps)
         try:
-            engine_settings = self.engine.training_settings(**values)
+            self.engine.training_settings(**values)
         except TypeError as exc:
             raise errors().InputError(f"Unknown training setting: {exc}.") from None
         if preset not in self.engine.presets():
             raise errors().InputError(f"Unknown preset {preset!r}; choose one of {', '.join(self.engine.presets())}.")
-        return TrainingRequest(self._healthy_cases(healthy), output, engine_settings, resume)
+        return TrainingRequest(self._healthy_cases(healthy), output, values, resume)
 
     def _healthy_cases(self, healthy) -> list:
         InputError = errors().InputError
@@ -185,20 +218,43 @@ class SynomalyLogic:
             missing = [str(p) for p in healthy if not Path(p).exists()]
             if missing:
                 raise InputError(f"Not found: {', '.join(missing)}.")
-            return [Path(p) for p in healthy]
+            return [Path(p).resolve() for p in healthy]
         cases = []
         for node in healthy:
             if isinstance(node, (str, Path)):
                 raise InputError("Give either paths or volume nodes as healthy cases, not both.")
             MrmlBridge.check_input_volume(node)
             geometry = self.engine.geometry_from_ijk_to_ras(MrmlBridge.ijk_to_ras(node))
-            cases.append(self.engine.training_case(node.GetName(), MrmlBridge.volume_to_array(node), geometry))
+            cases.append(HealthyVolume(node.GetName(), MrmlBridge.volume_to_array(node), geometry))
         return cases
 
-    def run_training(self, request: TrainingRequest, progress=None, cancel=None) -> Path:
-        request.output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(self.engine.train(request.healthy, request.output, request.settings, progress=progress,
-                                      cancel=cancel, resume=request.resume))
+    def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None) -> WorkerJob:
+        """Write volume-node cases into a job folder and start the worker; the job's result is the new
+        model's entry in the model list. ``on_progress(step, total, loss, message)`` runs on the polling thread."""
+        volume_io = engine_module("volume_io")
+        folder = new_job_folder()
+        try:
+            healthy = []
+            for index, case in enumerate(request.healthy):
+                if isinstance(case, HealthyVolume):
+                    image = f"case-{index:03d}.nrrd"
+                    volume_io.write_volume(folder / image, case.array, case.geometry)
+                    healthy.append({"name": case.name, "image": image})
+                else:
+                    healthy.append(str(case))
+            try:
+                request.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise errors().OutputError(f"The models folder {request.output.parent} cannot be created "
+                                           f"({exc.strerror or exc}); set SYNOMALY_MODELS_DIR to a writable "
+                                           "folder.") from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = {"kind": "training", "healthy": healthy, "output": str(request.output), "settings": request.settings,
+               "resume": request.resume}
+        return WorkerJob(folder, job, lambda result: self.model_entry(Path(result["model"])), on_progress,
+                         grace_s=TRAINING_GRACE_S).start()
 
     def model_entry(self, path: Path) -> ModelEntry:
         """The list entry of a freshly trained model (the list is re-read, so it includes it)."""
@@ -212,20 +268,21 @@ class SynomalyLogic:
         """Train a model on healthy cases into the user models folder; return its entry in the model list.
 
         ``progress(step, total, loss, message)``; ``resume=True`` continues a cancelled or killed run
-        of the same name. Blocks until done.
+        of the same name. Runs in a worker process and blocks until done; a ``cancel()`` that returns
+        True stops it with a checkpoint kept for ``resume``.
         """
         request = self.prepare_training(healthy, name, preset, steps, device, resume, **settings)
-        return self.model_entry(self.run_training(request, progress, cancel))
+        return self.start_training_job(request, progress).wait(cancel=cancel)
 
     def start_training(self, parameters: Parameters, resume: bool = False,
-                       on_progress: Optional[Callable] = None) -> BackgroundJob:
-        """Training in the background from the panel's settings, drawing the loss into a plot.
+                       on_progress: Optional[Callable] = None, **settings) -> WorkerJob:
+        """Training in a worker process from the panel's settings, drawing the loss into a plot.
 
-        ``on_progress(step, total, loss, message)`` runs on the polling thread, after the plot is updated.
+        ``on_progress(step, total, loss, message)`` runs on the polling thread, after the plot is updated;
+        ``settings``: further TrainingSettings values (as for ``train``).
         """
-        healthy = parameters.training_folder if parameters.training_from_folder else parameters.training_volumes
-        request = self.prepare_training(healthy, parameters.model_name, parameters.preset, parameters.steps,
-                                        parameters.training_device, resume)
+        request = self.prepare_training(parameters.training_source(), parameters.model_name, parameters.preset,
+                                        parameters.steps, parameters.training_device, resume, **settings)
         curve = LossCurve(self.scene, parameters.loss_table)
         if not resume:
             curve.clear()
@@ -239,8 +296,16 @@ class SynomalyLogic:
                 on_progress(step, total, loss, message)
 
         self.loss_curve = curve
-        return BackgroundJob(lambda report, cancel: self.run_training(request, report, cancel),
-                             self.model_entry, progress, errors().Cancelled, "Synomaly training").start()
+        return self.start_training_job(request, progress)
+
+
+def read_detection_result(result: dict):
+    """The worker's output files as the engine's DetectionResult (arrays on the input's grid)."""
+    read_volume = engine_module("volume_io").read_volume
+    arrays = {kind: read_volume(path)[0] for kind, path in result["outputs"].items()}
+    return engine_module("detection").DetectionResult(
+        arrays["anomaly_map"], arrays["segmentation"], arrays["counterfactual"], arrays.get("uncertainty"),
+        result.get("report") or {})
 
 
 def format_report(report: Optional[dict]) -> str:

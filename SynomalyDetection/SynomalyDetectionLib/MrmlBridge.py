@@ -16,20 +16,25 @@ from .Engine import errors
 ANOMALY_SEGMENT_NAME = "Anomaly"
 ANOMALY_COLOR = (0.9, 0.1, 0.1)
 ANOMALY_MAP_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+MAP_DISPLAY_FLOOR = 1e-6  # the anomaly map is coloured from here (or half the threshold) up: zero stays clear
 INPUT_ATTRIBUTE = "SynomalyDetection.InputVolume"
 
 
 @dataclass
 class OutputNodes:
-    """The three nodes a detection writes, and the engine's report of that run."""
+    """The nodes a detection writes (the uncertainty map only for an ensemble), the engine's report of
+    that run and the input it analysed."""
 
     segmentation: object
     counterfactual: object
     anomaly_map: object
     report: Optional[dict] = None
+    uncertainty: Optional[object] = None
+    input_node: Optional[object] = None
 
     def nodes(self) -> List[object]:
-        return [self.segmentation, self.counterfactual, self.anomaly_map]
+        return [self.segmentation, self.counterfactual, self.anomaly_map] + (
+            [self.uncertainty] if self.uncertainty is not None else [])
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
@@ -102,30 +107,63 @@ def _oriented_image_to_array(image, shape) -> np.ndarray:
     return array.reshape(shape).copy()
 
 
+def _same_frame(node, reference) -> bool:
+    return (node.GetTransformNodeID() or None) == (reference.GetTransformNodeID() or None)
+
+
+def _move_to_frame_of(image, node, reference) -> None:
+    """Move ``image``, in ``node``'s coordinate frame (under its parent transform), into ``reference``'s."""
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(node.GetParentTransformNode(),
+                                                         reference.GetParentTransformNode(), transform)
+    slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, transform)
+
+
+def _resampled(image, target, shape) -> np.ndarray:
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, target, resampled, False)
+    return _oriented_image_to_array(resampled, shape)
+
+
+def _segmentation_labels(mask_node, reference_volume, target, shape) -> np.ndarray:
+    merged = slicer.vtkOrientedImageData()
+    same_frame = _same_frame(mask_node, reference_volume)
+    mode = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY if same_frame else slicer.vtkSegmentation.EXTENT_UNION_OF_SEGMENTS
+    if not mask_node.GenerateMergedLabelmapForAllSegments(merged, mode, target if same_frame else None):
+        raise errors().InputError(f"The mask '{mask_node.GetName()}' has no segments to use.")
+    if same_frame:
+        return _oriented_image_to_array(merged, shape)
+    _move_to_frame_of(merged, mask_node, reference_volume)
+    return _resampled(merged, target, shape)
+
+
+def _label_map_labels(mask_node, reference_volume, target, shape) -> np.ndarray:
+    same_grid = (_same_frame(mask_node, reference_volume)
+                 and mask_node.GetImageData() is not None
+                 and array_shape(mask_node) == shape
+                 and np.allclose(ijk_to_ras(mask_node), ijk_to_ras(reference_volume), atol=1e-6))
+    if same_grid:
+        return volume_to_array(mask_node)
+    # A new reference (the caller owns it), already in the reference volume's coordinate frame.
+    source = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+        mask_node, reference_volume.GetParentTransformNode())
+    try:
+        return _resampled(source, target, shape)
+    finally:
+        source.UnRegister(None)
+
+
 def mask_to_array(mask_node, reference_volume) -> Optional[np.ndarray]:
-    """The mask as a boolean (z, y, x) array on the reference volume's grid; None without a mask."""
+    """The mask as a boolean (z, y, x) array on the reference volume's grid; None without a mask.
+    A mask under another parent transform than the volume is taken where it is shown (transformed)."""
     if mask_node is None:
         return None
     shape = array_shape(reference_volume)
     target = _geometry_image(reference_volume)
     if mask_node.IsA("vtkMRMLSegmentationNode"):
-        merged = slicer.vtkOrientedImageData()
-        if not mask_node.GenerateMergedLabelmapForAllSegments(
-                merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, target):
-            raise errors().InputError(f"The mask '{mask_node.GetName()}' has no segments to use.")
-        labels = _oriented_image_to_array(merged, shape)
+        labels = _segmentation_labels(mask_node, reference_volume, target, shape)
     else:
-        same_grid = (mask_node.GetImageData() is not None
-                     and array_shape(mask_node) == shape
-                     and np.allclose(ijk_to_ras(mask_node), ijk_to_ras(reference_volume), atol=1e-6))
-        if same_grid:
-            labels = volume_to_array(mask_node)
-        else:
-            source = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(mask_node)
-            resampled = slicer.vtkOrientedImageData()
-            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                source, target, resampled, False)
-            labels = _oriented_image_to_array(resampled, shape)
+        labels = _label_map_labels(mask_node, reference_volume, target, shape)
     mask = labels > 0
     if not mask.any():
         raise errors().InputError(f"The mask '{mask_node.GetName()}' is empty on the input volume's grid; "
@@ -154,12 +192,16 @@ def _is_output_of(node, input_node) -> bool:
             and node.GetAttribute(INPUT_ATTRIBUTE) == input_node.GetID())
 
 
-def reusable_outputs(input_node, segmentation, counterfactual, anomaly_map) -> Optional[OutputNodes]:
-    """Earlier outputs to overwrite: only when all three still exist and came from this input."""
+def reusable_outputs(input_node, segmentation, counterfactual, anomaly_map,
+                     uncertainty=None) -> Optional[OutputNodes]:
+    """Earlier outputs to overwrite: only when the three maps still exist and came from this input
+    (an uncertainty map too, when there is one)."""
     candidates = OutputNodes(segmentation, counterfactual, anomaly_map)
-    if all(_is_output_of(n, input_node) for n in candidates.nodes()):
-        return candidates
-    return None
+    if not all(_is_output_of(n, input_node) for n in candidates.nodes()):
+        return None
+    if _is_output_of(uncertainty, input_node):
+        candidates.uncertainty = uncertainty
+    return candidates
 
 
 def _check_result_shapes(result, shape) -> None:
@@ -211,42 +253,71 @@ def _display_like_input(counterfactual, input_node) -> None:
     target.SetWindowLevel(source.GetWindow(), source.GetLevel())
 
 
-def _display_anomaly_map(node, array) -> None:
+def _display_anomaly_map(node, array, threshold) -> None:
+    """The heat colour map over the input: voxels below half the detection threshold stay uncoloured,
+    so that only what is (nearly) anomalous is painted, not the whole image."""
     display = node.GetDisplayNode()
     if display is None:
         return
     if node.GetScene().GetNodeByID(ANOMALY_MAP_COLOR_NODE_ID) is not None:
         display.SetAndObserveColorNodeID(ANOMALY_MAP_COLOR_NODE_ID)
+    top = max(float(np.max(array)), 1e-6)
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, max(float(np.max(array)), 1e-6))
+    display.SetWindowLevelMinMax(0.0, top)
+    lower = 0.5 * threshold if threshold is not None and 0 < threshold < float("inf") else 0.0
+    display.AutoThresholdOff()
+    display.SetApplyThreshold(1)
+    display.SetThreshold(max(lower, MAP_DISPLAY_FLOOR), max(top, lower, MAP_DISPLAY_FLOOR))
+
+
+def _output_name(scene, node, wanted: str) -> str:
+    """``wanted``, unless another node has that name: then the node keeps its own name if it is already
+    a variant of ``wanted`` (a name is never shared by two nodes), else it gets a new unique one."""
+    taken = [n for n in _nodes_named(scene, wanted) if n is not node]
+    if not taken:
+        return wanted
+    if node.GetName().startswith(wanted) and len(_nodes_named(scene, node.GetName())) == 1:
+        return node.GetName()
+    return scene.GenerateUniqueName(wanted)
+
+
+def _nodes_named(scene, name) -> list:
+    nodes = scene.GetNodesByName(name)
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
 
 
 def write_outputs(input_node, result, reuse: Optional[OutputNodes] = None) -> OutputNodes:
-    """Create (or overwrite ``reuse``) the three output nodes; on failure remove whatever was created."""
+    """Create (or overwrite ``reuse``) the output nodes; on failure remove whatever was created.
+    A reused uncertainty map that this run does not produce (no ensemble) is removed: it would not match."""
     scene = input_node.GetScene()
     _check_result_shapes(result, array_shape(input_node))
     name = input_node.GetName()
     created = []
 
     def node_for(existing, class_name, suffix):
+        wanted = f"{name} {suffix}"
         if existing is not None:
-            existing.SetName(f"{name} {suffix}")
+            existing.SetName(_output_name(scene, existing, wanted))
             return existing
-        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{name} {suffix}"))
+        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(wanted))
         created.append(node)
         return node
 
+    stale = reuse.uncertainty if reuse is not None and result.uncertainty is None else None
     try:
         outputs = OutputNodes(
             node_for(reuse and reuse.segmentation, "vtkMRMLSegmentationNode", "anomalies"),
             node_for(reuse and reuse.counterfactual, "vtkMRMLScalarVolumeNode", "counterfactual"),
             node_for(reuse and reuse.anomaly_map, "vtkMRMLScalarVolumeNode", "anomaly map"),
-            result.report)
+            result.report, input_node=input_node)
         _write_segmentation(outputs.segmentation, result.segmentation, input_node)
         _write_scalar_volume(outputs.counterfactual, result.counterfactual, input_node)
         _display_like_input(outputs.counterfactual, input_node)
         _write_scalar_volume(outputs.anomaly_map, result.anomaly_map, input_node)
-        _display_anomaly_map(outputs.anomaly_map, result.anomaly_map)
+        _display_anomaly_map(outputs.anomaly_map, result.anomaly_map, (result.report or {}).get("threshold"))
+        if result.uncertainty is not None:
+            outputs.uncertainty = node_for(reuse and reuse.uncertainty, "vtkMRMLScalarVolumeNode", "uncertainty")
+            _write_scalar_volume(outputs.uncertainty, result.uncertainty, input_node)
         for node in outputs.nodes():
             node.SetAttribute(INPUT_ATTRIBUTE, input_node.GetID())
             place_beside(node, input_node)
@@ -254,4 +325,39 @@ def write_outputs(input_node, result, reuse: Optional[OutputNodes] = None) -> Ou
         for node in created:
             scene.RemoveNode(node)
         raise
+    if stale is not None and stale.GetScene() is scene:
+        scene.RemoveNode(stale)
     return outputs
+
+
+def _slice_nodes(scene, class_name, layout_name):
+    for index in range(scene.GetNumberOfNodesByClass(class_name)):
+        node = scene.GetNthNodeByClass(index, class_name)
+        if node.GetLayoutName() == layout_name:
+            return node
+    return None
+
+
+def show_side_by_side(outputs: OutputNodes, left: str = "Red", right: str = "Yellow") -> None:
+    """Input (with the anomaly map over it) in the ``left`` slice view, the counterfactual in the
+    ``right`` one, both with the segmentation, in the same orientation and with linked navigation.
+    Views that do not exist (another layout) are skipped; the caller switches the layout first."""
+    scene = outputs.input_node.GetScene()
+    layers = {left: (outputs.input_node, outputs.anomaly_map), right: (outputs.counterfactual, None)}
+    left_slice = _slice_nodes(scene, "vtkMRMLSliceNode", left)
+    for view, (background, foreground) in layers.items():
+        composite = _slice_nodes(scene, "vtkMRMLSliceCompositeNode", view)
+        if composite is None:
+            continue
+        composite.SetBackgroundVolumeID(background.GetID())
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+        composite.SetForegroundOpacity(0.5 if foreground is not None else 0.0)
+        composite.SetLabelVolumeID(None)
+        composite.SetLinkedControl(True)
+        slice_node = _slice_nodes(scene, "vtkMRMLSliceNode", view)
+        if slice_node is not None and left_slice is not None and slice_node is not left_slice:
+            slice_node.SetOrientation(left_slice.GetOrientationString())
+    display = outputs.segmentation.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility(True)
+        display.SetVisibility2D(True)

@@ -40,6 +40,7 @@ class Parameters:
     segmentation: Optional[object] = field(default=None, metadata=_ref("AnomalySegmentation"))
     counterfactual: Optional[object] = field(default=None, metadata=_ref("Counterfactual"))
     anomaly_map: Optional[object] = field(default=None, metadata=_ref("AnomalyMap"))
+    uncertainty: Optional[object] = field(default=None, metadata=_ref("Uncertainty"))
     last_report: str = field(default="", metadata=_scalar("LastReport"))
     training_from_folder: bool = field(default=True, metadata=_scalar("TrainingFromFolder"))
     training_folder: str = field(default="", metadata=_scalar("TrainingFolder"))
@@ -54,6 +55,13 @@ class Parameters:
         """The engine's detection settings; None lets the model decide."""
         return {"device": self.device, "stages": self.stages or None, "noise_level": self.noise_level or None,
                 "threshold": self.threshold or None, "ensemble": self.ensemble or None}
+
+    def training_source(self):
+        """What the panel trains on: the chosen folder, or the checked volumes. An empty folder path and
+        "." (what a directory button holds before a folder is chosen) mean none was chosen."""
+        if self.training_from_folder:
+            return self.training_folder if self.training_folder.strip() not in ("", ".") else []
+        return list(self.training_volumes)
 
     def report(self) -> Optional[dict]:
         return json.loads(self.last_report) if self.last_report else None

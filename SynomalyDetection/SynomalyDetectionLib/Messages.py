@@ -1,0 +1,34 @@
+"""Engine messages in the panel's words.
+
+The engine's errors are written for its command line ("use --device cpu", "pass a label map as
+--mask"); in Slicer the same advice names the panel's controls instead. Messages without a command-line
+flag pass unchanged.
+"""
+import re
+
+# (pattern, replacement), applied in order; the first ones catch whole sentences, the last single flags.
+_REPLACEMENTS = [
+    (r"--device cuda was asked for but CUDA is not available here",
+     "The device 'cuda' was chosen but CUDA is not available here"),
+    (r"use --device cpu or auto", "choose 'cpu' or 'auto' as the device (Advanced)"),
+    (r"pass a label map as --mask", "choose a label map or segmentation as the Mask"),
+    (r"resume it \(--resume\) or delete the folder", "click Resume to continue it, or delete the folder"),
+    (r"--device\b", "the device setting"),
+    (r"--mask\b", "the Mask"),
+    (r"--resume\b", "Resume"),
+    (r"--threshold\b", "the threshold setting"),
+    (r"--stages\b", "the stages setting"),
+    (r"--noise-level\b", "the noise level setting"),
+    (r"--ensemble\b", "the ensemble setting"),
+    (r"--steps\b", "the steps setting"),
+    (r"--preset\b", "the preset"),
+    (r"--overwrite\b", "a new model name"),
+    (r"(?<![\w-])(?:-o|--output)\b", "another folder"),
+]
+
+
+def panel_wording(message: str) -> str:
+    """``message`` with command-line advice turned into the panel's wording."""
+    for pattern, replacement in _REPLACEMENTS:
+        message = re.sub(pattern, replacement, message)
+    return message
