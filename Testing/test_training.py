@@ -357,3 +357,17 @@ def test_overwrite_starts_a_fresh_run(healthy_dir, tmp_path):
     assert torch.load(run_dir_for(out) / "checkpoint.pt", weights_only=True)["step"] == 3
     with pytest.raises(OutputError, match="already exists"):
         train([healthy_dir], out, TrainingSettings(steps=3, **TINY))
+
+
+def test_a_run_folder_without_checkpoint_points_to_overwrite(healthy_dir, tmp_path):
+    """A run killed before its first checkpoint leaves previews only: neither plain training nor resume
+    may send the user in a circle; both name --overwrite, and nothing changes."""
+    out = tmp_path / "k.safetensors"
+    leftover = run_dir_for(out) / "previews" / "step_000001.png"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"preview")
+    with pytest.raises(OutputError, match="no checkpoint.*--overwrite"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY))
+    with pytest.raises(OutputError, match="nothing to resume.*--overwrite instead of --resume"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY), resume=True)
+    assert leftover.read_bytes() == b"preview" and not out.exists()

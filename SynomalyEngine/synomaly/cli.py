@@ -262,21 +262,25 @@ class StopRequests:
 
 
 TRAIN_DESCRIPTION = """\
-Trains a model on healthy volumes (or partly healthy ones: slices with labels are left out).
+Trains a model on healthy volumes (or partly healthy ones: labelled slices are left out).
 
 HEALTHY may be:
-  - a folder of image files, each one a case, e.g. pat1_flair.nii.gz, pat2_flair.nii.gz;
-  - a case folder: one image plus optional mask and label files (any names, e.g. brainmask.nii.gz, seg.nii.gz);
+  - a folder of image files, each one a case (pat1_flair.nii.gz, pat2_flair.nii.gz, ...);
+  - a case folder: one image plus optional mask and label files, named freely
+    (flair.nii.gz, brainmask.nii.gz, seg.nii.gz);
   - a folder of case folders;
   - image files listed one by one;
-  - a CSV file with a header image[,mask][,label][,name]; relative paths are relative to the CSV's folder.
-A file whose name holds 'mask' is a foreground mask, one holding 'seg', 'label' or 'lesion' a lesion label,
-any other an image. Beside several images, a mask or label belongs to the image whose name starts with the
-words before its role word: pat1_brainmask and pat1_seg belong to pat1_flair (not to pat10_flair).
-A mask or label that fits no image or several is refused; so is an image with two masks.
+  - a CSV file with the header image[,mask][,label][,name]; relative paths are
+    relative to the CSV's folder.
+A file whose name holds 'mask' is a foreground mask, one holding 'seg', 'label' or
+'lesion' a lesion label, any other an image. Beside several images, a mask or label
+belongs to the image whose name starts with the words before its role word:
+pat1_brainmask and pat1_seg belong to pat1_flair (not to pat10_flair). A mask or
+label that fits no image or several, and an image with two masks, are refused.
 
-Checkpoints go to MODEL.run/ every --checkpoint-every steps and when stopped by Ctrl-C or SIGTERM
-(exit code 130); --resume continues from there."""
+Checkpoints go to MODEL.run/ every --checkpoint-every steps, and when Ctrl-C or
+SIGTERM stops the run (exit code 130); --resume continues from there. Without a
+terminal (a log file), one line per checkpoint replaces the progress bar."""
 
 
 def cmd_evaluate(args) -> int:

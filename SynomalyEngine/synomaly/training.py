@@ -500,15 +500,22 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
         if path.exists() and path.is_dir() != (path == run_dir):
             raise OutputError(f"{path} is in the way ({'not a folder' if path == run_dir else 'a folder'}); "
                               "move it or choose another model file.")
+    leftovers = output.exists() or (run_dir.exists() and any(run_dir.iterdir()))
     if not (resume or overwrite):
         if output.exists():
             raise OutputError(f"{output} already exists; continue its run (--resume), replace it (--overwrite) "
                               "or choose another model file.")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if checkpoint_path.exists():
             raise OutputError(f"{run_dir} holds an earlier run; continue it (--resume) or start afresh "
                               "(--overwrite).")
+        if leftovers:
+            raise OutputError(f"{run_dir} holds files of an earlier run that has no checkpoint; start afresh "
+                              "(--overwrite) or choose another model file.")
     if resume and not checkpoint_path.is_file():
-        raise OutputError(f"nothing to resume: {checkpoint_path} does not exist; start a new run without --resume.")
+        how = "start afresh with --overwrite instead of --resume" if leftovers else "start a new run without --resume"
+        raise OutputError(f"nothing to resume: {checkpoint_path} does not exist; {how}.")
+
+    # torch only now: refusals above are instant.
     import torch
     import torch.nn.functional as F
 
@@ -710,7 +717,8 @@ def recalibrate(model_path, healthy, output=None, inference: Optional[Dict] = No
     data = extract_slices(cases, settings, PreprocessConfig.from_dict(model.metadata["preprocessing"]))
     if inference:
         model.metadata["inference"].update(inference)
-    fpr = settings.target_fpr if target_fpr is None else float(target_fpr)
+    fpr = settings.target_fpr if target_fpr is None else target_fpr
+    _check_number(fpr, "target false-positive rate", 0.0, 1.0)
     model.metadata["calibration"] = calibrate(model, cases, data.validation, fpr, resolve_device(device),
                                               baseline_target_fpr)
     model.metadata["threshold"] = model.metadata["calibration"]["threshold"]
