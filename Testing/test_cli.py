@@ -512,6 +512,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(flat_healthy, tmp_path,
     """SIGINT with a checkpoint every 4 steps, sent after the log line of step 8; SIGTERM before the first
     checkpoint (every 1000 steps), sent once the run folder exists. Both save the step reached."""
     import signal
+    import threading
     import time
 
     import torch
@@ -522,6 +523,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(flat_healthy, tmp_path,
     run_dir = tmp_path / "m.run"
     every = 4 if signal_name == "SIGINT" else 1000
     proc = _train_process(flat_healthy, model, "--steps", "100000", "--checkpoint-every", every)
+    watchdog = threading.Timer(240, proc.kill)  # a regression fails the test instead of hanging it
+    watchdog.start()
     try:
         if signal_name == "SIGINT":
             for line in proc.stderr:
@@ -534,6 +537,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(flat_healthy, tmp_path,
         proc.send_signal(getattr(signal, signal_name))
         _, stderr = proc.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         proc.kill()
     lines = stderr.strip().splitlines()
     assert proc.returncode == 130, stderr
