@@ -192,18 +192,21 @@ def cmd_train(args) -> int:
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr)
     check_writable(output.parent, create=False)
-    # A bar on a terminal; in a log (stderr not a terminal) one line per checkpoint instead.
+    # A bar on a terminal; in a log (stderr not a terminal) a line for the first step and each checkpoint.
     log = not args.quiet and not sys.stderr.isatty()
     bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not args.quiet), file=sys.stderr)
-    stopped = None
+    logged, stopped = [], None
 
     def progress(step, total, loss, message):
         bar.n = step
         if step % 10 == 0 or not message.startswith("step"):  # the loss every 10 steps; stage names always
             bar.set_postfix_str(message, refresh=False)
         bar.refresh()
-        if log and step > 0 and step % settings.checkpoint_every == 0 and message.startswith("step"):
-            print(f"training: step {step}/{total}, loss {loss:.4f}, checkpoint saved", file=sys.stderr, flush=True)
+        saved = step % settings.checkpoint_every == 0
+        if log and message.startswith("step") and (saved or not logged):
+            logged.append(step)
+            print(f"training: step {step}/{total}, loss {loss:.4f}{', checkpoint saved' if saved else ''}",
+                  file=sys.stderr, flush=True)
 
     try:
         with StopRequests() as stop:
@@ -280,7 +283,8 @@ label that fits no image or several, and an image with two masks, are refused.
 
 Checkpoints go to MODEL.run/ every --checkpoint-every steps, and when Ctrl-C or
 SIGTERM stops the run (exit code 130); --resume continues from there. Without a
-terminal (a log file), one line per checkpoint replaces the progress bar."""
+terminal (a log file), a line for the first step and one per checkpoint replace the
+progress bar."""
 
 
 def cmd_evaluate(args) -> int:

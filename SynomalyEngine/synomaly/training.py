@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
-from .volume_io import (IMAGE_SUFFIXES, LABEL_WORDS, MASK_WORDS, Geometry, file_role, is_image_file,
-                        last_line, read_volume)
+from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, file_role, image_stem, is_image_file, last_line,
+                        read_volume)
 
 
 @dataclass
@@ -156,16 +156,8 @@ CSV_COLUMNS = ("image", "mask", "label", "name")
 PAIRING_EXAMPLE = "pat1_flair.nii.gz with pat1_brainmask.nii.gz and pat1_seg.nii.gz"
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[:-len(suffix)]
-    return path.stem
-
-
 def _words(path: Path) -> Tuple[str, ...]:
-    return tuple(w for w in _WORD_BREAKS.split(_stem(path).lower()) if w)
+    return tuple(w for w in _WORD_BREAKS.split(image_stem(path).lower()) if w)
 
 
 def _case_prefix(path: Path, role: str) -> Tuple[str, ...]:
@@ -180,8 +172,8 @@ def _case_prefix(path: Path, role: str) -> Tuple[str, ...]:
 def pair_files(files: Sequence[Path], where: str) -> List[Tuple[Path, Optional[Path], Optional[Path]]]:
     """Group image files into (image, mask, labels) by name; ``where`` names the group in errors.
 
-    The role comes from the name (``volume_io.file_role``). With one image, every partner is its
-    (the case-folder layout). With several, a partner belongs to the image whose name starts with
+    The role comes from the name (``volume_io.file_role``). With one image, every partner belongs
+    to it (the case-folder layout). With several, a partner belongs to the image whose name starts with
     the words before the partner's role word, compared word by word (``pat1_brainmask`` and
     ``pat1_seg`` belong to ``pat1_flair``, not to ``pat10_flair``). A partner that fits no image
     or several, and an image with two partners of one role, are refused.
@@ -244,7 +236,7 @@ def _cases_from_folder(folder: Path) -> List[TrainingCase]:
     pairs = pair_files(_image_files(folder), str(folder))
     if len(pairs) == 1:
         return [_read_case(folder.name, *pairs[0])]
-    return [_read_case(_stem(image), image, mask, labels) for image, mask, labels in pairs]
+    return [_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs]
 
 
 def _cases_from_csv(path: Path) -> List[TrainingCase]:
@@ -278,7 +270,7 @@ def _cases_from_csv(path: Path) -> List[TrainingCase]:
                 if not p.exists():
                     raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
                 files[column] = p
-        cases.append(_read_case(values.get("name") or _stem(files["image"]), files["image"], files.get("mask"),
+        cases.append(_read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
                                 files.get("label")))
     return cases
 
@@ -318,7 +310,7 @@ def find_cases(paths: Sequence) -> List[TrainingCase]:
             raise InputError(f"{path}: not an image file, folder or CSV list.")
     for folder, files in listed.items():
         pairs = pair_files(list(dict.fromkeys(files)), "listed files in " + str(folder))
-        cases.extend(_read_case(_stem(image), image, mask, labels) for image, mask, labels in pairs)
+        cases.extend(_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs)
     if not cases:
         raise InputError("no training volumes found in " + ", ".join(str(p) for p in paths) + "; give image "
                          "files, folders of them, folders of case folders or a CSV list.")
