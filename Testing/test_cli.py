@@ -570,9 +570,11 @@ def test_bad_training_settings_are_refused_before_any_work(flat_healthy, tmp_pat
 
 def test_train_overwrite_replaces_the_run_and_a_corrupt_checkpoint_is_refused(flat_healthy, tmp_path):
     """Resume's other refusals (changed settings, foreign files) are tested on the engine in test_training."""
+    from synomaly.training import TrainingSettings, train
+
     model = tmp_path / "m.safetensors"
     run_dir = tmp_path / "m.run"
-    ok(run_cli("train", flat_healthy, "-o", model, *TRAIN_ARGS))
+    train([flat_healthy], model, TrainingSettings(steps=3, image_size=32, base_channels=8, device="cpu"))
     (run_dir / "previews" / "step_999999.png").write_bytes(b"from an earlier run")
     args = list(TRAIN_ARGS)
     args[args.index("--steps") + 1] = "4"
