@@ -459,8 +459,6 @@ def test_train_refuses_existing_run_without_resume(trained):
     model = trained["model"]
     before = snapshot(model.parent)
     assert_refused(run_cli("train", trained["healthy"], "-o", model, *TRAIN_ARGS), "already exists", "--resume")
-    assert_refused(run_cli("train", trained["healthy"], "-o", model, "--overwrite", *TRAIN_ARGS),
-                   "tiny.run", "--resume")
     assert snapshot(model.parent) == before
 
 
@@ -476,3 +474,115 @@ def test_train_resume_continues_a_finished_run(trained):
     from synomaly.model_file import read_metadata
 
     assert read_metadata(model)["training"]["steps"] == 9
+
+
+@pytest.fixture(scope="module")
+def flat_healthy(tmp_path_factory):
+    """Two healthy phantoms as one flat folder of image files: pat<i>_flair with pat<i>_brainmask and pat<i>_seg."""
+    folder = tmp_path_factory.mktemp("flat") / "healthy"
+    for seed in range(2):
+        for role, path in write_phantom_case(folder / "tmp", seed=300 + seed, lesion=False, shape=(16, 48, 48)).items():
+            path.rename(folder / f"pat{seed}_{role}.nii.gz")
+    (folder / "tmp").rmdir()
+    return folder
+
+
+def test_train_on_a_folder_of_image_files_into_a_new_folder(flat_healthy, tmp_path):
+    from synomaly.model_file import load_model
+
+    before = snapshot(flat_healthy)
+    model = tmp_path / "new" / "deeper" / "flat.safetensors"
+    result = ok(run_cli("train", flat_healthy, "-o", model, *TRAIN_ARGS))
+    assert str(model) in result.stdout
+    loaded = load_model(model)
+    cases = loaded.metadata["training"]["data"]["cases"]
+    assert [c["case"] for c in cases] == ["pat0_flair", "pat1_flair"]
+    assert snapshot(flat_healthy) == before
+
+
+def _train_process(healthy, model, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "synomaly", "train", healthy, "-o", model, "--image-size", "32",
+                             "--base-channels", "8", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(flat_healthy, tmp_path, signal_name):
+    """SIGINT with a checkpoint every 4 steps, sent after the log line of step 8; SIGTERM before the first
+    checkpoint (every 1000 steps), sent after the log line of the first step. Both save the step reached."""
+    import signal
+    import threading
+
+    import torch
+
+    from synomaly.model_file import load_model
+
+    model = tmp_path / "m.safetensors"
+    run_dir = tmp_path / "m.run"
+    every = 4 if signal_name == "SIGINT" else 1000
+    proc = _train_process(flat_healthy, model, "--steps", "100000", "--checkpoint-every", every)
+    watchdog = threading.Timer(240, proc.kill)  # a regression fails the test instead of hanging it
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            if f"step {8 if signal_name == 'SIGINT' else 1}/100000" in line:
+                break
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and lines[-1].startswith("synomaly: training stopped at step "), stderr
+    assert "--resume" in lines[-1] and str(run_dir) in lines[-1]
+    reached = int(re.search(r"at step (\d+) of", lines[-1]).group(1))
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == reached and len(saved["losses"]) == reached
+    assert reached >= 8 if signal_name == "SIGINT" else 1 <= reached < every
+    assert not model.exists()
+    resumed = _train_process(flat_healthy, model, "--steps", reached + 2, "--checkpoint-every", every, "--resume", "-q")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert final["step"] == reached + 2 and final["losses"][:reached] == saved["losses"]
+    assert load_model(model).metadata["training"]["steps"] == reached + 2
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--steps", "0", ["steps", "at least 1"]),
+    ("--batch-size", "0", ["batch size", "at least 1"]),
+    ("--lr", "nan", ["learning rate"]),
+    ("--image-size", "36", ["image size 36", "multiple of 8"]),
+    ("--base-channels", "24", ["base channels 24"]),
+    ("--checkpoint-every", "0", ["checkpoint interval"]),
+    ("--target-fpr", "2", ["target false-positive rate"]),
+])
+def test_bad_training_settings_are_refused_before_any_work(flat_healthy, tmp_path, option, value, words):
+    args = list(TRAIN_ARGS)
+    if option in args:
+        del args[args.index(option):args.index(option) + 2]
+    model = tmp_path / "out" / "m.safetensors"
+    assert_refused(run_cli("train", flat_healthy, "-o", model, *args, option, value), *words)
+    assert not (tmp_path / "out").exists(), "no model, no run folder, no output folder"
+
+
+def test_train_overwrite_replaces_the_run_and_a_corrupt_checkpoint_is_refused(flat_healthy, tmp_path):
+    """Resume's other refusals (changed settings, foreign files) are tested on the engine in test_training."""
+    from synomaly.training import TrainingSettings, train
+
+    model = tmp_path / "m.safetensors"
+    run_dir = tmp_path / "m.run"
+    train([flat_healthy], model, TrainingSettings(steps=3, image_size=32, base_channels=8, device="cpu"))
+    (run_dir / "previews" / "step_999999.png").write_bytes(b"from an earlier run")
+    args = list(TRAIN_ARGS)
+    args[args.index("--steps") + 1] = "4"
+    ok(run_cli("train", flat_healthy, "-o", model, "--overwrite", *args))
+    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["step_000004.png"]
+    assert len((run_dir / "loss.csv").read_text(encoding="utf-8").splitlines()) == 1 + 4
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00not a checkpoint")
+    before = snapshot(tmp_path)
+    assert_refused(run_cli("train", flat_healthy, "-o", model, "--resume", *args), "checkpoint.pt",
+                   "not a readable training checkpoint", "--overwrite")
+    assert snapshot(tmp_path) == before

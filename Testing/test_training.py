@@ -181,3 +181,193 @@ def test_small_volumes_still_get_a_held_out_block(healthy_dir):
     held_out = [z for v in data.validation.values() for z in v]
     assert 0 < len(held_out) <= 8
     assert data.summary["train_slices"] + data.summary["validation_slices"] == data.images.shape[0] + len(held_out)
+
+
+# --- case discovery: every documented layout, partners paired by name --------------------------------
+
+def _tiny_volume(path, value, shape=(4, 8, 8)):
+    """A small distinct volume on disk; ``value`` identifies it after pairing."""
+    from synomaly.volume_io import Geometry, write_volume
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_volume(path, np.full(shape, value, dtype=np.float32), Geometry.identity())
+    return path
+
+
+def _pairs(cases):
+    """name -> (image value, mask present, labels present) of discovered cases."""
+    return {c.name: (float(c.image.flat[0]), c.mask is not None, c.labels is not None) for c in cases}
+
+
+def test_a_folder_of_image_files_pairs_masks_and_labels_by_name(tmp_path):
+    folder = tmp_path / "healthy"
+    _tiny_volume(folder / "pat1_flair.nii.gz", 1)
+    _tiny_volume(folder / "pat1_brainmask.nii.gz", 1)
+    _tiny_volume(folder / "pat1_seg.nii.gz", 0)
+    _tiny_volume(folder / "pat10_flair.nii.gz", 10)
+    _tiny_volume(folder / "pat10-mask.nrrd", 1)
+    _tiny_volume(folder / "pat2.nii.gz", 2)
+    cases = find_cases([folder])
+    assert _pairs(cases) == {"pat1_flair": (1.0, True, True), "pat10_flair": (10.0, True, False),
+                             "pat2": (2.0, False, False)}
+    assert not next(c for c in cases if c.name == "pat1_flair").labels.any()
+    # A case folder (one image) keeps its folder's name and takes any partner, whatever its name.
+    _tiny_volume(tmp_path / "cases" / "site_a" / "t2.nii.gz", 5)
+    _tiny_volume(tmp_path / "cases" / "site_a" / "other_seg.nii.gz", 0)
+    assert _pairs(find_cases([tmp_path / "cases"])) == {"site_a": (5.0, False, True)}
+
+
+def test_listed_files_and_csv_lists_are_cases(tmp_path):
+    a = _tiny_volume(tmp_path / "d" / "a_flair.nii.gz", 1)
+    a_mask = _tiny_volume(tmp_path / "d" / "a_brainmask.nii.gz", 1)
+    b = _tiny_volume(tmp_path / "e" / "b.nrrd", 2)
+    assert _pairs(find_cases([a, a_mask, b])) == {"a_flair": (1.0, True, False), "b": (2.0, False, False)}
+    assert _pairs(find_cases(str(b))) == {"b": (2.0, False, False)}
+    lesion = _tiny_volume(tmp_path / "d" / "anything.nii.gz", 0)
+    table = tmp_path / "lists" / "healthy.csv"
+    table.parent.mkdir()
+    table.write_text("Image,mask,labels,name\n../d/a_flair.nii.gz,../d/a_brainmask.nii.gz,,first\n\n"
+                     f"{b},,{lesion},second\n", encoding="utf-8")
+    assert _pairs(find_cases([table])) == {"first": (1.0, True, False), "second": (2.0, False, True)}
+
+
+@pytest.mark.parametrize("layout, words", [
+    ({"p1_flair": 1, "p1_t1": 1, "p1_mask": 1}, ["p1_mask", "several images", "p1_flair", "p1_t1"]),
+    ({"p1_flair": 1, "p2_flair": 1, "brainmask": 1}, ["brainmask", "several images", "p1_flair"]),
+    ({"p1_flair": 1, "p2_flair": 1, "p3_seg": 0}, ["p3_seg", "label", "p3"]),
+    ({"p1_flair": 1, "p2_flair": 1, "p1_mask": 1, "p1_brainmask": 1}, ["p1_flair", "2 mask files"]),
+    ({"p1_mask": 1}, ["p1_mask", "no image"]),
+])
+def test_ambiguous_pairing_is_refused_naming_the_files(tmp_path, layout, words):
+    for name, value in layout.items():
+        _tiny_volume(tmp_path / f"{name}.nii.gz", value)
+    with pytest.raises(InputError) as info:
+        find_cases([tmp_path])
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("img,mask\nx.nii.gz,\n", ["image", "img"]),
+    ("image,msk\nx.nii.gz,\n", ["msk"]),
+    ("image,mask\nmissing.nii.gz,\n", ["line 2", "missing.nii.gz", "does not exist"]),
+])
+def test_bad_csv_lists_are_refused(tmp_path, text, words):
+    table = tmp_path / "list.csv"
+    table.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        find_cases([table])
+    for word in words:
+        assert word in str(info.value)
+
+
+# --- settings, resume and overwrite ----------------------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    ({"steps": 0}, ["steps", "at least 1"]),
+    ({"batch_size": 0}, ["batch size"]),
+    ({"lr": float("nan")}, ["learning rate"]),
+    ({"lr": -1e-3}, ["learning rate"]),
+    ({"image_size": 36, "channel_mult": (1, 2, 2, 4)}, ["image size 36", "multiple of 8"]),
+    ({"image_size": 34, "channel_mult": (1, 2, 2)}, ["image size 34", "multiple of 4"]),
+    ({"base_channels": 9}, ["base channels 9", "group-norm", "8 or 16"]),
+    ({"base_channels": 24, "channel_mult": (1, 2, 2, 4)}, ["base channels 24", "144 channels"]),
+    ({"checkpoint_every": 0}, ["checkpoint interval"]),
+    ({"target_fpr": 2.0}, ["target false-positive rate"]),
+    ({"target_fpr": 0.0}, ["target false-positive rate"]),
+    ({"steps": True}, ["steps"]),
+    ({"loss": "l3"}, ["loss", "l3"]),
+    ({"seed": -1}, ["seed"]),
+])
+def test_settings_are_checked_before_any_work(tmp_path, healthy_dir, change, words):
+    settings = TrainingSettings(**{**TINY, "steps": 3, **change})
+    out = tmp_path / "new" / "m.safetensors"
+    with pytest.raises(InputError) as info:
+        train([healthy_dir], out, settings)
+    for word in words:
+        assert word in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "new").exists()
+
+
+def _cancelled_run(healthy_dir, out, after_steps):
+    steps = []
+    with pytest.raises(Cancelled, match=f"step {after_steps} of"):
+        train([healthy_dir], out, TrainingSettings(steps=50, **dict(TINY, checkpoint_every=100)),
+              progress=lambda step, *_: steps.append(step), cancel=lambda: len(steps) > after_steps)
+    return torch.load(run_dir_for(out) / "checkpoint.pt", weights_only=True)
+
+
+def test_resume_accepts_changes_that_keep_the_network_and_refuses_others(healthy_dir, tmp_path):
+    out = tmp_path / "r.safetensors"
+    saved = _cancelled_run(healthy_dir, out, 3)
+    assert saved["step"] == 3, "a cancel before the first periodic checkpoint saves the current step"
+    checkpoint = run_dir_for(out) / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    for change, words in (({"batch_size": 2}, ["batch_size (saved 4, now 2)"]),
+                          ({"lr": 1e-4, "base_channels": 16}, ["base_channels", "lr", "--overwrite"])):
+        with pytest.raises(InputError) as info:
+            train([healthy_dir], out, TrainingSettings(steps=50, **dict(TINY, **change)), resume=True)
+        assert all(w in str(info.value) for w in words), str(info.value)
+    with pytest.raises(InputError, match="at step 3.*at least 3"):
+        train([healthy_dir], out, TrainingSettings(steps=2, **TINY), resume=True)
+    assert checkpoint.read_bytes() == before and not out.exists()
+    harmless = dict(TINY, checkpoint_every=2, preview_every=7, device="cpu")
+    train([healthy_dir], out, TrainingSettings(steps=5, target_fpr=0.05, name="renamed", **harmless), resume=True)
+    meta = read_metadata(out)
+    assert meta["calibration"]["target_fpr"] == 0.05 and meta["name"] == "renamed"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 5
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused_without_running_code(healthy_dir, tmp_path):
+    import pickle
+
+    out = tmp_path / "c.safetensors"
+    checkpoint = run_dir_for(out) / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    for content, words in ((os.urandom(300), "not a readable training checkpoint"),
+                           (b"", "not a readable training checkpoint"),
+                           (pickle.dumps({"settings": Payload()}), "not a readable training checkpoint"),
+                           (None, "not a Synomaly training checkpoint")):
+        if content is None:
+            torch.save({"weights": torch.zeros(3), "step": 1}, checkpoint)
+        else:
+            checkpoint.write_bytes(content)
+        with pytest.raises(InputError, match=words):
+            train([healthy_dir], out, TrainingSettings(steps=5, **TINY), resume=True)
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_overwrite_starts_a_fresh_run(healthy_dir, tmp_path):
+    out = tmp_path / "o.safetensors"
+    _cancelled_run(healthy_dir, out, 4)
+    stale = run_dir_for(out) / "previews" / "stale.png"
+    stale.write_bytes(b"from the old run")
+    with pytest.raises(InputError, match="choose one"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY), resume=True, overwrite=True)
+    train([healthy_dir], out, TrainingSettings(steps=3, **TINY), overwrite=True)
+    assert not stale.exists()
+    assert torch.load(run_dir_for(out) / "checkpoint.pt", weights_only=True)["step"] == 3
+    with pytest.raises(OutputError, match="already exists"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY))
+
+
+def test_a_run_folder_without_checkpoint_points_to_overwrite(healthy_dir, tmp_path):
+    """A run killed before its first checkpoint leaves previews only: neither plain training nor resume
+    may send the user in a circle; both name --overwrite, and nothing changes."""
+    out = tmp_path / "k.safetensors"
+    leftover = run_dir_for(out) / "previews" / "step_000001.png"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"preview")
+    with pytest.raises(OutputError, match="no checkpoint.*--overwrite"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY))
+    with pytest.raises(OutputError, match="nothing to resume.*--overwrite instead of --resume"):
+        train([healthy_dir], out, TrainingSettings(steps=3, **TINY), resume=True)
+    assert leftover.read_bytes() == b"preview" and not out.exists()

@@ -183,34 +183,109 @@ def cmd_detect(args) -> int:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
+    from .errors import Cancelled
     from .training import TrainingSettings, train
 
-    output = Path(args.output)
-    if output.exists() and not (args.overwrite or args.resume):
-        raise OutputError(f"{output} already exists; use --overwrite, --resume (to continue its run) "
-                          "or another -o.")
+    output = Path(args.output).expanduser()
     settings = TrainingSettings(preset=args.preset, noise=args.noise, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, image_size=args.image_size, base_channels=args.base_channels,
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr)
+    check_writable(output.parent, create=False)
+    # A bar on a terminal; in a log (stderr not a terminal) a line for the first step and each checkpoint.
+    log = not args.quiet and not sys.stderr.isatty()
     bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not args.quiet), file=sys.stderr)
+    logged, stopped = [], None
 
     def progress(step, total, loss, message):
         bar.n = step
-        bar.set_postfix_str(message if message in ("calibrating", "done") or step % 10 == 0 else bar.postfix or "")
+        if step % 10 == 0 or not message.startswith("step"):  # the loss every 10 steps; stage names always
+            bar.set_postfix_str(message, refresh=False)
         bar.refresh()
+        saved = step % settings.checkpoint_every == 0
+        if log and message.startswith("step") and (saved or not logged):
+            logged.append(step)
+            print(f"training: step {step}/{total}, loss {loss:.4f}{', checkpoint saved' if saved else ''}",
+                  file=sys.stderr, flush=True)
 
     try:
-        train(args.healthy, output, settings, progress=progress, resume=args.resume)
+        with StopRequests() as stop:
+            train(args.healthy, output, settings, progress=progress, cancel=stop.is_set, resume=args.resume,
+                  overwrite=args.overwrite)
+    except Cancelled as exc:
+        stopped = exc
     finally:
         bar.close()
+    if stopped is not None:
+        again = "with --resume instead of --overwrite" if args.overwrite else "with --resume"
+        print(f"synomaly: {stopped}; run the same command {again} to continue.", file=sys.stderr)
+        return 130
     from .model_file import read_metadata
 
     meta = read_metadata(output)
     print(f"model written to {output} (id {meta['model_id']}, calibrated threshold {meta['threshold']:.4f} "
           f"at {meta['calibration']['target_fpr']:.1%} healthy false positives)")
     return 0
+
+
+class StopRequests:
+    """While active, Ctrl-C (SIGINT) and SIGTERM set ``self`` (an event: ``is_set()``) instead of stopping
+    the process, so training saves a checkpoint and stops cleanly; a second signal acts as usual."""
+
+    def __init__(self):
+        import threading
+
+        self._event = threading.Event()
+        self.is_set = self._event.is_set
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self._event.set()
+        self._restore()
+
+    def _restore(self):
+        import signal
+
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only there may handlers be set
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+
+TRAIN_DESCRIPTION = """\
+Trains a model on healthy volumes (or partly healthy ones: labelled slices are left out).
+
+HEALTHY may be:
+  - a folder of image files, each one a case (pat1_flair.nii.gz, pat2_flair.nii.gz, ...);
+  - a case folder: one image plus optional mask and label files, named freely
+    (flair.nii.gz, brainmask.nii.gz, seg.nii.gz);
+  - a folder of case folders;
+  - image files listed one by one;
+  - a CSV file with the header image[,mask][,label][,name]; relative paths are
+    relative to the CSV's folder.
+A file whose name holds 'mask' is a foreground mask, one holding 'seg', 'label' or
+'lesion' a lesion label, any other an image. Beside several images, a mask or label
+belongs to the image whose name starts with the words before its role word:
+pat1_brainmask and pat1_seg belong to pat1_flair (not to pat10_flair). A mask or
+label that fits no image or several, and an image with two masks, are refused.
+
+Checkpoints go to MODEL.run/ every --checkpoint-every steps, and when Ctrl-C or
+SIGTERM stops the run (exit code 130); --resume continues from there. Without a
+terminal (a log file), a line for the first step and one per checkpoint replace the
+progress bar."""
 
 
 def cmd_evaluate(args) -> int:
@@ -288,27 +363,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .presets import PRESETS
 
-    p = sub.add_parser("train", help="train a model on healthy volumes", description="Folders may hold one case "
-                       "(an image, optional *mask* and *seg*/*label* files: slices with labels are left out) or "
-                       "several case folders or image files. Checkpoints go to MODEL.run/ for --resume.")
-    p.add_argument("healthy", nargs="+", metavar="HEALTHY", help="healthy volumes or folders")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    p = sub.add_parser("train", help="train a model on healthy volumes", description=TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("healthy", nargs="+", metavar="HEALTHY",
+                   help="image files, folders of image files, folders of case folders, or CSV lists")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL",
+                   help="model file to write (.safetensors); missing folders are created")
     p.add_argument("--preset", choices=sorted(PRESETS), default="brain-flair", help="noise and intensity preset")
     p.add_argument("--noise", choices=("synomaly", "gaussian", "simplex", "coarse", "pyramid"), default="synomaly")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--res-blocks", type=int, default=1)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--target-fpr", type=float, default=0.01, help="healthy false-positive rate for calibration")
+    p.add_argument("--steps", type=int, default=2000, help="training steps, at least 1 (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per step, at least 1 (default: 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate, above 0 (default: 2e-4)")
+    p.add_argument("--image-size", type=int, default=128,
+                   help="network input size in pixels, a multiple of 8 (default: 128)")
+    p.add_argument("--base-channels", type=int, default=32,
+                   help="network width: 8, 16 or a multiple of 32 (default: 32)")
+    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level (default: 1)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between checkpoints (default: 100); Ctrl-C also saves one")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="healthy false-positive rate for calibration, between 0 and 1 (default: 0.01)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name (default: the file name)")
-    p.add_argument("--resume", action="store_true", help="continue from MODEL.run/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from MODEL.run/checkpoint.pt; --steps, --target-fpr, --checkpoint-every, "
+                        "--device and --name may differ from the saved run, the other settings may not")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh: replace an existing model file and its run folder MODEL.run/")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate against ground truth, next to the intensity baseline",

@@ -4,8 +4,8 @@ Same design as the DDPM/guided-diffusion UNet (and MONAI's DiffusionModelUNet), 
 inference; the configuration is a plain dict stored in the model file so weights load without code.
 """
 import math
-from dataclasses import asdict, dataclass
-from typing import Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,10 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels)
+    groups = min(32, channels // 4) if channels >= 8 else 1
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} group-norm groups")
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
@@ -75,6 +78,8 @@ class Attention(nn.Module):
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
         self.heads = max(1, min(num_heads, channels // 8))
+        if channels % self.heads:
+            raise ValueError(f"{channels} channels cannot be split into {self.heads} attention heads")
         self.norm = _norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -149,6 +154,34 @@ class UNet(nn.Module):
         for block in self.up:
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+
+def config_problem(config: UNetConfig) -> Optional[str]:
+    """Why a network of this configuration cannot be built, or None. Built on the meta device (no
+    memory, no weights), so the check is the construction code itself and cannot drift from it."""
+    levels = len(config.channel_mult)
+    if levels < 1 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in config.channel_mult):
+        return f"channel multipliers must be whole numbers of at least 1, got {list(config.channel_mult)}."
+    factor = 2 ** (levels - 1)
+    if config.image_size % factor:
+        below = max(factor, config.image_size // factor * factor)
+        return (f"image size {config.image_size} does not suit the network's {levels} levels: it must be a "
+                f"multiple of {factor} (e.g. {below} or {below + factor}).")
+    problem = _build_problem(config)
+    if problem:
+        fitting = [c for c in (8, 16, 32, 64) if not _build_problem(replace(config, base_channels=c))]
+        suggestion = f"use e.g. {' or '.join(map(str, fitting))}" if fitting else "use a multiple of 32"
+        return f"base channels {config.base_channels} do not suit the network ({problem}); {suggestion}."
+    return None
+
+
+def _build_problem(config: UNetConfig) -> Optional[str]:
+    try:
+        with torch.device("meta"):
+            UNet(config)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def count_parameters(model: nn.Module) -> int:

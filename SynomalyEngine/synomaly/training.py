@@ -1,14 +1,20 @@
 """Training on healthy volumes: slice extraction, the denoising loop, checkpoints and calibration.
 
 A run keeps its state in ``<model>.run/`` beside the model file: ``checkpoint.pt`` (written
-atomically every ``checkpoint_every`` steps, so a killed run resumes at the last saved step),
-``loss.csv`` and ``previews/``. The finished model is calibrated on held-out healthy slices.
+atomically every ``checkpoint_every`` steps and when ``cancel()`` says stop, so a stopped run resumes
+at its step and a killed one at the last saved step), ``loss.csv`` and ``previews/``. Every setting
+is checked before any data are read (``TrainingSettings.validate``). The finished model is calibrated
+on held-out healthy slices.
 """
 import csv
 import io
+import math
 import os
+import re
+import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
-from .volume_io import Geometry, file_role, is_image_file, read_volume
+from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, file_role, image_stem, is_image_file, last_line,
+                        read_volume)
 
 
 @dataclass
@@ -57,6 +64,79 @@ class TrainingSettings:
         d["attention_resolutions"] = list(self.attention_resolutions)
         return d
 
+    def network_config(self):
+        from .network import UNetConfig
+
+        return UNetConfig(in_channels=1, out_channels=1, base_channels=self.base_channels,
+                          channel_mult=tuple(self.channel_mult), num_res_blocks=self.num_res_blocks,
+                          attention_resolutions=tuple(self.attention_resolutions), image_size=self.image_size)
+
+    def validate(self) -> None:
+        """Refuse, with one line naming it, any setting a run would fail on (or silently waste time on).
+
+        Called at the start of ``train`` before data are read or anything is written, so the command
+        line, the Slicer module and the Python API share the same checks. The checks that need torch
+        (noise kinds, the network) come last, so that most refusals are instant."""
+        from .presets import PRESETS
+
+        choices = {"preset": tuple(PRESETS), "loss": ("l2", "l1", "hybrid"), "schedule": ("cosine", "linear"),
+                   "flips": ("h", "v", "hv", "none")}
+        for key, allowed in choices.items():
+            _check_choice(getattr(self, key), key, allowed)
+        for key, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("preview_every", 1),
+                             ("num_steps", 2), ("max_timestep", 1), ("num_res_blocks", 1), ("base_channels", 1),
+                             ("image_size", 1), ("seed", 0)):
+            _check_whole(getattr(self, key), _LABELS.get(key, key.replace("_", " ")), minimum)
+        if self.max_timestep > self.num_steps:
+            raise InputError(f"max timestep {self.max_timestep} exceeds the schedule's {self.num_steps} steps.")
+        if self.seed >= 2 ** 63:
+            raise InputError(f"seed must be below 2**63, got {self.seed}.")
+        _check_number(self.lr, "learning rate", 0.0, math.inf)
+        _check_number(self.target_fpr, "target false-positive rate", 0.0, 1.0)
+        _check_number(self.weight_decay, "weight decay", 0.0, math.inf, low_included=True)
+        _check_number(self.grad_clip, "gradient clipping norm", 0.0, math.inf)
+        _check_number(self.ema_decay, "EMA decay", 0.0, 1.0, low_included=True)
+        _check_number(self.intensity_augment, "intensity augmentation", 0.0, 1.0, low_included=True)
+        _check_number(self.min_slice_foreground, "minimum slice foreground", 0.0, 1.0, low_included=True)
+        _check_number(self.validation_fraction, "validation fraction", 0.0, 1.0, low_included=True)
+        if not isinstance(self.inference, dict):
+            raise InputError(f"inference settings must be a dict, got {type(self.inference).__name__}.")
+        from .network import config_problem
+        from .noise import NOISE_FUNCTIONS
+
+        _check_choice(self.noise, "noise", tuple(sorted(NOISE_FUNCTIONS)))
+        problem = config_problem(self.network_config())
+        if problem:
+            raise InputError(problem)
+
+
+_LABELS = {"lr": "learning rate", "checkpoint_every": "checkpoint interval", "preview_every": "preview interval",
+           "num_steps": "number of diffusion steps", "num_res_blocks": "residual blocks per level"}
+
+
+def _check_choice(value, name: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+
+
+def _check_whole(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+
+
+def _check_number(value, name: str, low: float, high: float, low_included: bool = False) -> None:
+    """A finite number in (low, high), or [low, high) with ``low_included``; ``high`` is never included."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (low <= value if low_included else low < value) and value < high
+    if not ok:
+        if math.isinf(high):
+            wanted = f"a finite number {'of at least' if low_included else 'above'} {low:g}"
+        elif low_included:
+            wanted = f"a number from {low:g} to below {high:g}"
+        else:
+            wanted = f"a number between {low:g} and {high:g}, both excluded"
+        raise InputError(f"{name} must be {wanted}, got {value!r}.")
+
 
 @dataclass
 class TrainingCase:
@@ -69,51 +149,171 @@ class TrainingCase:
     labels: Optional[np.ndarray] = None
 
 
-def _case_from_folder(folder: Path) -> Optional[TrainingCase]:
-    files = [p for p in sorted(folder.iterdir()) if is_image_file(p)]
-    roles: Dict[str, List[Path]] = {"image": [], "mask": [], "labels": []}
-    for p in files:
-        roles[file_role(p)].append(p)
-    if not roles["image"]:
-        return None
-    if len(roles["image"]) > 1:
-        raise InputError(f"{folder}: holds several images ({', '.join(p.name for p in roles['image'])}); "
-                         "put one image per case folder (plus optional *mask* and *seg*/*label* files).")
-    image, geometry = read_volume(roles["image"][0])
+_WORD_BREAKS = re.compile(r"[\s_.-]+")
+_ROLE_WORDS = {"mask": MASK_WORDS, "labels": LABEL_WORDS}
+_ROLE_NAMES = {"mask": "mask", "labels": "label"}
+CSV_COLUMNS = ("image", "mask", "label", "name")
+PAIRING_EXAMPLE = "pat1_flair.nii.gz with pat1_brainmask.nii.gz and pat1_seg.nii.gz"
+
+
+def _words(path: Path) -> Tuple[str, ...]:
+    return tuple(w for w in _WORD_BREAKS.split(image_stem(path).lower()) if w)
+
+
+def _case_prefix(path: Path, role: str) -> Tuple[str, ...]:
+    """The words before the one that names the role: ``pat1_brainmask`` -> ``(pat1,)``, ``seg`` -> ``()``."""
+    words = _words(path)
+    for i, word in enumerate(words):
+        if any(r in word for r in _ROLE_WORDS[role]):
+            return words[:i]
+    return words
+
+
+def pair_files(files: Sequence[Path], where: str) -> List[Tuple[Path, Optional[Path], Optional[Path]]]:
+    """Group image files into (image, mask, labels) by name; ``where`` names the group in errors.
+
+    The role comes from the name (``volume_io.file_role``). With one image, every partner belongs
+    to it (the case-folder layout). With several, a partner belongs to the image whose name starts with
+    the words before the partner's role word, compared word by word (``pat1_brainmask`` and
+    ``pat1_seg`` belong to ``pat1_flair``, not to ``pat10_flair``). A partner that fits no image
+    or several, and an image with two partners of one role, are refused.
+    """
+    images = [p for p in files if file_role(p) == "image"]
+    found: Dict[Path, Dict[str, List[Path]]] = {image: {"mask": [], "labels": []} for image in images}
+    for partner in (p for p in files if file_role(p) != "image"):
+        role = file_role(partner)
+        kind = _ROLE_NAMES[role]
+        prefix = _case_prefix(partner, role)
+        if len(images) == 1:
+            fits = images
+        elif not prefix and images:
+            raise InputError(f"{where}: {partner.name} names no case, but there are several images "
+                             f"({', '.join(p.name for p in images)}); name each {kind} after its image "
+                             f"({PAIRING_EXAMPLE}) or put one image per case folder.")
+        else:
+            fits = [image for image in images if _words(image)[:len(prefix)] == prefix]
+        if not fits:
+            word = next(w for w in _ROLE_WORDS[role] if w in partner.name.lower())
+            missing = f"name starts with '{'_'.join(prefix)}'" if images else "is given with it"
+            raise InputError(f"{where}: {partner.name} is taken for a {kind} (its name holds '{word}'), but no "
+                             f"image {missing}; give its image too, name the {kind} after its image "
+                             f"({PAIRING_EXAMPLE}), or rename the file if it is an image.")
+        if len(fits) > 1:
+            raise InputError(f"{where}: {partner.name} fits several images ({', '.join(p.name for p in fits)}); "
+                             f"name each {kind} after its whole image name (pat1_flair_seg.nii.gz) "
+                             "or put one image per case folder.")
+        found[fits[0]][role].append(partner)
+    pairs = []
+    for image in images:
+        for role, partners in found[image].items():
+            if len(partners) > 1:
+                raise InputError(f"{where}: {image.name} has {len(partners)} {_ROLE_NAMES[role]} files "
+                                 f"({', '.join(p.name for p in partners)}); keep one.")
+        pairs.append((image, *(found[image][role][0] if found[image][role] else None for role in ("mask", "labels"))))
+    return pairs
+
+
+def _read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path]) -> TrainingCase:
+    image, geometry = read_volume(image_path)
     extras = {}
-    for role in ("mask", "labels"):
-        if roles[role]:
-            arr, _ = read_volume(roles[role][0])
+    for role, path in (("mask", mask_path), ("labels", labels_path)):
+        if path is not None:
+            arr, _ = read_volume(path)
             if arr.shape != image.shape:
-                raise InputError(f"{roles[role][0]}: size differs from {roles['image'][0].name}.")
+                raise InputError(f"{path}: size {tuple(reversed(arr.shape))} differs from {image_path.name}'s "
+                                 f"{tuple(reversed(image.shape))}.")
             extras[role] = arr > 0
-    return TrainingCase(folder.name, image, geometry, extras.get("mask"), extras.get("labels"))
+    return TrainingCase(name, image, geometry, extras.get("mask"), extras.get("labels"))
+
+
+def _image_files(folder: Path) -> List[Path]:
+    """Image files of a folder; hidden ones (``._x.nii.gz`` from macOS, our own temporary files) are not cases."""
+    return [p for p in sorted(folder.iterdir()) if is_image_file(p) and not p.name.startswith(".")]
+
+
+def _cases_from_folder(folder: Path) -> List[TrainingCase]:
+    """One image (+ partners): a case named after the folder. Several: a case per image, named after it."""
+    pairs = pair_files(_image_files(folder), str(folder))
+    if len(pairs) == 1:
+        return [_read_case(folder.name, *pairs[0])]
+    return [_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs]
+
+
+def _cases_from_csv(path: Path) -> List[TrainingCase]:
+    """Rows ``image[,mask][,label][,name]`` (``labels`` also names the label column); relative paths
+    are relative to the CSV's folder."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot be read as a CSV file ({exc}).") from None
+    columns = ["label" if h == "labels" else h for h in header]
+    unknown = [h for h in columns if h not in CSV_COLUMNS]
+    if "image" not in columns or unknown:
+        raise InputError(f"{path}: the header must name the columns image[,mask][,label][,name]; found "
+                         f"{', '.join(header) or 'none'}.")
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        values = {column: (row.get(original) or "").strip()
+                  for column, original in zip(columns, reader.fieldnames)}
+        if not any(values.values()):
+            continue
+        if not values["image"]:
+            raise InputError(f"{path}, line {number}: no image.")
+        files = {}
+        for column in ("image", "mask", "label"):
+            if values.get(column):
+                p = Path(values[column]).expanduser()
+                p = p if p.is_absolute() else path.parent / p
+                if not p.exists():
+                    raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
+                files[column] = p
+        cases.append(_read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
+                                files.get("label")))
+    return cases
 
 
 def find_cases(paths: Sequence) -> List[TrainingCase]:
-    """Files are cases; a folder is a case (one image + optional *mask* / *seg* files), or holds case
-    folders, or holds plain image files (each one a case). TrainingCase objects pass through."""
-    cases = []
+    """Healthy training cases from every documented layout; TrainingCase objects pass through.
+
+    - a folder of image files (each image a case) or a case folder (one image), with optional mask
+      and label partners paired by name (``pair_files``);
+    - a folder of such folders (one level down);
+    - image files listed one by one (partners listed with them are paired, per folder, the same way);
+    - a CSV file with a header ``image[,mask][,label][,name]``, paths relative to its folder.
+    Labelled slices are left out of training, so partly healthy (lesion) cases may be used.
+    """
+    if isinstance(paths, (str, Path, TrainingCase)):
+        paths = [paths]
+    cases: List[TrainingCase] = []
+    listed: Dict[Path, List[Path]] = {}
     for raw in paths:
         if isinstance(raw, TrainingCase):
             cases.append(raw)
             continue
-        path = Path(raw)
-        if is_image_file(path):
-            image, geometry = read_volume(path)
-            cases.append(TrainingCase(path.name.split(".")[0], image, geometry))
+        path = Path(raw).expanduser()
+        if path.is_file() and path.suffix.lower() == ".csv":
+            cases.extend(_cases_from_csv(path))
+        elif is_image_file(path):
+            listed.setdefault(path.parent, []).append(path)
         elif path.is_dir():
-            case = _case_from_folder(path)
-            if case is not None:
-                cases.append(case)
-            for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-                sub_case = _case_from_folder(sub)
-                if sub_case is not None:
-                    cases.append(sub_case)
+            if _image_files(path):
+                cases.extend(_cases_from_folder(path))
+            for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if _image_files(sub):
+                    cases.extend(_cases_from_folder(sub))
+        elif not path.exists():
+            raise InputError(f"{path}: no such file or folder.")
         else:
-            raise InputError(f"{path}: not an image file or folder.")
+            raise InputError(f"{path}: not an image file, folder or CSV list.")
+    for folder, files in listed.items():
+        pairs = pair_files(list(dict.fromkeys(files)), "listed files in " + str(folder))
+        cases.extend(_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs)
     if not cases:
-        raise InputError("no training volumes found in " + ", ".join(str(p) for p in paths) + ".")
+        raise InputError("no training volumes found in " + ", ".join(str(p) for p in paths) + "; give image "
+                         "files, folders of them, folders of case folders or a CSV list.")
     return cases
 
 
@@ -229,55 +429,101 @@ def run_dir_for(output: Path) -> Path:
     return output.with_name(output.name.split(".")[0] + ".run")
 
 
+# Settings a resumed run may change: they do not alter the network or what it has learnt so far.
+RESUMABLE_CHANGES = ("steps", "target_fpr", "checkpoint_every", "preview_every", "device", "name", "description",
+                     "inference")
+CHECKPOINT_KEYS = ("network", "ema", "optimizer", "generator", "step", "losses", "elapsed_s", "settings")
+
+
+def read_checkpoint(path: Path, settings: TrainingSettings, device) -> Dict:
+    """The saved state of a run, after checking it is ours and that ``settings`` may continue it.
+
+    Loaded with ``weights_only=True`` (no code runs); anything unreadable or foreign is an InputError."""
+    import torch
+
+    fresh = "start afresh with --overwrite"
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch raises many kinds (pickle, zip, EOF, runtime), with long texts, for a damaged file
+        raise InputError(f"{path}: not a readable training checkpoint (damaged, or not written by synomaly); "
+                         f"{fresh}.") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) \
+            or not isinstance(state["settings"], dict) or isinstance(state["step"], bool) \
+            or not isinstance(state["step"], int) or not isinstance(state["losses"], list) \
+            or not 0 <= state["step"] == len(state["losses"]):
+        raise InputError(f"{path}: not a Synomaly training checkpoint; {fresh}.")
+    saved, now = state["settings"], settings.to_dict()
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise InputError("cannot resume: " + ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})"
+                                                       for k in changed)
+                         + f" differ from the saved run, and only {', '.join(RESUMABLE_CHANGES)} may change; "
+                         f"resume with the saved values, or {fresh}.")
+    if settings.steps < state["step"]:
+        raise InputError(f"cannot resume: the saved run is at step {state['step']}, beyond the {settings.steps} "
+                         f"steps asked for; give at least {state['step']} steps.")
+    return state
+
+
 def train(healthy, output, settings: Optional[TrainingSettings] = None,
           progress: Optional[Callable[[int, int, float, str], None]] = None,
-          cancel: Optional[Callable[[], bool]] = None, resume: bool = False) -> Path:
+          cancel: Optional[Callable[[], bool]] = None, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a model on healthy volumes and write the calibrated model file to ``output``.
 
-    ``healthy``: paths (see ``find_cases``) or TrainingCase objects. ``progress(step, total, loss, msg)``.
-    ``cancel()`` is polled every step; on cancel the checkpoint is saved and Cancelled is raised,
-    so ``resume=True`` continues where it stopped.
+    ``healthy``: paths (see ``find_cases``) or TrainingCase objects. ``progress(step, total, loss, msg)``
+    is called after each step (and its checkpoint, when one is due). ``cancel()`` is polled every step
+    and during calibration; on cancel the checkpoint is saved at the current step and Cancelled is
+    raised, so ``resume=True`` continues where it stopped. ``overwrite=True`` starts afresh, replacing
+    an earlier model file and run folder. Settings, the output and the saved run are checked before
+    any data are read; nothing is written until the data are found good.
     """
+    settings = settings or TrainingSettings()
+    settings.validate()
+    output = Path(output).expanduser()
+    if output.suffix != ".safetensors":
+        raise OutputError(f"{output}: model files end in .safetensors.")
+    if resume and overwrite:
+        raise InputError("resume continues the saved run and overwrite starts afresh; choose one.")
+    run_dir = run_dir_for(output)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    for path in (output, run_dir):
+        if path.exists() and path.is_dir() != (path == run_dir):
+            raise OutputError(f"{path} is in the way ({'not a folder' if path == run_dir else 'a folder'}); "
+                              "move it or choose another model file.")
+    leftovers = output.exists() or (run_dir.exists() and any(run_dir.iterdir()))
+    if not (resume or overwrite):
+        if output.exists():
+            raise OutputError(f"{output} already exists; continue its run (--resume), replace it (--overwrite) "
+                              "or choose another model file.")
+        if checkpoint_path.exists():
+            raise OutputError(f"{run_dir} holds an earlier run; continue it (--resume) or start afresh "
+                              "(--overwrite).")
+        if leftovers:
+            raise OutputError(f"{run_dir} holds files of an earlier run that has no checkpoint; start afresh "
+                              "(--overwrite) or choose another model file.")
+    if resume and not checkpoint_path.is_file():
+        how = "start afresh with --overwrite instead of --resume" if leftovers else "start a new run without --resume"
+        raise OutputError(f"nothing to resume: {checkpoint_path} does not exist; {how}.")
+
+    # torch only now: refusals above are instant.
     import torch
     import torch.nn.functional as F
 
     from .detection import DEFAULT_INFERENCE, resolve_device
-    from .network import UNet, UNetConfig, count_parameters
+    from .network import UNet, count_parameters
     from .noise import make_noise
     from .presets import get_preset
     from .preprocessing import PreprocessConfig
     from .schedule import DiffusionSchedule
 
-    settings = settings or TrainingSettings()
-    output = Path(output)
-    if not output.parent.is_dir():
-        raise OutputError(f"{output.parent}: folder does not exist; create it first.")
-    if output.suffix != ".safetensors":
-        raise OutputError(f"{output}: model files end in .safetensors.")
-    if settings.loss not in ("l2", "l1", "hybrid"):
-        raise InputError(f"unknown loss {settings.loss!r}; choose l2, l1 or hybrid.")
     report = progress or (lambda step, total, loss, msg: None)
     device = resolve_device(settings.device)
     preset = get_preset(settings.preset)
-    run_dir = run_dir_for(output)
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise OutputError(f"{run_dir} holds an earlier run; resume it (--resume) or delete the folder.")
-    if resume and not checkpoint_path.exists():
-        raise OutputError(f"nothing to resume: {checkpoint_path} does not exist.")
-    cases = find_cases(healthy)
-    preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
-    report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
-    data = extract_slices(cases, settings, preprocess)
-    try:
-        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{run_dir}: cannot be created ({exc}).") from None
 
     torch.manual_seed(settings.seed)
-    config = UNetConfig(in_channels=1, out_channels=1, base_channels=settings.base_channels,
-                        channel_mult=tuple(settings.channel_mult), num_res_blocks=settings.num_res_blocks,
-                        attention_resolutions=tuple(settings.attention_resolutions), image_size=settings.image_size)
+    config = settings.network_config()
     network = UNet(config).to(device)
     ema = UNet(config).to(device)
     ema.load_state_dict(network.state_dict())
@@ -287,16 +533,27 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
     generator = torch.Generator().manual_seed(settings.seed)
     start, losses, elapsed = 0, [], 0.0
     if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["settings"] != settings.to_dict():
-            changed = [k for k in state["settings"] if state["settings"][k] != settings.to_dict().get(k)]
-            if set(changed) - {"steps", "device", "checkpoint_every", "preview_every"}:
-                raise InputError(f"cannot resume: settings differ from the saved run ({', '.join(changed)}).")
-        network.load_state_dict(state["network"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
+        state = read_checkpoint(checkpoint_path, settings, device)
+        try:
+            network.load_state_dict(state["network"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            start, losses, elapsed = state["step"], [float(v) for v in state["losses"]], float(state["elapsed_s"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{checkpoint_path}: does not match its own settings ({last_line(exc)}); "
+                             "start afresh with --overwrite.") from None
+
+    cases = find_cases(healthy)
+    preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
+    report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
+    data = extract_slices(cases, settings, preprocess)
+    try:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{run_dir}: cannot be created ({exc.strerror or exc}); choose another model file.") from None
 
     def save_checkpoint(step):
         _save_atomic_torch({"network": network.state_dict(), "ema": ema.state_dict(),
@@ -308,16 +565,18 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
             w.writerow(["step", "loss"])
             w.writerows([(i + 1, f"{v:.6f}") for i, v in enumerate(losses)])
 
+    def stop_if_asked(step):
+        if cancel is not None and cancel():
+            save_checkpoint(step)
+            raise Cancelled(f"training stopped at step {step} of {settings.steps}; checkpoint saved in {run_dir}")
+
     n = data.images.shape[0]
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
     amp = device.type == "cuda"
     network.train()
     t_start = time.perf_counter()
-    step = start
     for step in range(start, settings.steps):
-        if cancel is not None and cancel():
-            save_checkpoint(step)
-            raise Cancelled(f"training cancelled at step {step}; resume to continue.")
+        stop_if_asked(step)
         idx = torch.randint(n, (settings.batch_size,), generator=generator)
         x, m = augment(data.images[idx].clone(), data.masks[idx].clone(), settings, generator)
         t = torch.randint(0, settings.max_timestep, (x.shape[0],), generator=generator)
@@ -339,13 +598,14 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
             for pe, p in zip(ema.parameters(), network.parameters()):
                 pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
         losses.append(float(loss.detach()))
-        recent = float(np.mean(losses[-50:]))
-        report(step + 1, settings.steps, recent, f"step {step + 1}/{settings.steps} loss {recent:.4f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             save_checkpoint(step + 1)
+        recent = float(np.mean(losses[-50:]))
+        report(step + 1, settings.steps, recent, f"step {step + 1}/{settings.steps} loss {recent:.4f}")
         if (step + 1) % settings.preview_every == 0 or step + 1 == settings.steps:
             ema.eval()
             _write_preview(run_dir / "previews" / f"step_{step + 1:06d}.png", ema, schedule, preview_images, device)
+    stop_if_asked(settings.steps)
     wall = elapsed + time.perf_counter() - t_start
 
     report(settings.steps, settings.steps, float(np.mean(losses[-50:])) if losses else float("nan"), "calibrating")
@@ -371,7 +631,11 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
 
     ema.eval()
     model = SynomalyModel(ema, metadata)
-    metadata["calibration"] = calibrate(model, cases, data.validation, settings.target_fpr, device)
+    try:
+        metadata["calibration"] = calibrate(model, cases, data.validation, settings.target_fpr, device, cancel=cancel)
+    except Cancelled:
+        raise Cancelled(f"training stopped while calibrating, after all {settings.steps} steps; checkpoint saved "
+                        f"in {run_dir}") from None
     metadata["threshold"] = metadata["calibration"]["threshold"]
     from .model_file import save_model
 
@@ -381,7 +645,7 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
 
 
 def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
-                              device) -> Tuple[np.ndarray, np.ndarray]:
+                              device, cancel: Optional[Callable[[], bool]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
     from .baseline import baseline_for
     from .detection import DetectionSettings, detect
@@ -392,7 +656,7 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
             continue
         case = cases[ci]
         result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), threshold=float("inf")), slices=val)
+                        DetectionSettings(device=str(device), threshold=float("inf")), cancel=cancel, slices=val)
         prepared = result.prepared
         region = np.zeros(prepared.foreground.shape, dtype=bool)
         region[val] = True
@@ -408,7 +672,8 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
 
 
 def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]], target_fpr: float,
-              device, baseline_target_fpr: Optional[float] = None) -> Dict:
+              device, baseline_target_fpr: Optional[float] = None,
+              cancel: Optional[Callable[[], bool]] = None) -> Dict:
     """Anomaly threshold = the map value exceeded by ``target_fpr`` of held-out healthy foreground voxels.
 
     The intensity baseline's threshold is calibrated on the same voxels (at its own target when one was
@@ -417,7 +682,7 @@ def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[i
     from .baseline import calibrate_threshold
 
     base_fpr = target_fpr if baseline_target_fpr is None else float(baseline_target_fpr)
-    ours, base = healthy_validation_scores(model, cases, validation, device)
+    ours, base = healthy_validation_scores(model, cases, validation, device, cancel)
     return {"threshold": float(calibrate_threshold(ours, target_fpr)), "target_fpr": target_fpr,
             "voxels": int(ours.size), "baseline_threshold": float(calibrate_threshold(base, base_fpr)),
             "baseline_target_fpr": base_fpr, "baseline_median_size": 5}
@@ -444,7 +709,8 @@ def recalibrate(model_path, healthy, output=None, inference: Optional[Dict] = No
     data = extract_slices(cases, settings, PreprocessConfig.from_dict(model.metadata["preprocessing"]))
     if inference:
         model.metadata["inference"].update(inference)
-    fpr = settings.target_fpr if target_fpr is None else float(target_fpr)
+    fpr = settings.target_fpr if target_fpr is None else target_fpr
+    _check_number(fpr, "target false-positive rate", 0.0, 1.0)
     model.metadata["calibration"] = calibrate(model, cases, data.validation, fpr, resolve_device(device),
                                               baseline_target_fpr)
     model.metadata["threshold"] = model.metadata["calibration"]["threshold"]

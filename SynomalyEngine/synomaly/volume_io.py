@@ -34,6 +34,13 @@ def file_role(path: Path) -> str:
     return "image"
 
 
+def image_stem(path: Path) -> str:
+    """The name without its image suffix: ``pat1_flair.nii.gz`` -> ``pat1_flair``."""
+    name = path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+    return name[:-len(suffix)] if suffix else path.stem
+
+
 def _publish(tmp: str, path: Path) -> None:
     """Give the temporary file the usual permissions (mkstemp makes it owner-only), then rename it."""
     mask = os.umask(0)
