@@ -22,4 +22,4 @@ class OutputError(SynomalyError):
 
 
 class Cancelled(SynomalyError):
-    """The caller asked to stop; nothing was written."""
+    """The caller asked to stop: detection wrote nothing; training saved a checkpoint to resume from."""
