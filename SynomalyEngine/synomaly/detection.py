@@ -47,6 +47,7 @@ class DetectionSettings:
     min_component_mm3: Optional[float] = None
     mode: Optional[str] = None
     seed: int = 0
+    maps_only: bool = False  # no threshold, no segmentation: for calibration, which needs the maps alone
 
     def __post_init__(self):
         self.validate()
@@ -145,7 +146,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     settings = settings or DetectionSettings()
     params = inference_params(model, settings)
     device = resolve_device(settings.device)
-    threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
+    if settings.maps_only:
+        threshold = float("inf")
+    else:
+        threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
     timings = {}
     report_progress = progress or (lambda fraction, message: None)
 
@@ -231,7 +235,8 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "max_score": float(anomaly_map.max()),
         "mean_score": float(anomaly_map[in_fg].mean()) if in_fg.any() else 0.0,
         "threshold": threshold,
-        "threshold_source": "user" if settings.threshold is not None else "model calibration",
+        "threshold_source": ("none: maps only" if settings.maps_only else
+                             "user" if settings.threshold is not None else "model calibration"),
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
         "settings": dict(params, seed=int(settings.seed), device=str(device)),
