@@ -39,10 +39,9 @@ def output_format(path: Path, requested: str) -> str:
     return next((fmt for suffix, fmt in INPUT_FORMATS if name.endswith(suffix)), "nrrd")
 
 
-def check_writable(folder: Path, create: bool = True) -> None:
-    """Fail before any work when outputs could not be written. With ``create=False`` a missing
-    folder is not made yet (a failed run then leaves nothing behind); its nearest existing parent
-    is checked instead."""
+def check_writable(folder: Path) -> None:
+    """Fail before any work when outputs could not be written. A missing folder is not made yet (the
+    run makes it when it starts, see ``output_set.OutputFolder``); its nearest existing parent is checked."""
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
@@ -51,9 +50,6 @@ def check_writable(folder: Path, create: bool = True) -> None:
         raise OutputError(f"output folder {folder} cannot be created: {existing} is a file; "
                           "choose another with -o.")
     try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-            existing = folder
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(existing))
         os.close(fd)
         os.unlink(probe)
@@ -156,7 +152,7 @@ def cmd_detect(args) -> int:
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
                  for p, n in zip(inputs, names)]
-    check_writable(out_dir, create=False)
+    check_writable(out_dir)
     failures = 0
     # The folder exists while the run holds its locks; if nothing was written it goes again.
     with OutputFolder(out_dir), ExitStack() as held:
@@ -181,9 +177,9 @@ def cmd_detect(args) -> int:
                     result = detect(volume, geometry, model, mask, settings, progress=bar)
                 finally:
                     bar.close()
-                result.report = dict({"input": str(path.resolve()),
-                                      "mask": str(mask_path.resolve()) if mask_path is not None else None},
-                                     **result.report, warnings=notes)
+                result.report = {"input": str(path.resolve()),
+                                 "mask": str(mask_path.resolve()) if mask_path is not None else None,
+                                 **result.report, "warnings": notes}
                 write_outputs(output_set, paths, result, geometry, volume)
                 output_set.release()
             except SynomalyError as exc:
@@ -244,7 +240,7 @@ def cmd_evaluate(args) -> int:
                                  threshold=args.threshold, ensemble=args.ensemble, mode=args.mode)
     cases = find_eval_cases(args.cases)
     out_dir = Path(args.output)
-    check_writable(out_dir, create=False)
+    check_writable(out_dir)
     model = load_model(args.model)
     bar = Progress("evaluating", enabled=not args.quiet)
     try:
@@ -289,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect anomalies in volumes", description="Writes, per input NAME: "
                        "NAME_anomaly_seg, NAME_anomaly_map, NAME_counterfactual (volumes in the input's geometry), "
-                       "NAME_report.json and NAME_overview.png.")
+                       "NAME_report.json and NAME_overview.png. They appear together once NAME is done (an "
+                       "interrupted run leaves none of them); a second run into the same folder at the same time "
+                       "refuses.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")

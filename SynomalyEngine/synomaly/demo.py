@@ -62,7 +62,7 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet
     out_dir = Path(out_dir)
     paths = output_paths(out_dir, "phantom", "nii.gz")
     inputs = {"image": out_dir / "phantom_flair.nii.gz", "lesion": out_dir / "phantom_lesion.nii.gz"}
-    check_writable(out_dir, create=False)
+    check_writable(out_dir)
     # Inputs and outputs appear together at the end, or (after an error) not at all.
     with OutputFolder(out_dir), OutputSet(out_dir, "phantom") as output_set:
         if not overwrite:

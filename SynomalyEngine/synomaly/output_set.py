@@ -116,6 +116,7 @@ class OutputSet:
         self.lock = self.folder / f".{name}.lock"
         self.staging = self.folder / f".{name}.partial"
         self.held = False
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
 
     # the lock
 
@@ -127,11 +128,15 @@ class OutputSet:
             return None
 
     def _write_lock(self, committing: Iterable[str] = ()) -> None:
-        content = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        content = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
                    "committing": sorted(committing)}
         tmp = self.folder / f".{self.name}.lock.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(content), encoding="utf-8")
         os.replace(tmp, self.lock)
+
+    def _unwritable(self, exc: OSError) -> OutputError:
+        return OutputError(f"output folder {self.folder} cannot be written ({exc.strerror or exc}); "
+                           "choose another with -o.")
 
     def _refuse(self, owner: Optional[dict]) -> None:
         who = (f"process {owner['pid']} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
@@ -172,23 +177,20 @@ class OutputSet:
                 self._clear_stale(owner)
                 continue
             except OSError as exc:
-                raise OutputError(f"output folder {self.folder} cannot be written ({exc.strerror or exc}); "
-                                  "choose another with -o.") from None
+                raise self._unwritable(exc) from None
             os.close(fd)
             self.held = True
             try:
                 self._write_lock()
             except OSError as exc:
                 self.release()
-                raise OutputError(f"output folder {self.folder} cannot be written ({exc.strerror or exc}); "
-                                  "choose another with -o.") from None
+                raise self._unwritable(exc) from None
             shutil.rmtree(self.staging, ignore_errors=True)
             try:
                 self.staging.mkdir()
             except OSError as exc:
                 self.release()
-                raise OutputError(f"output folder {self.folder} cannot be written ({exc.strerror or exc}); "
-                                  "choose another with -o.") from None
+                raise self._unwritable(exc) from None
             return self
         self._refuse(self._owner())
 
