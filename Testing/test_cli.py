@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,11 +220,11 @@ def test_detect_with_mask(phantom_case, tmp_path):
         assert not values[~mask].any(), f"{kind} is non-zero outside the mask"
 
 
-def test_detect_dicom_series_folder(phantom_case, tmp_path):
-    """A DICOM series written slice by slice with the tags a reader needs to stack it."""
-    volume = sitk.Cast(sitk.ReadImage(str(phantom_case["flair"])), sitk.sitkInt16)[:, :, 8:24]
+def write_dicom_series(phantom_flair: Path, folder: Path, jitter_mm: float = 0.0) -> Path:
+    """16 slices of the phantom as a DICOM series written slice by slice, with the tags a reader needs
+    to stack it: ``slice000.dcm`` ... ``slice015.dcm``, 2 mm apart (every other one ``jitter_mm`` off)."""
+    volume = sitk.Cast(sitk.ReadImage(str(phantom_flair)), sitk.sitkInt16)[:, :, 8:24]
     volume.SetOrigin((-40.0, -35.5, 12.0))
-    folder = tmp_path / "series"
     folder.mkdir()
     d = volume.GetDirection()
     shared = {"0008|0060": "MR", "0008|0008": "DERIVED\\SECONDARY",
@@ -235,10 +236,16 @@ def test_detect_dicom_series_folder(phantom_case, tmp_path):
         plane = volume[:, :, i]
         for tag, value in shared.items():
             plane.SetMetaData(tag, value)
-        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, i))))
+        position = np.add(volume.TransformIndexToPhysicalPoint((0, 0, i)), (0.0, 0.0, jitter_mm * (i % 2)))
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
         plane.SetMetaData("0020|0013", str(i + 1))
         writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
         writer.Execute(plane)
+    return folder
+
+
+def test_detect_dicom_series_folder(phantom_case, tmp_path):
+    folder = write_dicom_series(phantom_case["flair"], tmp_path / "series")
     reference = read_dicom_series(folder)
     assert reference.GetSize() == (96, 96, 16) and reference.GetSpacing() == pytest.approx((1.0, 1.0, 2.0))
     before = snapshot(folder)
@@ -309,9 +316,17 @@ def bad_inputs(tmp_path_factory):
         "too_small": (write(folder / "tiny.nii.gz", np.ascontiguousarray(v[7:9, 4::8, 4::8])), ["too small"]),
     }
     for name, value in (("nan", np.nan), ("inf", np.inf)):
-        a = v.copy()
+        a = v.astype(np.float32)
         a[5, 30, 30] = value
         cases[name] = (write(folder / f"{name}.nrrd", a), ["NaN or infinite"])
+        # ITK's NIfTI reader reads them as 0: only the raw data block shows them.
+        cases[f"{name}_nifti"] = (write(folder / f"{name}.nii.gz", a), ["1 NaN or infinite"])
+    # ITK fills a truncated NIfTI data block with zeros, silently.
+    full = write(folder / "full.nii", v.astype(np.float32)).read_bytes()
+    truncated = folder / "truncated.nii"
+    truncated.write_bytes(full[: len(full) // 2])
+    (folder / "full.nii").unlink()
+    cases["truncated_nifti"] = (truncated, ["truncated"])
     # SimpleITK will not write a 0-size image, but MetaImage can describe one.
     empty = folder / "empty.mha"
     empty.write_text("ObjectType = Image\nNDims = 3\nDimSize = 64 64 0\nElementType = MET_FLOAT\n"
@@ -325,7 +340,7 @@ def bad_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["2d", "4d", "rgb", "empty", "zero_bytes", "missing", "constant", "nan", "inf",
-                                  "too_small", "label_map"])
+                                  "nan_nifti", "inf_nifti", "truncated_nifti", "too_small", "label_map"])
 def test_bad_input_is_refused_and_changes_nothing(bad_inputs, tmp_path, name):
     path, words = bad_inputs[name]
     before = snapshot(path) if path.exists() else None
@@ -423,6 +438,265 @@ def test_failed_write_is_atomic(phantom_case, tmp_path):
                    "flair_anomaly_map.nii.gz", "cannot be written")
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert (out / "flair_anomaly_map.nii.gz").is_dir()
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(phantom_case, tmp_path):
+    """ITK stacks such a series at an averaged spacing, with a raw warning on stderr; we name the gap."""
+    folder = write_dicom_series(phantom_case["flair"], tmp_path / "series")
+    (folder / "slice007.dcm").unlink()
+    before = snapshot(folder)
+    out = tmp_path / "out"
+    line = assert_refused(run_detect(folder, "-o", out, "--stages", "1"), "series", "1 slice missing",
+                          "slice006.dcm", "slice008.dcm", "--resample-slice-gaps")
+    assert "4.00 mm" in line and "2.00 mm apart" in line
+    assert not out.exists()
+    # Asked for, the gap is interpolated over: an even 2 mm grid of 16 slices, and the report says so.
+    result = ok(run_detect(folder, "-o", out, "--stages", "1", "-q", "--resample-slice-gaps"))
+    warnings = result.stderr.strip().splitlines()
+    assert warnings and all(w.startswith("synomaly: warning: ") for w in warnings), result.stderr
+    reference = read_dicom_series(folder)
+    seg = sitk.ReadImage(str(out / "series_anomaly_seg.nrrd"))
+    assert seg.GetSize() == (96, 96, 16) and seg.GetSpacing() == pytest.approx((1.0, 1.0, 2.0))
+    assert seg.GetOrigin() == pytest.approx(reference.GetOrigin())
+    report = json.loads((out / "series_report.json").read_text(encoding="utf-8"))
+    assert any("resampled" in w and "1 slice missing" in w for w in report["warnings"]), report["warnings"]
+    assert snapshot(folder) == before
+
+
+def test_no_library_message_reaches_the_terminal(phantom_case, tmp_path):
+    """Slice positions off by 1 % of their spacing (rounding in a scanner's export): ITK prints a raw
+    warning on stderr, we read the series as even and say nothing; a stray file is ignored quietly."""
+    folder = write_dicom_series(phantom_case["flair"], tmp_path / "series", jitter_mm=0.02)
+    (folder / "notes.dcm").write_text("not a DICOM file", encoding="utf-8")
+    result = ok(run_detect(folder, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    stray = [line for line in result.stderr.splitlines() if not line.startswith("synomaly: ")]
+    assert not stray, result.stderr
+    check_outputs(tmp_path / "out", "series", read_dicom_series(folder), ext=".nrrd")
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--threshold", "nan", ["threshold", "finite"]),
+    ("--threshold", "inf", ["threshold", "finite"]),
+    ("--threshold", "-0.1", ["threshold", "at least 0"]),
+    ("--min-component-mm3", "-5", ["minimum component size", "at least 0"]),
+    ("--min-component-mm3", "nan", ["minimum component size", "finite"]),
+    ("--batch-size", "0", ["batch size", "at least 1"]),
+    ("--seed", "-1", ["seed", "0 to"]),
+    ("--seed", str(2 ** 64), ["seed", "0 to"]),
+    ("--stages", "0", ["stages", "at least 1"]),
+    ("--ensemble", "0", ["ensemble", "at least 1"]),
+])
+def test_bad_detect_options_are_refused_before_any_work(phantom_case, tmp_path, option, value, words):
+    result = run_detect(phantom_case["flair"], "-o", tmp_path / "out", option, value)
+    assert_refused(result, value if value[0] != "-" else value[1:], *words)
+    assert result.stdout == "", "refused before the model is even loaded"
+    assert not (tmp_path / "out").exists()
+
+
+def test_detection_settings_check_themselves():
+    """The Slicer logic builds the same settings object, so it meets the same checks."""
+    from synomaly.detection import DetectionSettings
+    from synomaly.errors import InputError
+
+    for bad in ({"batch_size": 0}, {"threshold": float("nan")}, {"min_component_mm3": -1.0}, {"seed": -3},
+                {"stages": 1.5}, {"ensemble": True}, {"mode": "triple"}):
+        with pytest.raises(InputError):
+            DetectionSettings(**bad)
+    DetectionSettings(threshold=0.0, min_component_mm3=0.0, batch_size=1, seed=2 ** 63 - 1)
+
+
+def test_first_line_shows_the_threshold_in_use(phantom_case, tmp_path):
+    result = ok(run_detect(phantom_case["flair"], "-o", tmp_path, "--threshold", "0.25", "--stages", "1", "-q"))
+    first = result.stdout.splitlines()[0]
+    assert "threshold 0.2500 (yours" in first, first
+    report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert report["threshold"] == 0.25 and report["threshold_source"] == "user"
+
+
+# --- outputs as a set: interrupted and concurrent runs ---------------------------------------------
+
+# Runs the CLI in a real process whose first finished volume write is followed by ACTION: a signal it
+# sends itself (SIGKILL, SIGINT), or "pause" (it writes FLAG, then waits for FLAG.go).
+AT_FIRST_WRITE = """
+import os, signal, sys, time
+from pathlib import Path
+from synomaly import cli, volume_io
+action, flag = sys.argv[1], Path(sys.argv[2])
+real_write = volume_io.write_volume
+def write_volume(path, *args, **kwargs):
+    real_write(path, *args, **kwargs)
+    if action == "pause":
+        flag.write_text(str(os.getpid()))
+        while not flag.with_suffix(".go").exists():
+            time.sleep(0.05)
+    else:
+        os.kill(os.getpid(), getattr(signal, action))
+        time.sleep(60)
+volume_io.write_volume = write_volume
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def cli_with_hook(action: str, flag: Path, *args) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.Popen([sys.executable, "-c", AT_FIRST_WRITE, action, str(flag), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def visible(folder: Path) -> list:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_killed_run_leaves_nothing_that_blocks_the_next(phantom_case, tmp_path):
+    out = tmp_path / "out"
+    killed = cli_with_hook("SIGKILL", tmp_path / "flag", "detect", phantom_case["flair"], "-o", out,
+                           "--model", "demo-phantom", "--stages", "1", "-q")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    assert visible(out) == [], "a killed run shows no partial set"
+    # The next run, without --overwrite, finds the dead run's lock, clears what it left and goes ahead.
+    ok(run_detect(phantom_case["flair"], "-o", out, "--stages", "1", "-q"))
+    check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_run_leaves_nothing(phantom_case, tmp_path):
+    out = tmp_path / "new" / "out"
+    interrupted = cli_with_hook("SIGINT", tmp_path / "flag", "detect", phantom_case["flair"], "-o", out,
+                                "--model", "demo-phantom", "--stages", "1", "-q")
+    _, stderr = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 130 and stderr.strip() == "synomaly: interrupted", stderr
+    assert not (tmp_path / "new").exists(), "the folders the run created are gone with it"
+
+
+def test_concurrent_run_into_the_same_folder_is_refused(phantom_case, tmp_path):
+    out = tmp_path / "out"
+    flag = tmp_path / "writing"
+    first = cli_with_hook("pause", flag, "detect", phantom_case["flair"], "-o", out, "--model", "demo-phantom",
+                          "--stages", "1", "-q")
+    try:
+        for _ in range(6000):
+            if flag.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert flag.exists(), first.communicate()
+        for extra in ((), ("--overwrite",)):
+            line = assert_refused(run_detect(phantom_case["flair"], "-o", out, "--stages", "1", *extra),
+                                  "another synomaly run", f"process {first.pid}", "flair")
+            assert str(out) in line
+        flag.with_suffix(".go").write_text("go")
+        stdout, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    check_outputs(out, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    # Run after run: the second one no longer races, it finds the outputs and asks for --overwrite.
+    assert_refused(run_detect(phantom_case["flair"], "-o", out, "--stages", "1"), "already exists")
+
+
+def test_failed_evaluate_leaves_nothing(phantom_case, tmp_path):
+    cases = tmp_path / "cases"
+    good = cases / "a_good"
+    good.mkdir(parents=True)
+    for key in ("flair", "seg"):
+        (good / phantom_case[key].name).write_bytes(phantom_case[key].read_bytes())
+    bad = cases / "b_bad"
+    bad.mkdir()
+    (bad / "flair.nii.gz").write_bytes(phantom_case["flair"].read_bytes())
+    write(bad / "seg.nii.gz", np.zeros((4, 8, 8), np.uint8))
+    out = tmp_path / "evaluation"
+    assert_refused(run_cli("evaluate", cases, "-o", out, "--model", "demo-phantom", "--max-slices", "4",
+                           "--stages", "1", "-q"), "b_bad", "resample the label")
+    assert not out.exists(), "no folder, no panel of the case that went through"
+
+
+def test_failed_demo_leaves_nothing(tmp_path):
+    import torch
+
+    out = tmp_path / "demo"
+    assert_refused(run_cli("demo", "-o", out, "--device", "abacus"), "abacus")
+    if not torch.cuda.is_available():  # fails inside detection, after the phantom files were made
+        assert_refused(run_cli("demo", "-o", out, "--device", "cuda"), "CUDA")
+    assert not out.exists()
+
+
+# --- progress and report ---------------------------------------------------------------------------
+
+def run_in_terminal(*args, timeout=300):
+    """The CLI with stderr on a pseudo-terminal (where bars are drawn), stdout on a pipe."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = dict(os.environ, COLUMNS="160")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "synomaly", *map(str, args)], stdin=slave, stderr=slave,
+                            stdout=subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], timeout)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    proc.wait(timeout=timeout)
+    return proc.returncode, stdout, b"".join(chunks).decode("utf-8", "replace")
+
+
+BAR = re.compile(r"(\d+)%\|[^|]*\| (\d\d:\d\d)<(\d\d:\d\d|\?)(.*)$")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+@pytest.mark.parametrize("command", ["detect", "evaluate"])
+def test_progress_bar_moves_forward_with_time_left(phantom_case, tmp_path, command):
+    if command == "detect":
+        args = ("detect", phantom_case["flair"], "--model", "demo-phantom", "-o", tmp_path / "out")
+    else:
+        args = ("evaluate", phantom_case["flair"].parent, "--model", "demo-phantom", "-o", tmp_path / "out",
+                "--max-slices", "16")
+    code, stdout, terminal = run_in_terminal(*args)
+    assert code == 0, terminal
+    frames = [f.strip() for f in re.split(r"[\r\n]", terminal) if "%|" in f]
+    parsed = [BAR.search(f) for f in frames]
+    assert all(parsed), [f for f, m in zip(frames, parsed) if not m]
+    percent = [int(m.group(1)) for m in parsed]
+    assert len(percent) >= 5 and percent[-1] >= 90, percent
+    steps = np.diff([0] + percent)
+    assert steps.min() >= 0, f"the bar went back: {percent}"
+    assert steps.max() <= 25, f"the bar jumped: {percent}"
+    for m in parsed:
+        message = m.group(4)
+        assert message == "" or (message.startswith(", ") and message[2:3].strip()), m.group(0)
+        assert ", ," not in message and not message.rstrip().endswith(",")
+
+
+def test_report_names_input_engine_and_model(phantom_case, tmp_path):
+    import synomaly
+    from synomaly.model_file import load_model
+
+    ok(run_detect(phantom_case["flair"], "--mask", phantom_case["brainmask"], "-o", tmp_path, "--stages", "1",
+                  "-q"))
+    report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert report["input"] == str(phantom_case["flair"].resolve())
+    assert report["mask"] == str(phantom_case["brainmask"].resolve())
+    assert report["engine"] == {"name": "synomaly", "version": synomaly.__version__}
+    assert report["model"]["model_id"] == load_model("demo-phantom").model_id
+    assert report["warnings"] == []
 
 
 # --- training -----------------------------------------------------------------------------------------

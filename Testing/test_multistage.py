@@ -3,7 +3,8 @@ always predicts the same healthy image): fusion keeps the input where the map is
 converge on their own, and ensembles/single-stage mode run."""
 import torch
 
-from synomaly.multistage import StageSettings, difference_map, run_single_stage, run_stages
+from synomaly.multistage import (MonotoneProgress, StageSettings, difference_map, run_single_stage,
+                                 run_stages)
 from synomaly.schedule import DiffusionSchedule
 
 
@@ -97,3 +98,23 @@ def test_single_stage_applies_noise_levels_in_sequence():
     out = run_single_stage(net, schedule, x0, [100, 250], batch_size=2, generator=torch.Generator().manual_seed(1))
     assert [int(t[0]) for _, t in net.inputs] == [100, 100, 250, 250]
     assert torch.allclose(out, healthy.expand_as(x0), atol=1e-5)
+
+
+def test_progress_moves_forward_evenly_as_slices_converge():
+    """36 of 40 slices converge at stage 1 of 5: the bar must neither stop short of its end nor jump to
+    it, and never go back, although the work left is only known as slices converge."""
+    schedule = DiffusionSchedule()
+    healthy = torch.full((1, 1, 48, 48), -0.5)
+    x0 = healthy.repeat(40, 1, 1, 1).clone()
+    for i in (3, 13, 23, 33):
+        x0[i, :, 10:22, 10:22] = 0.8
+    net = HealthyImageDenoiser(schedule, healthy)
+    fg = torch.ones_like(x0, dtype=torch.bool)
+    meter, fractions = MonotoneProgress(), []
+    result = run_stages(net, schedule, x0, fg, StageSettings(max_stages=5), batch_size=4,
+                        generator=torch.Generator().manual_seed(0),
+                        progress=lambda done, total, message: fractions.append(meter(done, total)))
+    assert sum(result.stages) == 44 and len(fractions) == 11
+    steps = [b - a for a, b in zip([0.0] + fractions, fractions)]
+    assert min(steps) >= 0 and fractions[-1] == 1.0
+    assert max(steps) <= 0.15, fractions  # 11 batches of equal work: about 0.09 each

@@ -55,7 +55,7 @@ def test_missing_packages_are_offered_once_and_installed():
     assert len(recorder.questions) == 1 and "PyTorch" in recorder.questions[0]
     assert recorder.torch_calls == [Dependencies.TORCH_REQUIREMENT]
     assert sorted(recorder.pip_calls[0]) == sorted(
-        ["scikit-image>=0.19", "safetensors>=0.3", "opensimplex>=0.4", "tqdm>=4.60"])
+        ["scikit-image>=0.19", "safetensors>=0.3", "opensimplex>=0.4", "tqdm>=4.60", "nibabel>=3.2"])
 
 
 def test_declining_installs_nothing_and_says_why():

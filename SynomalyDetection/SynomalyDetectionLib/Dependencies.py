@@ -18,6 +18,7 @@ PIP_REQUIREMENTS = {
     "safetensors": "safetensors>=0.3",
     "opensimplex": "opensimplex>=0.4",
     "tqdm": "tqdm>=4.60",
+    "nibabel": "nibabel>=3.2",
 }
 
 

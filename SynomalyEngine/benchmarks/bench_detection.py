@@ -115,6 +115,7 @@ def run_pipeline(path, model, settings, out_dir, slices=None):
     """Read, detect, write; phase times in seconds and the detection report."""
     from synomaly.cli import output_paths, write_outputs
     from synomaly.detection import detect
+    from synomaly.output_set import OutputSet
     from synomaly.volume_io import read_volume
 
     t0 = time.perf_counter()
@@ -124,7 +125,8 @@ def run_pipeline(path, model, settings, out_dir, slices=None):
     os.makedirs(out_dir, exist_ok=True)
     paths = output_paths(Path(out_dir), "case", "nii.gz")
     t0 = time.perf_counter()
-    write_outputs(paths, result, geometry, volume)
+    with OutputSet(Path(out_dir), "case") as output_set:
+        write_outputs(output_set, paths, result, geometry, volume)
     write_s = time.perf_counter() - t0
     t = result.report["timings_s"]
     phases = {"read": read_s, "preprocess": t["preprocess_s"], "network": t["network_s"],

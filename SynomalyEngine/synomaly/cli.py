@@ -39,10 +39,9 @@ def output_format(path: Path, requested: str) -> str:
     return next((fmt for suffix, fmt in INPUT_FORMATS if name.endswith(suffix)), "nrrd")
 
 
-def check_writable(folder: Path, create: bool = True) -> None:
-    """Fail before any work when outputs could not be written. With ``create=False`` a missing
-    folder is not made yet (a failed run then leaves nothing behind); its nearest existing parent
-    is checked instead."""
+def check_writable(folder: Path) -> None:
+    """Fail before any work when outputs could not be written. A missing folder is not made yet (the
+    run makes it when it starts, see ``output_set.OutputFolder``); its nearest existing parent is checked."""
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
@@ -51,9 +50,6 @@ def check_writable(folder: Path, create: bool = True) -> None:
         raise OutputError(f"output folder {folder} cannot be created: {existing} is a file; "
                           "choose another with -o.")
     try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-            existing = folder
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(existing))
         os.close(fd)
         os.unlink(probe)
@@ -85,16 +81,18 @@ def _bar_disabled(enabled: bool):
 
 
 class Progress:
-    """A tqdm bar fed by the engine's progress(fraction, message) callback."""
+    """A tqdm bar fed by the engine's progress(fraction, message) callback: percentage, elapsed time,
+    time left at the average rate so far, and the engine's message. It never moves backwards."""
 
     def __init__(self, desc: str, enabled: bool = True):
         from tqdm import tqdm
 
+        # tqdm puts ", " before a non-empty postfix: here it separates the time from the message.
         self.bar = tqdm(total=1000, desc=desc, disable=_bar_disabled(enabled), leave=False, file=sys.stderr,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
     def __call__(self, fraction: float, message: str) -> None:
-        self.bar.n = int(1000 * min(1.0, max(0.0, fraction)))
+        self.bar.n = max(self.bar.n, int(1000 * min(1.0, max(0.0, fraction))))
         self.bar.set_postfix_str(message, refresh=False)
         self.bar.refresh()
 
@@ -102,31 +100,43 @@ class Progress:
         self.bar.close()
 
 
-def write_outputs(paths: dict, result, geometry, volume, ground_truth=None) -> None:
+def write_outputs(output_set, paths: dict, result, geometry, volume, ground_truth=None) -> None:
+    """Write one case's outputs as a set (see ``output_set``): staged, then moved into place, the report
+    last. Files already staged in ``output_set`` (the demo's inputs) are moved with them."""
     from .overview import render_overview
     from .volume_io import atomic_write_bytes, write_volume
 
-    folder = paths["report"].parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"output folder {folder} cannot be created ({exc.strerror or exc}).") from None
-    write_volume(paths["anomaly_seg"], result.segmentation, geometry)
-    write_volume(paths["anomaly_map"], result.anomaly_map, geometry)
-    write_volume(paths["counterfactual"], result.counterfactual, geometry)
+    notes = result.report.setdefault("warnings", [])
+    write_volume(output_set.stage(paths["anomaly_seg"]), result.segmentation, geometry, notes)
+    write_volume(output_set.stage(paths["anomaly_map"]), result.anomaly_map, geometry, notes)
+    write_volume(output_set.stage(paths["counterfactual"]), result.counterfactual, geometry, notes)
     if result.uncertainty is not None:
-        write_volume(paths["uncertainty"], result.uncertainty, geometry)
-    elif paths["uncertainty"].exists():
-        paths["uncertainty"].unlink()  # from an earlier ensemble run being overwritten: it would not match
-    atomic_write_bytes(paths["report"], (json.dumps(result.report, indent=2) + "\n").encode())
-    render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation, paths["overview"],
-                    ground_truth=ground_truth, map_max=max(result.report["threshold"] * 2, 1e-6)
+        write_volume(output_set.stage(paths["uncertainty"]), result.uncertainty, geometry, notes)
+    render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation,
+                    output_set.stage(paths["overview"]), ground_truth=ground_truth,
+                    map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
+    atomic_write_bytes(output_set.stage(paths["report"]), (json.dumps(result.report, indent=2) + "\n").encode())
+    # An uncertainty map from an earlier ensemble run being overwritten would not match the new set.
+    output_set.commit(last=[paths["report"]],
+                      obsolete=[paths["uncertainty"]] if result.uncertainty is None else [])
+
+
+def _threshold_line(model, settings, device) -> str:
+    """The first line of a run: the model and the threshold this run actually uses."""
+    if settings.threshold is not None:
+        threshold = f"threshold {settings.threshold:.4f} (yours; the model's calibrated one is {model.threshold:.4f})"
+    else:
+        threshold = f"threshold {model.threshold:.4f} (the model's calibrated one)"
+    return f"model: {model.name} ({model.model_id}), {threshold}, device {device}"
 
 
 def cmd_detect(args) -> int:
+    from contextlib import ExitStack
+
     from .detection import DetectionSettings, detect, resolve_device
     from .model_file import load_model
+    from .output_set import OutputFolder, OutputSet
     from .volume_io import read_volume
 
     inputs = [Path(p) for p in args.inputs]
@@ -141,42 +151,51 @@ def cmd_detect(args) -> int:
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
                                  precision=args.precision)
-    if settings.ensemble is not None and settings.ensemble < 1:
-        raise InputError("--ensemble must be at least 1.")
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
                  for p, n in zip(inputs, names)]
-    if not args.overwrite:
-        refuse_existing(p for paths in all_paths for p in paths.values())
-    check_writable(out_dir, create=False)
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=str(device))
-    print(f"model: {model.name} ({model.model_id}), threshold {model.threshold:.4f}, device {device}")
+    check_writable(out_dir)
     failures = 0
-    for path, mask_path, paths in zip(inputs, masks, all_paths):
-        try:
-            volume, geometry = read_volume(path)
-            mask = None
-            if mask_path is not None:
-                mask, _ = read_volume(mask_path)
-                if mask.shape != volume.shape:
-                    raise InputError(f"{mask_path}: size {tuple(reversed(mask.shape))} differs from the input's "
-                                     f"{tuple(reversed(volume.shape))}; resample the mask onto the input grid.")
-            bar = Progress(path.name, enabled=not args.quiet)
+    # The folder exists while the run holds its locks; if nothing was written it goes again.
+    with OutputFolder(out_dir), ExitStack() as held:
+        sets = [held.enter_context(OutputSet(out_dir, name)) for name in names]
+        if not args.overwrite:
+            refuse_existing(p for paths in all_paths for p in paths.values())
+        device = resolve_device(args.device)
+        model = load_model(args.model, device=str(device))
+        print(_threshold_line(model, settings, device), flush=True)
+        for path, mask_path, paths, output_set in zip(inputs, masks, all_paths, sets):
             try:
-                result = detect(volume, geometry, model, mask, settings, progress=bar)
-            finally:
-                bar.close()
-            write_outputs(paths, result, geometry, volume)
-        except SynomalyError as exc:
-            message = str(exc)
-            if not message.startswith(str(path)):
-                message = f"{path}: {message}"
-            print(error_line(message), file=sys.stderr)
-            failures += 1
-            continue
-        r = result.report
-        print(f"{path}: {r['anomalous_volume_ml']:.2f} mL anomalous in {r['n_components']} component(s), "
-              f"max score {r['max_score']:.3f}; outputs in {out_dir}/{case_name(path)}_*")
+                notes: List[str] = []
+                volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
+                mask = None
+                if mask_path is not None:
+                    mask, _ = read_volume(mask_path, notes)
+                    if mask.shape != volume.shape:
+                        raise InputError(f"{mask_path}: size {tuple(reversed(mask.shape))} differs from the input's "
+                                         f"{tuple(reversed(volume.shape))}; resample the mask onto the input grid.")
+                bar = Progress(path.name, enabled=not args.quiet)
+                try:
+                    result = detect(volume, geometry, model, mask, settings, progress=bar)
+                finally:
+                    bar.close()
+                result.report = {"input": str(path.resolve()),
+                                 "mask": str(mask_path.resolve()) if mask_path is not None else None,
+                                 **result.report, "warnings": notes}
+                write_outputs(output_set, paths, result, geometry, volume)
+                output_set.release()
+            except SynomalyError as exc:
+                output_set.release()
+                message = str(exc)
+                if not message.startswith(str(path)):
+                    message = f"{path}: {message}"
+                print(error_line(message), file=sys.stderr)
+                failures += 1
+                continue
+            for note in notes:
+                print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
+            r = result.report
+            print(f"{path}: {r['anomalous_volume_ml']:.2f} mL anomalous in {r['n_components']} component(s), "
+                  f"max score {r['max_score']:.3f}; outputs in {out_dir}/{case_name(path)}_*")
     return 2 if failures else 0
 
 
@@ -192,7 +211,7 @@ def cmd_train(args) -> int:
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr)
-    check_writable(output.parent, create=False)
+    check_writable(output.parent)
     # A bar on a terminal; in a log (stderr not a terminal) a line for the first step and each checkpoint.
     log = not args.quiet and not sys.stderr.isatty()
     bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not args.quiet), file=sys.stderr)
@@ -293,12 +312,12 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, find_eval_cases, format_table
     from .model_file import load_model
 
-    cases = find_eval_cases(args.cases)
-    out_dir = Path(args.output)
-    check_writable(out_dir)
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
                                  precision=args.precision)
+    cases = find_eval_cases(args.cases)
+    out_dir = Path(args.output)
+    check_writable(out_dir)
     model = load_model(args.model)
     bar = Progress("evaluating", enabled=not args.quiet)
     try:
@@ -346,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect anomalies in volumes", description="Writes, per input NAME: "
                        "NAME_anomaly_seg, NAME_anomaly_map, NAME_counterfactual (volumes in the input's geometry), "
-                       "NAME_report.json and NAME_overview.png.")
+                       "NAME_report.json and NAME_overview.png. They appear together once NAME is done (an "
+                       "interrupted run leaves none of them); a second run into the same folder at the same time "
+                       "refuses.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")
@@ -358,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["auto", *sorted(FORMATS)], default="auto",
                    help="volume output format (default auto: the input's own format, which keeps its geometry "
                         "exactly: nii.gz for NIfTI, nrrd for NRRD, mha for MetaImage; nrrd for DICOM folders)")
+    p.add_argument("--resample-slice-gaps", action="store_true",
+                   help="a DICOM series with missing or unevenly spaced slices is refused; with this, it is "
+                        "interpolated onto an even grid instead (the report says so; outputs are on that grid)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_detect)
 
@@ -416,8 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_as_warnings() -> None:
+    """The engine's logged warnings (a library's message, a cleaned-up interrupted run) in our format."""
+    import logging
+
+    logger = logging.getLogger("synomaly")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("synomaly: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_as_warnings()
     try:
         return args.func(args)
     except SynomalyError as exc:

@@ -55,26 +55,29 @@ def run_demo(out_dir: Path, device: str = "auto", overwrite: bool = False, quiet
     from .cli import Progress, check_writable, output_paths, refuse_existing, write_outputs
     from .detection import DetectionSettings, detect
     from .metrics import auprc, dice
+    from .output_set import OutputFolder, OutputSet
     from .phantom import make_phantom
     from .volume_io import write_volume
 
     out_dir = Path(out_dir)
     paths = output_paths(out_dir, "phantom", "nii.gz")
     inputs = {"image": out_dir / "phantom_flair.nii.gz", "lesion": out_dir / "phantom_lesion.nii.gz"}
-    if not overwrite:
-        refuse_existing(list(paths.values()) + list(inputs.values()))
     check_writable(out_dir)
-    phantom = make_phantom(lesion=True, seed=DEMO_SEED)
-    write_volume(inputs["image"], phantom.volume, phantom.geometry)
-    write_volume(inputs["lesion"], phantom.lesion_mask, phantom.geometry)
-    model = demo_model(device, quiet)
-    bar = Progress("demo", enabled=not quiet)
-    try:
-        result = detect(phantom.volume, phantom.geometry, model, settings=DetectionSettings(device=device),
-                        progress=bar)
-    finally:
-        bar.close()
-    write_outputs(paths, result, phantom.geometry, phantom.volume, ground_truth=phantom.lesion_mask)
+    # Inputs and outputs appear together at the end, or (after an error) not at all.
+    with OutputFolder(out_dir), OutputSet(out_dir, "phantom") as output_set:
+        if not overwrite:
+            refuse_existing(list(paths.values()) + list(inputs.values()))
+        phantom = make_phantom(lesion=True, seed=DEMO_SEED)
+        write_volume(output_set.stage(inputs["image"]), phantom.volume, phantom.geometry)
+        write_volume(output_set.stage(inputs["lesion"]), phantom.lesion_mask, phantom.geometry)
+        model = demo_model(device, quiet)
+        bar = Progress("demo", enabled=not quiet)
+        try:
+            result = detect(phantom.volume, phantom.geometry, model, settings=DetectionSettings(device=device),
+                            progress=bar)
+        finally:
+            bar.close()
+        write_outputs(output_set, paths, result, phantom.geometry, phantom.volume, ground_truth=phantom.lesion_mask)
     gt = phantom.lesion_mask > 0
     fg = phantom.brain_mask > 0
     base_scores = baseline_for(result.prepared)

@@ -3,14 +3,19 @@
 Data flows one way: (array, geometry[, mask]) -> prepared slices -> network -> maps in the input's
 grid -> segmentation and report. Inputs are never modified.
 """
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import __version__
 from .errors import DeviceError, InputError
 from .volume_io import Geometry
+
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 
 DEFAULT_INFERENCE = {
     "mode": "multi",          # "multi": multi-stage with fusion; "single": fixed noise levels, no fusion
@@ -43,6 +48,44 @@ class DetectionSettings:
     mode: Optional[str] = None
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
+    maps_only: bool = False  # no threshold, no segmentation: for calibration, which needs the maps alone
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse impossible values at once, before any work (the CLI and the Slicer logic both build
+        these settings first). Model-dependent limits (the noise level's) are checked in ``inference_params``."""
+        def whole(name, value, low, high=None):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"{name} must be a whole number, got {value!r}.")
+            if value < low or (high is not None and value > high):
+                limit = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise InputError(f"{name} must be {limit}, got {value}.")
+
+        def non_negative(name, value):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InputError(f"{name} must be a number, got {value!r}.")
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"{name} must be a finite number of at least 0, got {value}.")
+
+        whole("stages", self.stages, 1)
+        whole("noise level", self.noise_level, 1)
+        whole("ensemble size", self.ensemble, 1)
+        whole("batch size", self.batch_size, 1)
+        whole("seed", self.seed, 0, MAX_SEED)
+        non_negative("threshold", self.threshold)
+        non_negative("minimum component size (mm3)", self.min_component_mm3)
+        if self.mode is not None and self.mode not in ("multi", "single"):
+            raise InputError(f"mode must be 'multi' or 'single', got {self.mode!r}.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}.")
+        if not isinstance(self.device, str):
+            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}.")
 
 
 @dataclass
@@ -71,9 +114,8 @@ def resolve_device(name: str):
 def inference_params(model, settings: DetectionSettings) -> Dict:
     params = dict(DEFAULT_INFERENCE)
     params.update(model.metadata.get("inference", {}))
+    settings.validate()
     if settings.stages is not None:
-        if settings.stages < 1:
-            raise InputError("stages must be at least 1.")
         params["max_stages"] = int(settings.stages)
     if settings.noise_level is not None:
         steps = int(model.metadata.get("schedule", {}).get("num_steps", 1000))
@@ -84,12 +126,8 @@ def inference_params(model, settings: DetectionSettings) -> Dict:
     if settings.min_component_mm3 is not None:
         params["min_component_mm3"] = float(settings.min_component_mm3)
     if settings.mode is not None:
-        if settings.mode not in ("multi", "single"):
-            raise InputError("mode must be 'multi' or 'single'.")
         params["mode"] = settings.mode
     if settings.ensemble is not None:
-        if settings.ensemble < 1:
-            raise InputError("ensemble size must be at least 1.")
         params["ensemble"] = int(settings.ensemble)
     return params
 
@@ -103,7 +141,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     (of the reoriented volume; used by calibration). Raises InputError, DeviceError, Cancelled."""
     import torch
 
-    from .multistage import StageSettings, run_single_stage, run_stages
+    from .multistage import MonotoneProgress, StageSettings, run_single_stage, run_stages
     from .postprocessing import blur_map, segment
     from .preprocessing import PreprocessConfig, prepare_volume
     from .runtime import autocast, prepare_network, resolve_precision
@@ -113,7 +151,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     params = inference_params(model, settings)
     device = resolve_device(settings.device)
     precision = resolve_precision(device, settings.precision)
-    threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
+    if settings.maps_only:
+        threshold = float("inf")
+    else:
+        threshold = float(settings.threshold if settings.threshold is not None else model.threshold)
     timings = {}
     report_progress = progress or (lambda fraction, message: None)
 
@@ -128,9 +169,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     network = prepare_network(model.network, device)
     schedule = DiffusionSchedule(**model.metadata["schedule"])
     k = int(params["ensemble"])
-    batch_size = settings.batch_size or (32 if device.type == "cuda" else 2)
-    if batch_size < 1:
-        raise InputError("batch size must be at least 1.")
+    batch_size = settings.batch_size if settings.batch_size is not None else (32 if device.type == "cuda" else 2)
     shape = prepared.normalised.shape
     diffs = np.zeros((k,) + shape, dtype=np.float32)
     preds = prepared.normalised.copy()
@@ -145,14 +184,18 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
                               min_component_px=params["min_component_px"], soft_fusion=params["soft_fusion"],
                               signed=params["signed"], direction=params["direction"])
         with autocast(device, precision):
+            meter = MonotoneProgress()
+
+            def network_progress(done, total, message):
+                report_progress(0.05 + 0.85 * meter(done, total), message)
+
             if params["mode"] == "multi":
                 result = run_stages(network, schedule, images, masks, stage, batch_size, generator,
-                                    progress=lambda d, t, m: report_progress(0.05 + 0.85 * d / t, m),
-                                    cancel=cancel)
+                                    progress=network_progress, cancel=cancel)
                 counterfactual, stages_per_slice = result.counterfactual, result.stages
             else:
                 counterfactual = run_single_stage(network, schedule, images, params["single_noise_levels"],
-                                                  batch_size, generator)
+                                                  batch_size, generator, progress=network_progress, cancel=cancel)
                 stages_per_slice = [len(params["single_noise_levels"])] * images.shape[0]
         # The difference is taken at the network's resolution and then upsampled: comparing the
         # full-resolution input with an upsampled prediction would flag every detail lost by resizing.
@@ -196,11 +239,13 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "max_score": float(anomaly_map.max()),
         "mean_score": float(anomaly_map[in_fg].mean()) if in_fg.any() else 0.0,
         "threshold": threshold,
-        "threshold_source": "user" if settings.threshold is not None else "model calibration",
+        "threshold_source": ("none: maps only" if settings.maps_only else
+                             "user" if settings.threshold is not None else "model calibration"),
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
         "settings": dict(params, seed=int(settings.seed), device=str(device), precision=precision),
         "model": {"name": model.name, "model_id": model.model_id},
+        "engine": {"name": "synomaly", "version": __version__},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
     }
     report_progress(1.0, "done")

@@ -18,9 +18,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import __version__
 from . import metrics as M
-from .errors import InputError, OutputError
-from .volume_io import IMAGE_SUFFIXES, Geometry, atomic_write_bytes, file_role, is_image_file, read_volume
+from .errors import InputError
+from .output_set import OutputFolder, OutputSet
+from .volume_io import (IMAGE_SUFFIXES, Geometry, atomic_write_bytes, file_role, is_image_file, library_messages,
+                        read_volume)
 
 ORACLE_LABEL = "oracle, uses test labels, not a result"
 BASELINE_METHOD = "3D median filter of the normalised input intensity, thresholded inside the foreground"
@@ -526,21 +529,50 @@ def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
         cases = find_eval_cases(cases)
     if not 0.0 <= float(target_fpr) < 1.0:
         raise InputError(f"target_fpr must be in [0, 1), got {target_fpr}.")
+    inference = inference_params(model, settings)
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc}).") from None
+    # Panels and summaries appear together at the end; a failed run leaves nothing (see output_set).
+    with OutputFolder(out_dir), OutputSet(out_dir, "evaluation") as output_set:
+        evaluation = _evaluate_cases(cases, model, settings, inference, output_set, target_fpr, report,
+                                     max_slices, cancel)
+        text = json.dumps(evaluation, indent=2, allow_nan=False)
+        atomic_write_bytes(output_set.stage(out_dir / "evaluation.json"), (text + "\n").encode("utf-8"))
+        atomic_write_bytes(output_set.stage(out_dir / "evaluation.md"), _markdown(evaluation).encode("utf-8"))
+        output_set.commit(last=[out_dir / "evaluation.md", out_dir / "evaluation.json"])
+    report(1.0, "done")
+    return evaluation
 
+
+def _case_weight(case: EvalCase, max_slices: Optional[int]) -> float:
+    """Voxels the case will cost, from its header alone, so that progress and time left follow the work."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(case.image_path))
+    try:
+        with library_messages([]):
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return 1.0  # unreadable: reading it proper gives the error
+    size = list(reader.GetSize()) + [1]
+    slices = min(size[2], max_slices) if max_slices is not None else size[2]
+    return float(max(1, size[0] * size[1] * slices))
+
+
+def _evaluate_cases(cases, model, settings, inference, output_set, target_fpr, report, max_slices, cancel) -> Dict:
+    """The cases one by one (panels into the set's staging folder), then the summary, as evaluate() returns it."""
+    weights = [_case_weight(case, max_slices) for case in cases]
+    before = np.concatenate([[0.0], np.cumsum(weights)]) / (sum(weights) * 1.01)  # the last 1 %: the summary
     records, pooled = [], {"ours": [], "baseline": []}
-    n = len(cases)
     for i, case in enumerate(cases):
-        record, scores = evaluate_case(case, model, settings, out_dir, max_slices,
-                                       progress=lambda f, m, i=i: report((i + f) / n, m), cancel=cancel)
+        share = before[i + 1] - before[i]
+        record, scores = evaluate_case(case, model, settings, output_set.staging, max_slices,
+                                       progress=lambda f, m, i=i, share=share: report(before[i] + share * f, m),
+                                       cancel=cancel)
         records.append(record)
         for method in pooled:
             pooled[method].append(scores[method])
-    report(0.99, "summary")
+    report(before[-1], "summary")
 
     baseline = _baseline_calibration(model)
     calibration = model.metadata.get("calibration") or {}
@@ -567,6 +599,7 @@ def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
         summary[method]["pooled_fpr_within_target"] = (None if fpr is None or math.isnan(fpr)
                                                        else bool(fpr <= target_fpr))
     evaluation = {
+        "engine": {"name": "synomaly", "version": __version__},
         "model": _model_info(model),
         "threshold": {"value": float(settings.threshold if settings.threshold is not None else model.threshold),
                       "source": "user" if settings.threshold is not None else "model calibration on healthy "
@@ -574,18 +607,13 @@ def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
         "baseline": baseline,
         "target_fpr": float(target_fpr),
         "max_slices": max_slices,
-        "settings": {"detection": asdict(settings), "inference": inference_params(model, settings)},
+        "settings": {"detection": asdict(settings), "inference": inference},
         "oracle_label": ORACLE_LABEL,
         "cases": records,
         "summary": summary,
         "notes": notes,
     }
-    evaluation = _jsonable(evaluation)
-    text = json.dumps(evaluation, indent=2, allow_nan=False)
-    atomic_write_bytes(out_dir / "evaluation.json", (text + "\n").encode("utf-8"))
-    atomic_write_bytes(out_dir / "evaluation.md", _markdown(evaluation).encode("utf-8"))
-    report(1.0, "done")
-    return evaluation
+    return _jsonable(evaluation)
 
 
 __all__ = ["EvalCase", "find_eval_cases", "crop_axial", "case_metrics", "evaluate", "evaluate_case",

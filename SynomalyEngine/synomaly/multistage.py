@@ -86,8 +86,9 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
                cancel: Optional[Callable[[], bool]] = None) -> StageResult:
     """Run the stages over all slices; a slice leaves the active set once its map stops changing.
 
-    Slices stay on ``x0``'s device between stages (no host round trip); ``progress(done, total, msg)``
-    counts network slice-evaluations against the worst case.
+    Slices stay on ``x0``'s device between stages (no host round trip). ``progress(done, total, msg)``
+    counts network slice-evaluations: ``done`` so far, ``total`` the estimate of all that will be
+    needed (see ``estimated_evaluations``), which shrinks as slices converge.
     """
     n = x0.shape[0]
     cache = x0.clone()
@@ -95,11 +96,12 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
     prev_count = torch.zeros(n, device=x0.device)
     active = torch.ones(n, dtype=torch.bool, device=x0.device)
     stages = [0] * n
-    total, done = n * settings.max_stages, 0
+    done = 0
     for stage in range(1, settings.max_stages + 1):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
+        staying = 0
         for start in range(0, idx.numel(), batch_size):
             if cancel is not None and cancel():
                 raise Cancelled("detection cancelled")
@@ -117,17 +119,56 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
             for i in b.tolist():
                 stages[i] = stage
             done += b.numel()
+            staying += int(active[b].sum())
+            seen = min(start + batch_size, idx.numel())
             if progress is not None:
-                progress(done, total, f"stage {stage}/{settings.max_stages}: "
-                                      f"{min(start + batch_size, idx.numel())}/{idx.numel()} slices")
+                survival = staying / seen
+                total = done + estimated_evaluations(idx.numel() - seen, staying, survival,
+                                                     settings.max_stages - stage)
+                progress(done, total, f"stage {stage}/{settings.max_stages}: {seen}/{idx.numel()} slices")
     return StageResult(pred, stages)
 
 
-def run_single_stage(network, schedule, x0, noise_levels, batch_size=16, generator=None) -> torch.Tensor:
+def estimated_evaluations(unseen: int, staying: int, survival: float, stages_left: int) -> float:
+    """Network slice-evaluations still to come: the ``unseen`` slices of this stage, then in each later
+    stage the slices still changing, assuming the share ``survival`` seen so far keeps holding."""
+    active = staying + unseen * survival
+    return unseen + sum(active * survival ** k for k in range(stages_left))
+
+
+class MonotoneProgress:
+    """Turns (work done, estimated total work) into a fraction that never goes back: each step moves
+    the bar by the share of the estimated remaining work it did, so a shrinking estimate speeds
+    the bar up instead of making it jump, and it ends at 1 exactly when no work remains."""
+
+    def __init__(self):
+        self.fraction = 0.0
+        self.done = 0.0
+
+    def __call__(self, done: float, total: float) -> float:
+        step = done - self.done
+        remaining = max(float(total) - done, 0.0)
+        if step > 0:
+            self.fraction += (1.0 - self.fraction) * (step / (step + remaining))
+            self.done = done
+        return self.fraction
+
+
+def run_single_stage(network, schedule, x0, noise_levels, batch_size=16, generator=None,
+                     progress: Optional[Callable[[int, int, str], None]] = None,
+                     cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Comparison mode: one noise level, or a fixed list applied in sequence, without fusion."""
     out = x0.clone()
-    for t in noise_levels:
-        for start in range(0, x0.shape[0], batch_size):
+    n = x0.shape[0]
+    total, done = n * len(noise_levels), 0
+    for level, t in enumerate(noise_levels, start=1):
+        for start in range(0, n, batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled("detection cancelled")
             out[start:start + batch_size] = one_step_counterfactual(
                 network, schedule, out[start:start + batch_size], int(t), generator)
+            done += out[start:start + batch_size].shape[0]
+            if progress is not None:
+                progress(done, total, f"noise level {level}/{len(noise_levels)}: {min(start + batch_size, n)}/{n} "
+                                      "slices")
     return out

@@ -656,7 +656,7 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
             continue
         case = cases[ci]
         result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), threshold=float("inf")), cancel=cancel, slices=val)
+                        DetectionSettings(device=str(device), maps_only=True), cancel=cancel, slices=val)
         prepared = result.prepared
         region = np.zeros(prepared.foreground.shape, dtype=bool)
         region[val] = True

@@ -3,11 +3,17 @@
 Arrays are numpy in (z, y, x) order, as SimpleITK and Slicer's ``arrayFromVolume`` give them.
 Geometry is kept in ITK's LPS convention; ``ijk_to_ras`` converts for Slicer.
 """
+import contextlib
+import logging
 import os
+import re
+import sys
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -17,6 +23,12 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MASK_WORDS = ("mask",)
 LABEL_WORDS = ("seg", "label", "lesion")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Slice positions of a DICOM series may deviate this much (relative to their spacing) and still count as even.
+SLICE_SPACING_TOLERANCE = 0.05
+_ITK_WARNING = re.compile(r"^\s*WARNING: In .*, line \d+\s*$")
+_ITK_OBJECT = re.compile(r"^\s*\w+ \(0x[0-9a-fA-F]+\):\s*")
+log = logging.getLogger(__name__)
 
 
 def is_image_file(path: Path) -> bool:
@@ -111,32 +123,206 @@ class Geometry:
         return cls(tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
 
 
-def _read_sitk(path):
+def _library_lines(text: str) -> List[str]:
+    """What ITK, GDCM or niftilib printed, one entry per message, without source-file lines and addresses."""
+    messages, current = [], []
+    for line in text.splitlines():
+        if _ITK_WARNING.match(line) or not line.strip():
+            if current:
+                messages.append(" ".join(current))
+            current = []
+            continue
+        current.append(_ITK_OBJECT.sub("", line.strip()))
+    if current:
+        messages.append(" ".join(current))
+    return messages
+
+
+@contextlib.contextmanager
+def library_messages(sink: List[str]):
+    """Catch what C++ libraries (ITK, GDCM, niftilib) print on the process's stderr, and Python warnings,
+    into ``sink`` instead of the user's terminal: they become our errors or report warnings.
+
+    Works on file descriptor 2, since the libraries write there directly; where it cannot be
+    redirected (no console), ITK's warning display is switched off instead.
+    """
+    import SimpleITK as sitk
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):
+        saved = None
+    display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if saved is None:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    capture = tempfile.TemporaryFile() if saved is not None else None
+    try:
+        if capture is not None:
+            os.dup2(capture.fileno(), 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(display)
+        if capture is not None:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            sink.extend(_library_lines(capture.read().decode("utf-8", "replace")))
+            capture.close()
+    sink.extend(str(w.message) for w in caught)
+
+
+def _report(notes: Optional[List[str]], messages) -> None:
+    """Warnings go into the caller's list (a detection report), or to the log when it keeps none."""
+    for message in messages:
+        if notes is None:
+            log.warning(message)
+        else:
+            notes.append(message)
+
+
+def _slice_positions(reader, image) -> np.ndarray:
+    """Position of each slice along the slice normal, in mm, from its Image Position (Patient)."""
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(image.GetSize()[2]):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return np.zeros(0)
+        try:
+            point = [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+        except ValueError:
+            return np.zeros(0)
+        positions.append(float(np.dot(point, normal)))
+    return np.asarray(positions)
+
+
+def _uneven_slices(positions: np.ndarray, files: List[str]) -> Optional[str]:
+    """None for evenly spaced slices, else what is wrong, naming the files on both sides of the gap."""
+    if positions.size < 3:
+        return None
+    steps = np.diff(positions)
+    spacing = float(np.median(steps))
+    if spacing <= 0 or np.any(steps <= 0):
+        i = int(np.argmin(steps))
+        return (f"two slices lie at the same position or out of order ({Path(files[i]).name} and "
+                f"{Path(files[i + 1]).name}, {positions[i]:.2f} and {positions[i + 1]:.2f} mm)")
+    deviation = np.abs(steps - spacing)
+    if deviation.max() <= SLICE_SPACING_TOLERANCE * spacing:
+        return None
+    i = int(np.argmax(deviation))
+    missing = int(round(steps[i] / spacing)) - 1
+    what = (f"{missing} slice{'s' if missing != 1 else ''} missing" if missing >= 1 and
+            abs(steps[i] - (missing + 1) * spacing) <= SLICE_SPACING_TOLERANCE * spacing else "uneven spacing")
+    return (f"a gap in the DICOM series ({what}): slice positions jump by {steps[i]:.2f} mm from "
+            f"{positions[i]:.2f} to {positions[i + 1]:.2f} mm between {Path(files[i]).name} and "
+            f"{Path(files[i + 1]).name}, where the other slices are {spacing:.2f} mm apart")
+
+
+def _resample_slices(image, positions: np.ndarray):
+    """The stack on an even grid at the series' usual spacing, by linear interpolation between slices."""
+    import SimpleITK as sitk
+
+    spacing = float(np.median(np.diff(positions)))
+    count = int(np.floor((positions[-1] - positions[0]) / spacing + 1e-6)) + 1
+    targets = positions[0] + spacing * np.arange(count)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
+    weight = ((targets - positions[upper - 1]) / (positions[upper] - positions[upper - 1])).astype(np.float32)
+    weight = weight[:, None, None]
+    resampled = (1 - weight) * array[upper - 1] + weight * array[upper]
+    out = sitk.GetImageFromArray(resampled)
+    out.SetOrigin(image.GetOrigin())
+    out.SetDirection(image.GetDirection())
+    out.SetSpacing(image.GetSpacing()[:2] + (spacing,))
+    return out
+
+
+def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputError(f"{path}: folder holds no DICOM series; give an image file or a DICOM folder.")
+    if len(series) > 1:
+        raise InputError(f"{path}: folder holds {len(series)} DICOM series; put one series per folder.")
+    files = list(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    if image.GetDimension() != 3:
+        return image
+    positions = _slice_positions(reader, image)
+    problem = _uneven_slices(positions, files)
+    if problem is None:
+        return image
+    if not resample_gaps:
+        raise InputError(f"{path}: {problem}. Add the missing files, or pass --resample-slice-gaps to "
+                         "interpolate onto an even grid.")
+    resampled = _resample_slices(image, positions)
+    _report(notes, [f"{problem}; resampled by linear interpolation onto an even grid of "
+                    f"{resampled.GetSize()[2]} slices, {resampled.GetSpacing()[2]:.2f} mm apart "
+                    "(outputs are on that grid)"])
+    return resampled
+
+
+def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = False):
+    """Read with SimpleITK; what its libraries print becomes our error or a warning in ``notes``."""
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder.")
+    messages: List[str] = []
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{path}: folder holds no DICOM series; give an image file or a DICOM folder.")
-            if len(series) > 1:
-                raise InputError(f"{path}: folder holds {len(series)} DICOM series; put one series per folder.")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+        with library_messages(messages):
+            image = _read_series(path, notes, resample_gaps) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
+    # The series check above replaces ITK's own vague "non uniform sampling" warning.
+    _report(notes, [f"{path.name}: {m}" for m in messages if "Non uniform sampling" not in m])
+    return image
 
 
-def read_volume(path) -> Tuple[np.ndarray, Geometry]:
-    """Read a 3D scalar volume (anything SimpleITK reads, or a DICOM series folder)."""
+def _check_nifti_data(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 and fills a truncated data block with 0,
+    without a word. The raw block, read with nibabel (the field's NIfTI library), is checked for both."""
+    import nibabel
+
+    with library_messages([]):  # nibabel's header remarks: SimpleITK has read the file already
+        try:
+            image = nibabel.load(str(path))
+        except Exception:  # a header nibabel does not know: SimpleITK's reading stands
+            return
+        try:
+            raw = np.asanyarray(image.dataobj.get_unscaled())
+        except (OSError, EOFError, zlib.error) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # nibabel's first line says it
+            raise InputError(f"{path}: its data block is truncated or damaged ({detail}); "
+                             "copy or export the file again.") from None
+    if raw.dtype.kind in "fc":
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if bad:
+            raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
+
+
+def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = False
+                ) -> Tuple[np.ndarray, Geometry]:
+    """Read a 3D scalar volume (anything SimpleITK reads, or a DICOM series folder).
+
+    Warnings (a library's, or a resampled DICOM gap) are appended to ``notes``, or logged when it
+    is None. A DICOM series with missing or unevenly spaced slices is refused unless
+    ``resample_gaps``; NaN or infinite voxels are refused, and so is a truncated NIfTI data block.
+    """
     import SimpleITK as sitk
 
-    image = _read_sitk(path)
+    image = _read_sitk(path, notes, resample_gaps)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(vector/RGB image); give a single-channel (scalar) volume.")
@@ -147,7 +333,13 @@ def read_volume(path) -> Tuple[np.ndarray, Geometry]:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is a {image.GetDimension()}D image; a 3D volume is needed.")
+    if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
+        _check_nifti_data(Path(path))
     array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
     return array, Geometry.from_sitk(image)
 
 
@@ -166,15 +358,18 @@ def _write_atomically(path: Path, suffix: str, write) -> None:
         _discard(tmp)
 
 
-def write_volume(path, array: np.ndarray, geometry: Geometry) -> None:
-    """Write atomically, in the format the file name says."""
+def write_volume(path, array: np.ndarray, geometry: Geometry, notes: Optional[List[str]] = None) -> None:
+    """Write atomically, in the format the file name says; library warnings go to ``notes`` (or the log)."""
     import SimpleITK as sitk
 
     path = Path(path)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
+    messages: List[str] = []
+    with library_messages(messages):
+        _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
+    _report(notes, [f"{path.name}: {m}" for m in messages])
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -169,7 +169,10 @@ def run(request_path: Path) -> int:
     try:
         result, code = dict(runner(request, folder, progress, stop), status="succeeded"), EXIT_OK
     except Cancelled as exc:
-        result, code = {"status": "cancelled", "message": str(exc)}, EXIT_CANCELLED
+        message = str(exc)
+        if request.get("kind") == "training":
+            message += "; resume to continue"
+        result, code = {"status": "cancelled", "message": message}, EXIT_CANCELLED
     except Exception as exc:
         user_error = isinstance(exc, SynomalyError)
         result = {"status": "failed", "error": error_record(exc)}

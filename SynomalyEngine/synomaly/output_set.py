@@ -1,0 +1,249 @@
+"""Outputs written as a set: the files of one run appear together, or not at all.
+
+A run holds a lock per set (``.NAME.lock`` in the output folder, created exclusively and naming
+its process) from before any work until its files are in place, so a second run into the same
+folder refuses instead of mixing two sets. Files are written into a hidden staging folder
+(``.NAME.partial``) and moved into place at the end, the report last, with Ctrl-C held back for
+those few renames. A run killed outright (SIGKILL, a crash) leaves its lock and staging folder
+behind; the next run finds the lock's process gone and removes both, and any file the dead run
+had begun to move, so nothing half-written blocks it.
+"""
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+UNREADABLE_LOCK_GRACE_S = 60.0  # a lock without content may be one being written this instant
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the lock's process still runs; a process on another machine is assumed to."""
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":
+        import ctypes
+
+        kernel = ctypes.windll.kernel32
+        handle = kernel.OpenProcess(0x1000 | 0x00100000, False, pid)  # QUERY_LIMITED_INFORMATION | SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defer Ctrl-C and SIGTERM for a few renames, so an interruption cannot split a set."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
+class OutputFolder:
+    """Creates the output folder (and missing parents) on entry; on exit removes the folders it
+    created if they are still empty, so a run that wrote nothing leaves nothing behind."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.created: List[Path] = []
+
+    def __enter__(self) -> "OutputFolder":
+        missing = []
+        folder = self.folder
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                self.created.append(folder)
+        except OSError as exc:
+            self._remove_empty()
+            raise OutputError(f"output folder {self.folder} cannot be created ({exc.strerror or exc}); "
+                              "choose another with -o.") from None
+        return self
+
+    def _remove_empty(self) -> None:
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): keep it and its parents
+
+    def __exit__(self, *exc) -> None:
+        self._remove_empty()
+
+
+class OutputSet:
+    """One set of output files in ``folder``, named ``name`` for its lock and staging folder.
+
+    ``with OutputSet(folder, name) as out:`` takes the lock (OutputError when another live run
+    holds it); write files into ``out.stage(final_path)`` or the folder ``out.staging``; ``out.commit()``
+    moves them into place. Leaving the block removes the lock and whatever was not committed.
+    """
+
+    def __init__(self, folder, name: str):
+        self.folder = Path(folder)
+        self.name = name
+        self.lock = self.folder / f".{name}.lock"
+        self.staging = self.folder / f".{name}.partial"
+        self.held = False
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    # the lock
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            owner = json.loads(self.lock.read_text(encoding="utf-8"))
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def _write_lock(self, committing: Iterable[str] = ()) -> None:
+        content = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                   "committing": sorted(committing)}
+        tmp = self.folder / f".{self.name}.lock.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(content), encoding="utf-8")
+        os.replace(tmp, self.lock)
+
+    def _unwritable(self, exc: OSError) -> OutputError:
+        return OutputError(f"output folder {self.folder} cannot be written ({exc.strerror or exc}); "
+                           "choose another with -o.")
+
+    def _refuse(self, owner: Optional[dict]) -> None:
+        who = (f"process {owner['pid']} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+               if owner else "a process that is starting")
+        raise OutputError(f"another synomaly run ({who}) is writing {self.name} outputs in {self.folder}; wait for "
+                          f"it to finish or use another -o folder (if no run is active, delete {self.lock}).")
+
+    def _clear_stale(self, owner: Optional[dict]) -> None:
+        """Remove what a dead run left: its staging folder, the files it was moving, its lock."""
+        moved = []
+        for name in (owner or {}).get("committing", []):
+            path = self.folder / Path(name).name
+            if path.is_file():
+                path.unlink()
+                moved.append(path.name)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if moved:
+            log.warning(f"removed {', '.join(moved)} in {self.folder}: the incomplete outputs of an interrupted "
+                        f"run (process {owner['pid']})")
+        with contextlib.suppress(FileNotFoundError):
+            self.lock.unlink()
+
+    def acquire(self) -> "OutputSet":
+        for _ in range(3):
+            try:
+                fd = os.open(str(self.lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    try:
+                        age = time.time() - self.lock.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < UNREADABLE_LOCK_GRACE_S:
+                        self._refuse(None)
+                elif _alive(owner["pid"], str(owner.get("host", ""))):
+                    self._refuse(owner)
+                self._clear_stale(owner)
+                continue
+            except OSError as exc:
+                raise self._unwritable(exc) from None
+            os.close(fd)
+            self.held = True
+            try:
+                self._write_lock()
+            except OSError as exc:
+                self.release()
+                raise self._unwritable(exc) from None
+            shutil.rmtree(self.staging, ignore_errors=True)
+            try:
+                self.staging.mkdir()
+            except OSError as exc:
+                self.release()
+                raise self._unwritable(exc) from None
+            return self
+        self._refuse(self._owner())
+
+    def release(self) -> None:
+        """Drop what was not committed and the lock."""
+        if not self.held:
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.lock.unlink()
+        self.held = False
+
+    def __enter__(self) -> "OutputSet":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # the files
+
+    def stage(self, final) -> Path:
+        """Where to write the file that will become ``final`` (a file of this set's folder)."""
+        final = Path(final)
+        if final.parent.resolve() != self.folder.resolve():
+            raise ValueError(f"{final} is not in {self.folder}")
+        return self.staging / final.name
+
+    def commit(self, last: Iterable = (), obsolete: Iterable = ()) -> List[Path]:
+        """Move every staged file into place, those named in ``last`` at the end in that order (the
+        report: its presence marks a complete set), and remove ``obsolete`` files of an earlier set.
+        The lock lists the files meanwhile, so that a run killed halfway is cleaned up after."""
+        last_names = [Path(p).name for p in last]
+        staged = sorted(p.name for p in self.staging.iterdir()) if self.staging.is_dir() else []
+        order = [n for n in staged if n not in last_names] + [n for n in last_names if n in staged]
+        for name in order:
+            if (self.folder / name).is_dir():
+                raise OutputError(f"{self.folder / name}: cannot be written (a folder of that name is in the way); "
+                                  "remove it or choose another -o folder.")
+        moved: List[Path] = []
+        with _signals_held():
+            try:
+                self._write_lock(order + [Path(p).name for p in obsolete])
+                for name in order:
+                    os.replace(self.staging / name, self.folder / name)
+                    moved.append(self.folder / name)
+                for path in map(Path, obsolete):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                self._write_lock()
+            except OSError as exc:
+                for path in moved:  # half a set is worse than none
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise OutputError(f"{exc.filename or self.folder}: cannot be written ({exc.strerror or exc}).") \
+                    from None
+        return moved
