@@ -120,7 +120,7 @@ def write_outputs(paths: dict, result, geometry, volume, ground_truth=None) -> N
         paths["uncertainty"].unlink()  # from an earlier ensemble run being overwritten: it would not match
     atomic_write_bytes(paths["report"], (json.dumps(result.report, indent=2) + "\n").encode())
     render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation, paths["overview"],
-                    ground_truth=ground_truth, map_max=max(result.report["threshold"] * 2, 1e-6)
+                    ground_truth=ground_truth, geometry=geometry, map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
 
 
