@@ -139,7 +139,8 @@ def cmd_detect(args) -> int:
     out_dir = Path(args.output)
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
-                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed)
+                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
+                                 skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
     if settings.ensemble is not None and settings.ensemble < 1:
         raise InputError("--ensemble must be at least 1.")
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
@@ -266,10 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect anomalies in volumes", description="Writes, per input NAME: "
                        "NAME_anomaly_seg, NAME_anomaly_map, NAME_counterfactual (volumes in the input's geometry), "
-                       "NAME_report.json and NAME_overview.png.")
+                       "NAME_report.json and NAME_overview.png. The brain model expects skull-stripped FLAIR: "
+                       "a whole head is refused unless a brain mask is given (--mask, or --skull-strip hd-bet).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
-    p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")
+    p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found "
+                   "automatically); for the brain model, a brain mask when the input is not skull-stripped")
+    p.add_argument("--skull-strip", choices=("hd-bet",), default=None, help="extract the brain with HD-BET "
+                   "(pip install hd-bet) when no --mask is given")
+    p.add_argument("--no-skull-check", action="store_true", help="do not refuse input that does not look "
+                   "skull-stripped (brain model); for those who know better")
     _detection_options(p)
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None,

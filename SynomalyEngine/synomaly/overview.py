@@ -52,8 +52,10 @@ def _spread(indices: np.ndarray, n: int) -> List[int]:
 
 def _background(volume: np.ndarray) -> float:
     """The 1st percentile, not the minimum: one extreme voxel must not decide what is background."""
+    from .preprocessing import background_level
+
     finite = volume[np.isfinite(volume)]
-    return float(np.percentile(finite, 1.0, method="lower")) if finite.size else 0.0
+    return background_level(finite) if finite.size else 0.0
 
 
 def choose_slices(volume: np.ndarray, segmentation: np.ndarray, n_slices: int) -> List[int]:

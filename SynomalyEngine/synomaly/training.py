@@ -391,8 +391,9 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
         if not val:
             continue
         case = cases[ci]
+        # The model is calibrated on what it was trained on, stripped or not: no skull check here.
         result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), threshold=float("inf")), slices=val)
+                        DetectionSettings(device=str(device), threshold=float("inf"), skull_check=False), slices=val)
         prepared = result.prepared
         region = np.zeros(prepared.foreground.shape, dtype=bool)
         region[val] = True
