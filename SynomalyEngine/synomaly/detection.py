@@ -104,6 +104,7 @@ def brain_input(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np
     A given mask is used as it is; ``skull_strip`` extracts one; otherwise the volume must look
     skull-stripped (``skullstrip.check_skull_stripped``), unless the check is turned off.
     """
+    from .preprocessing import check_volume
     from .presets import PRESETS
     from .skullstrip import SKULL_STRIPPERS, check_skull_stripped, hd_bet_brain_mask
 
@@ -114,6 +115,7 @@ def brain_input(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np
         return mask, {"result": "not needed", "preset": model.preset}
     if mask is not None:
         return mask, {"result": "mask given"}
+    check_volume(volume)  # an unusable volume gets its own message before any measurement
     if settings.skull_strip == "hd-bet":
         return hd_bet_brain_mask(volume, geometry, str(device)), {"result": "brain extracted by HD-BET"}
     if not settings.skull_check:
