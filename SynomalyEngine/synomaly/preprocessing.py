@@ -88,22 +88,20 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
 
     lo = background_level(array)
     at_background = array <= lo + 1e-6 * max(1.0, abs(lo))
-    if at_background.mean() > 0.1:
+    constant_background = at_background.mean() > 0.1
+    if constant_background:
         mask = ~at_background
-        keep = "large"
     else:
         sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
         p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
         mask = array > threshold_otsu(np.clip(sample, p_lo, p_hi))
-        keep = "largest"
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        if keep == "largest":
-            mask = labels == sizes.argmax()
-        else:
-            mask = np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum()))
+        # Otsu's mask: the largest piece (the head); a masked volume: every piece but specks.
+        mask = (np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum())) if constant_background
+                else labels == sizes.argmax())
     for z in range(mask.shape[0]):
         if mask[z].any():
             mask[z] = ndimage.binary_fill_holes(mask[z])
