@@ -120,7 +120,7 @@ def test_help_says_the_brain_model_expects_skull_stripped_flair():
     assert "expects skull-stripped FLAIR" in text and "--no-skull-check" in text and "--skull-strip" in text
 
 
-def _path_without_hd_bet(tmp_path):
+def _path_without_hd_bet():
     """PATH with this Python's folder only (no hd-bet anywhere on it), checked."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent)
@@ -129,7 +129,7 @@ def _path_without_hd_bet(tmp_path):
 
 
 def test_hd_bet_option_without_hd_bet_says_how_to_install_it(whole_head, tmp_path, monkeypatch):
-    env = _path_without_hd_bet(tmp_path)
+    env = _path_without_hd_bet()
     out = tmp_path / "out"
     result = run_cli("detect", whole_head / "head.nii.gz", "--skull-strip", "hd-bet", "--model", "demo-phantom",
                      "-o", out, env=env)
