@@ -289,11 +289,12 @@ def test_evaluate_writes_json_markdown_and_panels(tiny_model, lesion_cases, tmp_
         # Next to each of our figures, the baseline's, computed (the model carries its threshold).
         for key in ("dice", "auprc", "auroc", "hd95_mm", "fpr_healthy", "slice_dice"):
             assert key in case["baseline"] and case["baseline"][key] is not None, key
-        # The phantom lesion is bright: the baseline ranks it well.
-        assert case["baseline"]["auroc"] > 0.9
+        # The phantom lesion is mostly bright (mixed, with parts as bright as healthy caps and cortex):
+        # the baseline ranks it well, not perfectly.
+        assert case["baseline"]["auroc"] > 0.8
         assert 0.0 <= case["ours"]["ssim_healthy_slices"] <= 1.0   # the lesion leaves tumour-free slices
         image = imread(str(out / case["panel"]))
-        assert image.ndim == 3 and image.shape[2] == 3 and image.shape[1] == 4 * 64 + 3 * 2
+        assert image.ndim == 3 and image.shape[2] == 3 and image.shape[1] > 4 * 64  # four labelled columns
         # Ground-truth contour (green) is visible: the rows go through the lesion.
         assert np.all(image == (0, 255, 0), axis=-1).sum() > 10
     for method in ("ours", "baseline"):

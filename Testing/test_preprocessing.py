@@ -139,3 +139,47 @@ def test_slice_frame_keeps_aspect_ratio_and_round_trips():
 def test_bad_volumes_are_rejected_with_a_clear_message(array, message):
     with pytest.raises(InputError, match=message):
         check_volume(array)
+
+
+def _zscored(p):
+    """The phantom as BraTS 2015 stores it: z-scored brain, constant background just below it."""
+    brain = p.brain_mask > 0
+    z = np.zeros(p.volume.shape, dtype=np.float32)
+    z[brain] = (p.volume[brain] - p.volume[brain].mean()) / p.volume[brain].std()
+    z[~brain] = z[brain].min() - 0.1
+    return z
+
+
+def _assert_outlier_changes_nothing(clean, geometry, where, value):
+    """One extreme voxel moves the foreground by at most that voxel and no other normalised intensity."""
+    dirty = clean.copy()
+    dirty[where] = value
+    config = PreprocessConfig()
+    a, b = prepare_volume(clean, geometry, config), prepare_volume(dirty, geometry, config)
+    assert np.count_nonzero(a.foreground != b.foreground) <= 1
+    assert (a.frame.y0, a.frame.y1, a.frame.x0, a.frame.x1) == (b.frame.y0, b.frame.y1, b.frame.x0, b.frame.x1)
+    assert a.slices == b.slices
+    others = np.ones(clean.shape, dtype=bool)
+    others[where] = False
+    others = a.orientation.apply(others)
+    assert np.abs(a.normalised[others] - b.normalised[others]).max() < 2e-3
+
+
+@pytest.mark.parametrize("kind,value", [("zscored", -1000.0), ("raw", -32768.0), ("raw", 32767.0)])
+@pytest.mark.parametrize("inside", [True, False])
+def test_one_outlier_voxel_changes_neither_foreground_nor_normalisation_on_a_phantom(kind, value, inside):
+    p = make_phantom(seed=3)
+    clean = _zscored(p) if kind == "zscored" else p.volume
+    brain = np.argwhere(p.brain_mask > 0)
+    where = tuple(brain[len(brain) // 2]) if inside else (16, 2, 3)
+    _assert_outlier_changes_nothing(clean, p.geometry, where, value)
+
+
+@pytest.mark.parametrize("case,value", [("brats2015/pat0001", -1000.0), ("brats2018/Brats18_CBICA_ARW_1", -32768.0)])
+def test_one_outlier_voxel_changes_nothing_on_a_real_brats_case(shared_data, case, value):
+    path = shared_data / case / "flair.nii.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not found; CI provides it")
+    volume, geometry = read_volume(path)
+    brain = np.argwhere(volume > np.percentile(volume, 99))
+    _assert_outlier_changes_nothing(volume, geometry, tuple(brain[len(brain) // 2]), value)

@@ -113,7 +113,7 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
     if result.uncertainty is not None:
         write_volume(output_set.stage(paths["uncertainty"]), result.uncertainty, geometry, notes)
     render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation,
-                    output_set.stage(paths["overview"]), ground_truth=ground_truth,
+                    output_set.stage(paths["overview"]), ground_truth=ground_truth, geometry=geometry,
                     map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
     atomic_write_bytes(output_set.stage(paths["report"]), (json.dumps(result.report, indent=2) + "\n").encode())
@@ -150,7 +150,8 @@ def cmd_detect(args) -> int:
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
-                                 precision=args.precision)
+                                 precision=args.precision, skull_check=not args.no_skull_check,
+                                 skull_strip=args.skull_strip)
     all_paths = [output_paths(out_dir, n, output_format(p, args.format))
                  for p, n in zip(inputs, names)]
     check_writable(out_dir)
@@ -367,10 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "NAME_anomaly_seg, NAME_anomaly_map, NAME_counterfactual (volumes in the input's geometry), "
                        "NAME_report.json and NAME_overview.png. They appear together once NAME is done (an "
                        "interrupted run leaves none of them); a second run into the same folder at the same time "
-                       "refuses.")
+                       "refuses. The brain model expects skull-stripped FLAIR: a whole head is refused unless a "
+                       "brain mask is given (--mask, or --skull-strip hd-bet).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
-    p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found automatically)")
+    p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found "
+                   "automatically); for the brain model, a brain mask when the input is not skull-stripped")
+    p.add_argument("--skull-strip", choices=("hd-bet",), default=None, help="extract the brain with HD-BET "
+                   "(pip install hd-bet) when no --mask is given")
+    p.add_argument("--no-skull-check", action="store_true", help="do not refuse input that does not look "
+                   "skull-stripped (brain model); for those who know better")
     _detection_options(p)
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None,

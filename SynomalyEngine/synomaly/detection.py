@@ -49,6 +49,10 @@ class DetectionSettings:
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
     maps_only: bool = False  # no threshold, no segmentation: for calibration, which needs the maps alone
+    # Models whose preset needs skull-stripped input (brain) refuse a volume that does not look
+    # skull-stripped unless a mask is given (``skullstrip.check_skull_stripped``); False skips the check.
+    skull_check: bool = True
+    skull_strip: Optional[str] = None  # "hd-bet": extract the brain first when no mask is given
 
     def __post_init__(self):
         self.validate()
@@ -132,6 +136,33 @@ def inference_params(model, settings: DetectionSettings) -> Dict:
     return params
 
 
+def brain_input(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray],
+                settings: DetectionSettings, device):
+    """(mask, what the report says about skull stripping): a brain model's input must be a brain.
+
+    A given mask is used as it is; ``skull_strip`` extracts one; otherwise the volume must look
+    skull-stripped (``skullstrip.check_skull_stripped``), unless the check is turned off.
+    """
+    from .preprocessing import check_volume
+    from .presets import PRESETS
+    from .skullstrip import SKULL_STRIPPERS, check_skull_stripped, hd_bet_brain_mask
+
+    if settings.skull_strip is not None and settings.skull_strip not in SKULL_STRIPPERS:
+        raise InputError(f"unknown skull stripper {settings.skull_strip!r}; use one of {', '.join(SKULL_STRIPPERS)}.")
+    preset = PRESETS.get(model.preset)
+    if preset is None or not preset.skull_stripped:
+        return mask, {"result": "not needed", "preset": model.preset}
+    if mask is not None:
+        return mask, {"result": "mask given"}
+    check_volume(volume)  # an unusable volume gets its own message before any measurement
+    if settings.skull_strip == "hd-bet":
+        return hd_bet_brain_mask(volume, geometry, str(device)), {"result": "brain extracted by HD-BET"}
+    if not settings.skull_check:
+        return None, {"result": "check turned off"}
+    features = check_skull_stripped(volume, geometry)
+    return None, dict(features.to_dict(), result="input looks skull-stripped")
+
+
 def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray] = None,
            settings: Optional[DetectionSettings] = None,
            progress: Optional[Callable[[float, str], None]] = None,
@@ -160,6 +191,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
 
     t0 = time.perf_counter()
     report_progress(0.0, "preprocessing")
+    mask, skull = brain_input(volume, geometry, model, mask, settings, device)
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     prepared = prepare_volume(volume, geometry, config, mask)
     indices = prepared.slices if slices is None else [z for z in slices if z in set(prepared.slices)]
@@ -244,6 +276,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
         "settings": dict(params, seed=int(settings.seed), device=str(device), precision=precision),
+        "skull_check": skull,
         "model": {"name": model.name, "model_id": model.model_id},
         "engine": {"name": "synomaly", "version": __version__},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},

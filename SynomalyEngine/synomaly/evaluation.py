@@ -7,7 +7,6 @@ named an oracle wherever it appears. Slice-wise figures use axial slices of the 
 so they mean the same for any acquisition orientation.
 """
 import csv
-import io
 import json
 import math
 import re
@@ -271,15 +270,14 @@ def _baseline_calibration(model) -> Dict:
                                 f"{calibration.get('target_fpr')})"}
 
 
-def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, path) -> None:
+def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, spacing_xyz, path) -> None:
     """Rows through the lesion (up to three) plus the slice with the most false positives, if any.
 
     ``overview.render_overview`` picks slices from our segmentation only, which can miss the lesion;
-    each row here is rendered by ``render_overview_array`` on one slice, with one map scale for all.
+    here the rows are chosen from the ground truth, with one map scale for all. The arrays are
+    already axial (reoriented like the network's input).
     """
-    from PIL import Image
-
-    from .overview import GAP, GAP_VALUE, choose_slices, render_overview_array
+    from .overview import choose_slices, compose_overview, save_png
 
     seg = segmentation > 0
     gt_z = np.flatnonzero(gt.any(axis=(1, 2)))
@@ -292,16 +290,9 @@ def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, pa
     map_max = float(np.percentile(inside, 99.9)) if inside.size else 0.0
     if not map_max > 0:
         map_max = float(inside.max()) if inside.size and inside.max() > 0 else 1.0
-    images = [render_overview_array(volume[z:z + 1], counterfactual[z:z + 1], anomaly_map[z:z + 1],
-                                    segmentation[z:z + 1], ground_truth=gt[z:z + 1], n_slices=1,
-                                    map_max=map_max) for z in rows]
-    gap = np.full((GAP, images[0].shape[1], 3), GAP_VALUE, dtype=np.uint8)
-    stacked = [images[0]]
-    for image in images[1:]:
-        stacked.extend([gap, image])
-    buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(stacked, axis=0)).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    overview = compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_truth=gt,
+                                geometry=Geometry.identity(spacing_xyz), map_max=map_max, slices=rows)
+    save_png(overview.image, path)
 
 
 def _read_case(case: EvalCase):
@@ -354,7 +345,7 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
 
     panel = f"{case.name}_panel.png"
     report(0.95, f"{case.name}: panel")
-    _panel(volume, counterfactual, ours_map, ours_seg, gt, foreground, out_dir / panel)
+    _panel(volume, counterfactual, ours_map, ours_seg, gt, foreground, spacing_xyz, out_dir / panel)
     record = {
         "name": case.name, "image": str(case.image_path), "label": str(case.label_path),
         "mask": str(case.mask_path) if case.mask_path else None,

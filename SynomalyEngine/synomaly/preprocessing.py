@@ -64,23 +64,44 @@ def check_volume(array: np.ndarray, what: str = "input") -> None:
                              "give the intensity image, and pass a label map as --mask if it is an organ mask.")
 
 
+def background_level(array: np.ndarray) -> float:
+    """The volume's background value, robustly: its 1st percentile, not its minimum.
+
+    A skull-stripped or masked volume fills well over 1 % of its voxels with one constant, which this
+    returns exactly; one extreme voxel (-1000 in a z-scored volume, -32768 in a raw one) cannot move it.
+    """
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    k = int(0.01 * (sample.size - 1))
+    return float(np.partition(sample, k)[k])
+
+
 def foreground_mask(array: np.ndarray) -> np.ndarray:
-    """Foreground (head, organ) without labels: above a constant background, or above Otsu's threshold."""
+    """Foreground (head, organ) without labels: above a constant background, or above Otsu's threshold.
+
+    Robust to isolated extremes: the background level is a percentile (``background_level``), Otsu's
+    threshold is taken on intensities clipped to their 0.5-99.5th percentiles, and components smaller
+    than 0.1 % of the foreground are dropped (a lone bright voxel in the air would stretch the crop).
+    Voxels at or below the background inside the foreground become holes, which are filled.
+    """
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    lo = array.min()
-    at_min = array <= lo + 1e-6 * max(1.0, abs(float(lo)))
-    if at_min.mean() > 0.1:
-        mask = ~at_min
+    lo = background_level(array)
+    at_background = array <= lo + 1e-6 * max(1.0, abs(lo))
+    constant_background = at_background.mean() > 0.1
+    if constant_background:
+        mask = ~at_background
     else:
-        sample = array.ravel()[:: max(1, array.size // 1_000_000)]
-        mask = array > threshold_otsu(sample)
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            mask = labels == sizes.argmax()
+        sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
+        p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
+        mask = array > threshold_otsu(np.clip(sample, p_lo, p_hi))
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        # Otsu's mask: the largest piece (the head); a masked volume: every piece but specks.
+        mask = (np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum())) if constant_background
+                else labels == sizes.argmax())
     for z in range(mask.shape[0]):
         if mask[z].any():
             mask[z] = ndimage.binary_fill_holes(mask[z])

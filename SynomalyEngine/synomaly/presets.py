@@ -13,6 +13,7 @@ class Preset:
     intensity: str  # "robust": per-volume robust scaling; "window": fixed window, e.g. CT HU
     window: Optional[Tuple[float, float]] = None
     description: str = ""
+    skull_stripped: bool = False  # the input must be skull-stripped (brain): whole heads are refused
 
     def noise_params(self) -> dict:
         direction = self.direction[0] if len(self.direction) == 1 else list(self.direction)
@@ -24,7 +25,8 @@ class Preset:
 
 PRESETS = {
     "brain-flair": Preset("brain-flair", 3.0, 175.0, 0.5, (1,), "robust",
-                          description="Brain MRI FLAIR: tumours are hyperintense (BraTS preset)."),
+                          description="Brain MRI FLAIR: tumours are hyperintense (BraTS preset). "
+                                      "Input: skull-stripped FLAIR.", skull_stripped=True),
     "liver-ct": Preset("liver-ct", 3.0, 175.0, 1.0, (-1,), "window", (0.0, 150.0),
                        description="Liver CT clipped to [0, 150] HU; blobs restricted to the liver mask (LiTS)."),
     "carotid-us": Preset("carotid-us", 7.0, 150.0, 0.5, (1,), "robust",

@@ -655,8 +655,10 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
         if not val:
             continue
         case = cases[ci]
+        # The model is calibrated on what it was trained on, stripped or not: no skull check here.
         result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), maps_only=True), cancel=cancel, slices=val)
+                        DetectionSettings(device=str(device), maps_only=True, skull_check=False), cancel=cancel,
+                        slices=val)
         prepared = result.prepared
         region = np.zeros(prepared.foreground.shape, dtype=bool)
         region[val] = True
