@@ -327,7 +327,13 @@ label that fits no image or several, and an image with two masks, are refused.
 Checkpoints go to MODEL.run/ every --checkpoint-every steps, and when Ctrl-C or
 SIGTERM stops the run (exit code 130); --resume continues from there. Without a
 terminal (a log file), a line for the first step and one per checkpoint replace the
-progress bar."""
+progress bar.
+
+Several processes: --nproc N, or torchrun --nproc_per_node N -m synomaly train ...,
+trains with DistributedDataParallel, one process per GPU (NCCL) or CPU share (gloo).
+Each process trains on its share of every batch (--batch-size is the whole batch),
+so the loss curve is that of one process up to rounding; process 0 writes the run
+folder and the model. A run may resume with another process count."""
 
 
 def cmd_evaluate(args) -> int:

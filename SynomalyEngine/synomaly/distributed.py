@@ -26,6 +26,9 @@ class PeerFailed(SynomalyError):
     """Another training process failed and reports why; this one stops without repeating the message."""
 
 
+LAUNCH_HINT = "start several training processes with torchrun or synomaly train --nproc N"
+
+
 def _whole(name: str, default: Optional[int] = None) -> int:
     value = os.environ.get(name)
     if value is None and default is not None:
@@ -33,8 +36,8 @@ def _whole(name: str, default: Optional[int] = None) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise InputError(f"the environment variable {name} is {value!r}, not a process number; start several "
-                         "training processes with torchrun (or synomaly train --nproc N).") from None
+        what = "is not set" if value is None else f"is {value!r}, not a whole number"
+        raise InputError(f"the environment variable {name} {what}; {LAUNCH_HINT}.") from None
 
 
 def check_share(processes: int, batch_size: int) -> None:
@@ -60,6 +63,9 @@ class Team:
         world = _whole("WORLD_SIZE", 1)
         if world <= 1:
             return cls()
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise InputError(f"WORLD_SIZE is {world} but {name} is not set; {LAUNCH_HINT}, or unset WORLD_SIZE.")
         return cls(_whole("RANK"), world, _whole("LOCAL_RANK"), _whole("LOCAL_WORLD_SIZE", world))
 
     @property
