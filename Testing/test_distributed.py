@@ -115,21 +115,30 @@ def _process_tree(pid: int):
     return tree
 
 
+def _launch_training(healthy, model, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "synomaly", "train", str(healthy), "-o", str(model),
+                             "--steps", "100000", "--checkpoint-every", "5", "--nproc", "2", *args, *TINY_ARGS],
+                            stderr=subprocess.PIPE, text=True, env=env())
+
+
+def _logged_step(line: str) -> int:
+    return int(line.split("step ")[1].split("/")[0]) if line.startswith("training: step") else -1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes in /proc")
-def test_a_killed_team_resumes_at_its_saved_step(healthy, tmp_path):
+def test_a_killed_team_resumes_at_its_saved_step_and_ctrl_c_stops_all_at_one_step(healthy, tmp_path):
     """``train --nproc 2`` killed with SIGKILL, launcher and workers at once (as a scheduler kills a job),
-    resumes from its last checkpoint in 2 processes."""
+    resumes from its last checkpoint; Ctrl-C (SIGINT to the launcher) then stops both processes at one
+    step, saved, and says so once."""
     model = tmp_path / "k.safetensors"
     checkpoint = run_dir_for(model) / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "synomaly", "train", str(healthy), "-o", str(model),
-                             "--steps", "100000", "--checkpoint-every", "5", "--nproc", "2", *TINY_ARGS],
-                            stderr=subprocess.PIPE, text=True, env=env())
+    proc = _launch_training(healthy, model)
     watchdog = threading.Timer(300, proc.kill)  # a regression fails the test instead of hanging it
     watchdog.start()
     try:
         for line in proc.stderr:
-            if "checkpoint saved" in line and int(line.split("step ")[1].split("/")[0]) >= 10:
+            if "checkpoint saved" in line and _logged_step(line) >= 10:
                 break
         tree = _process_tree(proc.pid)
         assert len(tree) >= 3, "the launcher and its two training processes"
@@ -142,15 +151,25 @@ def test_a_killed_team_resumes_at_its_saved_step(healthy, tmp_path):
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["step"] % 5 == 0 and saved["step"] >= 10 and len(saved["losses"]) == saved["step"]
     assert not model.exists()
-    result = subprocess.run([sys.executable, "-m", "synomaly", "train", str(healthy), "-o", str(model),
-                             "--steps", str(saved["step"] + 3), "--checkpoint-every", "5", "--nproc", "2",
-                             "--resume", *TINY_ARGS], capture_output=True, text=True, env=env(), timeout=600)
-    assert result.returncode == 0, result.stderr
-    logged = [line for line in result.stderr.splitlines() if line.startswith("training: step")]
-    assert logged[0].startswith(f"training: step {saved['step'] + 1}/"), result.stderr
+
+    resumed = _launch_training(healthy, model, "--resume")
+    watchdog = threading.Timer(300, resumed.kill)
+    watchdog.start()
+    try:
+        first = next(line for line in resumed.stderr if line.startswith("training: step"))
+        resumed.send_signal(signal.SIGINT)
+        _, stderr = resumed.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        resumed.kill()
+    assert _logged_step(first) == saved["step"] + 1, first
+    assert resumed.returncode == 130, stderr
+    stopped = [line for line in stderr.splitlines() if "training stopped" in line]
+    assert len(stopped) == 1 and "--resume" in stopped[0] and "Traceback" not in stderr, stderr
+    reached = int(stopped[0].split("at step ")[1].split(" ")[0])
     final = torch.load(checkpoint, weights_only=True)
-    assert final["step"] == saved["step"] + 3 and final["losses"][: saved["step"]] == saved["losses"]
-    assert read_metadata(model)["training"]["world_size"] == 2
+    assert final["step"] == reached > saved["step"] and final["losses"][: saved["step"]] == saved["losses"]
+    assert not model.exists()
 
 
 def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
