@@ -182,7 +182,7 @@ def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
         "synomaly: error: 5 training processes but a batch size of 4: each process trains on its share of every "
         "batch; give a batch size of at least 5, or start fewer processes."], result.stderr
     # Started by torchrun itself: every process finds it, process 0 alone says so.
-    result = torchrun(2, *args, "--batch-size", "1")
+    result = torchrun(2, "-m", "synomaly", *args, "--batch-size", "1")
     assert result.returncode != 0
     assert error_lines(result.stderr) == [
         "synomaly: error: 2 training processes but a batch size of 1: each process trains on its share of every "
