@@ -203,6 +203,7 @@ def cmd_detect(args) -> int:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
+    from .distributed import PeerFailed, Team
     from .errors import Cancelled
     from .training import TrainingSettings, train
 
@@ -212,11 +213,20 @@ def cmd_train(args) -> int:
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr)
+    team = Team.from_environment()
+    if args.nproc is not None:
+        if team.distributed:
+            raise InputError("this process is already one of several started by torchrun; leave out --nproc.")
+        if args.nproc < 1:
+            raise InputError(f"--nproc must be a whole number of at least 1, got {args.nproc}.")
+        if args.nproc > 1:
+            return launch_training(args, settings)
     check_writable(output.parent)
+    quiet = args.quiet or not team.main  # in a team, process 0 speaks for all
     # A bar on a terminal; in a log (stderr not a terminal) a line for the first step and each checkpoint.
-    log = not args.quiet and not sys.stderr.isatty()
-    bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not args.quiet), file=sys.stderr)
-    logged, stopped = [], None
+    log = not quiet and not sys.stderr.isatty()
+    bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not quiet), file=sys.stderr)
+    logged = []
 
     def progress(step, total, loss, message):
         bar.n = step
@@ -230,17 +240,22 @@ def cmd_train(args) -> int:
                   file=sys.stderr, flush=True)
 
     try:
-        with StopRequests() as stop:
-            train(args.healthy, output, settings, progress=progress, cancel=stop.is_set, resume=args.resume,
-                  overwrite=args.overwrite)
-    except Cancelled as exc:
-        stopped = exc
+        with StopRequests(keep=team.distributed) as stop:
+            try:
+                train(args.healthy, output, settings, progress=progress, cancel=stop.is_set, resume=args.resume,
+                      overwrite=args.overwrite)
+            except Cancelled as exc:
+                bar.close()
+                if team.main:  # said while stop requests are still caught, so that a launcher cannot cut it short
+                    again = "with --resume instead of --overwrite" if args.overwrite else "with --resume"
+                    print(f"synomaly: {exc}; run the same command {again} to continue.", file=sys.stderr)
+                return 130
+            except PeerFailed:
+                return 2  # the process that failed has said why
     finally:
         bar.close()
-    if stopped is not None:
-        again = "with --resume instead of --overwrite" if args.overwrite else "with --resume"
-        print(f"synomaly: {stopped}; run the same command {again} to continue.", file=sys.stderr)
-        return 130
+    if not team.main:
+        return 0
     from .model_file import read_metadata
 
     meta = read_metadata(output)
@@ -249,20 +264,47 @@ def cmd_train(args) -> int:
     return 0
 
 
+def launch_training(args, settings) -> int:
+    """``train --nproc N``: check the run here (one clear line for a bad setting, not one per process),
+    then train in N processes started as torchrun starts them."""
+    from .distributed import check_share, launch
+    from .training import check_run
+
+    output = check_run(args.output, settings, args.resume, args.overwrite)
+    check_share(args.nproc, settings.batch_size)
+    check_writable(output.parent, create=False)
+    argv = ["train"]
+    for action in args.train_parser._actions:  # the same options, so that every process trains alike
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "nproc") or value is None or value is False:
+            continue
+        if not action.option_strings:
+            argv += [str(v) for v in value]
+        elif action.nargs == 0:
+            argv.append(action.option_strings[-1])
+        else:
+            argv.append(f"{action.option_strings[-1]}={value}")
+    return launch(args.nproc, argv)
+
+
 class StopRequests:
     """While active, Ctrl-C (SIGINT) and SIGTERM set ``self`` (an event: ``is_set()``) instead of stopping
-    the process, so training saves a checkpoint and stops cleanly; a second signal acts as usual."""
+    the process, so training saves a checkpoint and stops cleanly; a second signal acts as usual, unless
+    ``keep``: a process of a torchrun team may get a signal from its launcher after one from a scheduler,
+    and its launcher kills it when it does not stop in time."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         import threading
 
         self._event = threading.Event()
         self.is_set = self._event.is_set
+        self._keep = keep
         self._previous = {}
 
     def _handler(self, signum, frame):
         self._event.set()
-        self._restore()
+        if not self._keep:
+            self._restore()
 
     def _restore(self):
         import signal
@@ -305,7 +347,13 @@ label that fits no image or several, and an image with two masks, are refused.
 Checkpoints go to MODEL.run/ every --checkpoint-every steps, and when Ctrl-C or
 SIGTERM stops the run (exit code 130); --resume continues from there. Without a
 terminal (a log file), a line for the first step and one per checkpoint replace the
-progress bar."""
+progress bar.
+
+Several processes: --nproc N, or torchrun --nproc_per_node N -m synomaly train ...,
+trains with DistributedDataParallel, one process per GPU (NCCL) or CPU share (gloo).
+Each process trains on its share of every batch (--batch-size is the whole batch),
+so the loss curve is that of one process up to rounding; process 0 writes the run
+folder and the model. A run may resume with another process count."""
 
 
 def cmd_evaluate(args) -> int:
@@ -422,8 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device and --name may differ from the saved run, the other settings may not")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh: replace an existing model file and its run folder MODEL.run/")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine, one per GPU (or CPU share), each on its share of "
+                        "every batch (torchrun --standalone --nproc_per_node N); the batch size stays the whole "
+                        "batch, and must be at least N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, train_parser=p)
 
     p = sub.add_parser("evaluate", help="evaluate against ground truth, next to the intensity baseline",
                        description="Cases: folders (image + *seg*/*label* [+ *mask*]), folders of such folders, "

@@ -4,7 +4,7 @@ A run keeps its state in ``<model>.run/`` beside the model file: ``checkpoint.pt
 atomically every ``checkpoint_every`` steps and when ``cancel()`` says stop, so a stopped run resumes
 at its step and a killed one at the last saved step), ``loss.csv`` and ``previews/``. Every setting
 is checked before any data are read (``TrainingSettings.validate``). The finished model is calibrated
-on held-out healthy slices.
+on held-out healthy slices. Under torchrun the processes share every batch (``distributed``).
 """
 import csv
 import io
@@ -467,19 +467,10 @@ def read_checkpoint(path: Path, settings: TrainingSettings, device) -> Dict:
     return state
 
 
-def train(healthy, output, settings: Optional[TrainingSettings] = None,
-          progress: Optional[Callable[[int, int, float, str], None]] = None,
-          cancel: Optional[Callable[[], bool]] = None, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train a model on healthy volumes and write the calibrated model file to ``output``.
+def check_run(output, settings: TrainingSettings, resume: bool = False, overwrite: bool = False) -> Path:
+    """Refuse settings, and a model file or run folder, that ``train`` would refuse; return the model path.
 
-    ``healthy``: paths (see ``find_cases``) or TrainingCase objects. ``progress(step, total, loss, msg)``
-    is called after each step (and its checkpoint, when one is due). ``cancel()`` is polled every step
-    and during calibration; on cancel the checkpoint is saved at the current step and Cancelled is
-    raised, so ``resume=True`` continues where it stopped. ``overwrite=True`` starts afresh, replacing
-    an earlier model file and run folder. Settings, the output and the saved run are checked before
-    any data are read; nothing is written until the data are found good.
-    """
-    settings = settings or TrainingSettings()
+    Instant (no data read, nothing written), so that a launcher can check a run before starting it."""
     settings.validate()
     output = Path(output).expanduser()
     if output.suffix != ".safetensors":
@@ -506,54 +497,94 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
     if resume and not checkpoint_path.is_file():
         how = "start afresh with --overwrite instead of --resume" if leftovers else "start a new run without --resume"
         raise OutputError(f"nothing to resume: {checkpoint_path} does not exist; {how}.")
+    return output
 
-    # torch only now: refusals above are instant.
-    import torch
-    import torch.nn.functional as F
 
-    from .detection import DEFAULT_INFERENCE, resolve_device
-    from .network import UNet, count_parameters
-    from .noise import make_noise
-    from .presets import get_preset
-    from .preprocessing import PreprocessConfig
-    from .schedule import DiffusionSchedule
+def train(healthy, output, settings: Optional[TrainingSettings] = None,
+          progress: Optional[Callable[[int, int, float, str], None]] = None,
+          cancel: Optional[Callable[[], bool]] = None, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a model on healthy volumes and write the calibrated model file to ``output``.
 
-    report = progress or (lambda step, total, loss, msg: None)
-    device = resolve_device(settings.device)
-    preset = get_preset(settings.preset)
+    ``healthy``: paths (see ``find_cases``) or TrainingCase objects. ``progress(step, total, loss, msg)``
+    is called after each step (and its checkpoint, when one is due). ``cancel()`` is polled every step
+    and during calibration; on cancel the checkpoint is saved at the current step and Cancelled is
+    raised, so ``resume=True`` continues where it stopped. ``overwrite=True`` starts afresh, replacing
+    an earlier model file and run folder. Settings, the output and the saved run are checked before
+    any data are read; nothing is written until the data are found good.
 
-    torch.manual_seed(settings.seed)
-    config = settings.network_config()
-    network = UNet(config).to(device)
-    ema = UNet(config).to(device)
-    ema.load_state_dict(network.state_dict())
-    ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = DiffusionSchedule(settings.num_steps, settings.schedule)
-    generator = torch.Generator().manual_seed(settings.seed)
-    start, losses, elapsed = 0, [], 0.0
-    if resume:
-        state = read_checkpoint(checkpoint_path, settings, device)
-        try:
-            network.load_state_dict(state["network"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            start, losses, elapsed = state["step"], [float(v) for v in state["losses"]], float(state["elapsed_s"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{checkpoint_path}: does not match its own settings ({last_line(exc)}); "
-                             "start afresh with --overwrite.") from None
+    Started by torchrun in several processes (``synomaly.distributed``), every process calls ``train``
+    with the same arguments and trains on its share of every batch; the loss curve is that of one
+    process up to floating-point rounding. Rank 0 alone writes the run folder, calibrates and writes
+    the model; the others return once the last step is trained. A stop request in any process stops
+    all at the same step.
+    """
+    from .distributed import Team
 
-    cases = find_cases(healthy)
-    preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
-    report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
-    data = extract_slices(cases, settings, preprocess)
+    team = Team.from_environment()
     try:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{run_dir}: cannot be created ({exc.strerror or exc}); choose another model file.") from None
+        return _train(team, healthy, output, settings or TrainingSettings(), progress, cancel, resume, overwrite)
+    finally:
+        team.leave()
+
+
+def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, resume: bool, overwrite: bool) -> Path:
+    report = progress or (lambda step, total, loss, msg: None)
+    with team.together():  # every process checks and reads alike; an error in one stops all before any write
+        output = check_run(output, settings, resume, overwrite)
+        run_dir = run_dir_for(output)
+        checkpoint_path = run_dir / "checkpoint.pt"
+
+        # torch only now: refusals above are instant.
+        import torch
+        import torch.nn.functional as F
+
+        from .detection import DEFAULT_INFERENCE
+        from .distributed import check_share
+        from .network import UNet, count_parameters
+        from .noise import make_noise
+        from .presets import get_preset
+        from .preprocessing import PreprocessConfig
+        from .schedule import DiffusionSchedule
+
+        device = team.resolve_device(settings.device)
+        check_share(team.world_size, settings.batch_size)
+        preset = get_preset(settings.preset)
+
+        torch.manual_seed(settings.seed)
+        config = settings.network_config()
+        network = UNet(config).to(device)
+        ema = UNet(config).to(device)
+        ema.load_state_dict(network.state_dict())
+        ema.requires_grad_(False)
+        optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        schedule = DiffusionSchedule(settings.num_steps, settings.schedule)
+        generator = torch.Generator().manual_seed(settings.seed)
+        start, losses, elapsed = 0, [], 0.0
+        if resume:
+            state = read_checkpoint(checkpoint_path, settings, device)
+            try:
+                network.load_state_dict(state["network"])
+                ema.load_state_dict(state["ema"])
+                optimizer.load_state_dict(state["optimizer"])
+                generator.set_state(state["generator"])
+                start, losses, elapsed = state["step"], [float(v) for v in state["losses"]], float(state["elapsed_s"])
+            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"{checkpoint_path}: does not match its own settings ({last_line(exc)}); "
+                                 "start afresh with --overwrite.") from None
+
+        cases = find_cases(healthy)
+        preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
+        report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
+        data = extract_slices(cases, settings, preprocess)
+    with team.together():
+        if team.main:
+            try:
+                if overwrite and run_dir.exists():
+                    shutil.rmtree(run_dir)
+                (run_dir / "previews").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{run_dir}: cannot be created ({exc.strerror or exc}); "
+                                  "choose another model file.") from None
 
     def save_checkpoint(step):
         _save_atomic_torch({"network": network.state_dict(), "ema": ema.state_dict(),
@@ -566,46 +597,54 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
             w.writerows([(i + 1, f"{v:.6f}") for i, v in enumerate(losses)])
 
     def stop_if_asked(step):
-        if cancel is not None and cancel():
-            save_checkpoint(step)
+        if team.any(cancel is not None and cancel()):
+            if team.main:
+                save_checkpoint(step)
+            team.barrier()  # the others end only once it is saved: a launcher stops the rest when one ends
             raise Cancelled(f"training stopped at step {step} of {settings.steps}; checkpoint saved in {run_dir}")
 
     n = data.images.shape[0]
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
     amp = device.type == "cuda"
-    network.train()
+    module = team.wrap(network)
+    share, weight = team.share(settings.batch_size)
+    module.train()
     t_start = time.perf_counter()
     for step in range(start, settings.steps):
         stop_if_asked(step)
+        # Every process draws the whole batch, so the generator (and with it a checkpoint) does not depend
+        # on the process count, and trains on its share of it.
         idx = torch.randint(n, (settings.batch_size,), generator=generator)
         x, m = augment(data.images[idx].clone(), data.masks[idx].clone(), settings, generator)
         t = torch.randint(0, settings.max_timestep, (x.shape[0],), generator=generator)
         noise = make_noise(settings.noise, x.shape, generator=generator, organ_mask=m, **preset.noise_params())
-        x, t, noise = x.to(device), t.to(device), noise.to(device)
+        x, t, noise = x[share].to(device), t[share].to(device), noise[share].to(device)
         x_t = schedule.q_sample(x, t, noise)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            eps = network(x_t, t)
+            eps = module(x_t, t)
         eps = eps.float()
         loss = F.l1_loss(eps, noise) if settings.loss == "l1" else F.mse_loss(eps, noise)
         if settings.loss == "hybrid":
             loss = loss + schedule.vlb_term(x, x_t, t, eps).mean() * 1e-3
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()  # gradients averaged over processes: those of the whole batch's mean loss
         torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
         optimizer.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), network.parameters()):
                 pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        losses.append(float(loss.detach()))
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+        losses.append(team.mean(float(loss.detach()), weight))
+        if team.main and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
             save_checkpoint(step + 1)
         recent = float(np.mean(losses[-50:]))
         report(step + 1, settings.steps, recent, f"step {step + 1}/{settings.steps} loss {recent:.4f}")
-        if (step + 1) % settings.preview_every == 0 or step + 1 == settings.steps:
+        if team.main and ((step + 1) % settings.preview_every == 0 or step + 1 == settings.steps):
             ema.eval()
             _write_preview(run_dir / "previews" / f"step_{step + 1:06d}.png", ema, schedule, preview_images, device)
     stop_if_asked(settings.steps)
+    if not team.main:
+        return output
     wall = elapsed + time.perf_counter() - t_start
 
     report(settings.steps, settings.steps, float(np.mean(losses[-50:])) if losses else float("nan"), "calibrating")
@@ -623,7 +662,7 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
         "inference": inference,
         "threshold": 0.0,
         "training": {"settings": settings.to_dict(), "data": data.summary, "steps": settings.steps,
-                     "wall_time_s": round(wall, 1), "device": str(device),
+                     "wall_time_s": round(wall, 1), "device": str(device), "world_size": team.world_size,
                      "parameters": count_parameters(network),
                      "final_loss": float(np.mean(losses[-50:])) if losses else None},
     }
