@@ -374,7 +374,8 @@ cohorts:
   exit code is 2. Each run keeps summary.shard-K-of-N.csv (1-of-1 without --shard)
   and, at its end, rebuilds summary.csv (a row per input: status done/failed/pending,
   anomalous mL, components, max score, threshold, model id, seconds) and failures.csv
-  from every shard file in the folder, under a lock.
+  from every shard file in the folder, under a lock. Ctrl-C or SIGTERM (a scheduler's
+  time limit) stops a run cleanly: exit 130, the input in progress leaves nothing.
 
   --shard K/N takes inputs K, K+N, K+2N, ... of the list, ordered by path below each
   INPUT (CSV: by row), the same on every machine. A Slurm job array of 8 tasks:

@@ -35,6 +35,10 @@ created with O_EXCL, so it works on POSIX, Windows and shared cluster file syste
 polls). Whoever rebuilds last has seen every shard file written before its own, so two shards finishing
 at the same moment both appear. Where several rows name one output (a share rerun with another N), the
 latest attempt counts, a 'pending' row only when nothing else is known.
+
+From Python: ``synomaly.cli.main(["detect", folder, "-o", out, "--shard", "2/8"])`` runs a share as the
+command does; ``find_inputs``, ``take_shard`` and ``merge_summary`` are the pieces, for a loop of one's own
+around ``synomaly.detection.detect``.
 """
 import contextlib
 import csv
@@ -423,7 +427,7 @@ def _acquire_waiting(lock: OutputSet, wait_s: float) -> None:
         try:
             lock.acquire()
             return
-        except OutputError as exc:
+        except OutputError as exc:  # held by a live run (OutputSet._refuse says so), or unwritable: give up
             if "another synomaly run" not in str(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(random.uniform(0.05, 0.3))  # spread out processes that wait together
