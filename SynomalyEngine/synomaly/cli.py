@@ -134,38 +134,47 @@ def _threshold_line(model, settings, device) -> str:
 def cmd_detect(args) -> int:
     from contextlib import ExitStack
 
+    from .cohort import CohortLog, find_inputs, merge_summary, parse_shard, sigterm_interrupts, take_shard
     from .detection import DetectionSettings, detect, resolve_device
     from .model_file import load_model
     from .output_set import OutputFolder, OutputSet
     from .volume_io import read_volume
 
-    inputs = [Path(p) for p in args.inputs]
-    masks = [Path(p) for p in args.mask] if args.mask else [None] * len(inputs)
-    if len(masks) != len(inputs):
-        raise InputError(f"{len(inputs)} inputs but {len(masks)} masks; give one --mask per input, or none.")
-    names = [case_name(p) for p in inputs]
-    if len(set(names)) != len(names):
-        raise InputError("two inputs have the same name; their outputs would collide. Run them separately.")
     out_dir = Path(args.output)
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    found = find_inputs(args.inputs, masks=args.mask, output=out_dir)
+    # A cohort (see ``cohort``): outputs that exist are skipped, not refused, and a summary is kept.
+    cohort = found.cohort or shard is not None
+    items = take_shard(found.items, *shard) if shard else found.items
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
                                  min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
                                  precision=args.precision, skull_check=not args.no_skull_check,
                                  skull_strip=args.skull_strip)
-    all_paths = [output_paths(out_dir, n, output_format(p, args.format))
-                 for p, n in zip(inputs, names)]
+    all_paths = [output_paths(out_dir, item.name, output_format(item.path, args.format)) for item in items]
     check_writable(out_dir)
     failures = 0
     # The folder exists while the run holds its locks; if nothing was written it goes again.
-    with OutputFolder(out_dir), ExitStack() as held:
-        sets = [held.enter_context(OutputSet(out_dir, name)) for name in names]
-        if not args.overwrite:
-            refuse_existing(p for paths in all_paths for p in paths.values())
+    with sigterm_interrupts(), OutputFolder(out_dir), ExitStack() as held:
+        if not cohort:  # one volume named alone: its outputs are refused, before any work
+            single = held.enter_context(OutputSet(out_dir, items[0].name))
+            if not args.overwrite:
+                refuse_existing(all_paths[0].values())
         device = resolve_device(args.device)
         model = load_model(args.model, device=str(device))
         print(_threshold_line(model, settings, device), flush=True)
-        for path, mask_path, paths, output_set in zip(inputs, masks, all_paths, sets):
+        if cohort:
+            book = held.enter_context(CohortLog(out_dir, items, shard or (1, 1)))
+        for item, paths in zip(items, all_paths):
+            path, mask_path = item.path, item.mask
+            output_set = None if cohort else single
             try:
+                if cohort:
+                    output_set = OutputSet(out_dir, item.name).acquire()
+                    if not args.overwrite and paths["report"].exists():
+                        if book.existing(item, paths["report"]):
+                            continue
+                        raise OutputError(f"{paths['report']} cannot be read; use --overwrite to detect again.")
                 notes: List[str] = []
                 volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
                 mask = None
@@ -183,20 +192,32 @@ def cmd_detect(args) -> int:
                                  "mask": str(mask_path.resolve()) if mask_path is not None else None,
                                  **result.report, "warnings": notes}
                 write_outputs(output_set, paths, result, geometry, volume)
-                output_set.release()
-            except SynomalyError as exc:
-                output_set.release()
-                message = str(exc)
+            except (Exception if cohort else SynomalyError) as exc:  # in a cohort one input never stops the rest
+                message = str(exc) if isinstance(exc, SynomalyError) else f"{type(exc).__name__}: {exc}"
                 if not message.startswith(str(path)):
                     message = f"{path}: {message}"
                 print(error_line(message), file=sys.stderr)
                 failures += 1
+                if cohort:
+                    book.failed(item, error_line(message)[len("synomaly: error: "):])
                 continue
+            finally:
+                if output_set is not None:
+                    output_set.release()
             for note in notes:
                 print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
             r = result.report
             print(f"{path}: {r['anomalous_volume_ml']:.2f} mL anomalous in {r['n_components']} component(s), "
-                  f"max score {r['max_score']:.3f}; outputs in {out_dir}/{case_name(path)}_*")
+                  f"max score {r['max_score']:.3f}; outputs in {out_dir}/{item.name}_*")
+            if cohort:
+                book.done(item, r)
+        if cohort:
+            counts = merge_summary(out_dir)
+            where = f"shard {shard[0]}/{shard[1]}" if shard else "this run"
+            print(f"{where}: {len(items)} of {len(found.items)} inputs, {book.counts['done']} detected, "
+                  f"{book.counts['skipped']} skipped (outputs exist; --overwrite redoes them), {failures} failed. "
+                  f"{out_dir / 'summary.csv'}: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed "
+                  f"(listed in failures.csv), {counts.get('pending', 0)} pending.")
     return 2 if failures else 0
 
 
@@ -386,6 +407,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DETECT_EPILOG = """\
+cohorts:
+  An INPUT folder that holds DICOM files and no image files is one series. Any other
+  folder is a cohort: every image file in it or below it is a volume, every folder
+  below it holding DICOM files a series; a file named *mask* is the mask of the image
+  named before it (pat1_brainmask goes with pat1_flair), *seg*/*label*/*lesion* files
+  are not inputs. An INPUT may also be a quoted glob ('scans/**/*.nii.gz') or a CSV
+  list with the header image[,mask][,name] (paths relative to the CSV's folder).
+
+  One volume named alone refuses existing outputs. Any other run skips the inputs
+  whose NAME_report.json exists (--overwrite redoes them), so a killed job can be
+  submitted again unchanged; a failing input is reported, the others go on, and the
+  exit code is 2. Each run keeps summary.shard-K-of-N.csv (1-of-1 without --shard)
+  and, at its end, rebuilds summary.csv (a row per input: status done/failed/pending,
+  anomalous mL, components, max score, threshold, model id, seconds) and failures.csv
+  from every shard file in the folder, under a lock. Ctrl-C or SIGTERM (a scheduler's
+  time limit) stops a run cleanly: exit 130, the input in progress leaves nothing.
+
+  --shard K/N takes inputs K, K+N, K+2N, ... of the list, ordered by path below each
+  INPUT (CSV: by row), the same on every machine. A Slurm job array of 8 tasks:
+    #SBATCH --array=1-8
+    synomaly detect /data/cohort -o /data/results --shard $SLURM_ARRAY_TASK_ID/8"""
+
+
+class _KeepLines(argparse.HelpFormatter):
+    """Fills a one-line text to the terminal's width; keeps a text written in lines as it is."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def _detection_options(p):
     p.add_argument("--model", default=None, help="bundled model name or path to a .safetensors file "
                                                  "(default: the bundled brain FLAIR model)")
@@ -418,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "interrupted run leaves none of them); a second run into the same folder at the same time "
                        "refuses. The brain model expects skull-stripped FLAIR: a whole head is refused unless a "
                        "brain mask is given (--mask, or --skull-strip hd-bet).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (NIfTI, NRRD, MHA, ...) or DICOM folders")
+    p.formatter_class, p.epilog = _KeepLines, DETECT_EPILOG
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files (NIfTI, NRRD, MHA, ...), DICOM folders, folders of them (searched below too), "
+                        "quoted glob patterns, or CSV lists (image[,mask][,name]); see 'cohorts' below")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found "
                    "automatically); for the brain model, a brain mask when the input is not skull-stripped")
@@ -437,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample-slice-gaps", action="store_true",
                    help="a DICOM series with missing or unevenly spaced slices is refused; with this, it is "
                         "interpolated onto an even grid instead (the report says so; outputs are on that grid)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--shard", metavar="K/N", default=None,
+                   help="take the K-th of N shares of the inputs (K from 1 to N), for a job array: "
+                        "--shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (a cohort run otherwise "
+                   "skips inputs whose outputs exist)")
     p.set_defaults(func=cmd_detect)
 
     from .presets import PRESETS

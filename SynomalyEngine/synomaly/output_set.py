@@ -6,7 +6,9 @@ folder refuses instead of mixing two sets. Files are written into a hidden stagi
 (``.NAME.partial``) and moved into place at the end, the report last, with Ctrl-C held back for
 those few renames. A run killed outright (SIGKILL, a crash) leaves its lock and staging folder
 behind; the next run finds the lock's process gone and removes both, and any file the dead run
-had begun to move, so nothing half-written blocks it.
+had begun to move, so nothing half-written blocks it. A process on another machine (runs sharing a
+folder on a cluster) cannot be asked whether it lives: a held lock is touched every ``HEARTBEAT_S``,
+and one untouched for ``STALE_AFTER_S`` by the folder's clock is a dead run's.
 """
 import contextlib
 import json
@@ -15,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,12 +27,33 @@ from .errors import OutputError
 
 log = logging.getLogger(__name__)
 UNREADABLE_LOCK_GRACE_S = 60.0  # a lock without content may be one being written this instant
+HEARTBEAT_S = 30.0  # a held lock's modification time is refreshed this often...
+STALE_AFTER_S = 300.0  # ...so one of another machine left this long unrefreshed belongs to a dead run
 
 
-def _alive(pid: int, host: str) -> bool:
-    """Whether the lock's process still runs; a process on another machine is assumed to."""
+def _folder_clock(folder: Path) -> Optional[float]:
+    """The time by the folder's file system (a new file's mtime): on a shared file system it is
+    the server's, the clock that stamped the lock, whatever this machine's own clock says."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=str(folder))
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def _alive(pid: int, host: str, lock: Path) -> bool:
+    """Whether the lock's process still runs; one on another machine while it refreshes its lock."""
     if host != socket.gethostname():
-        return True
+        now = _folder_clock(lock.parent)
+        try:
+            return now is None or now - lock.stat().st_mtime < STALE_AFTER_S
+        except FileNotFoundError:  # released this instant: not a dead run's to clean up
+            return True
     if pid == os.getpid():
         return True
     if os.name == "nt":
@@ -117,6 +141,7 @@ class OutputSet:
         self.staging = self.folder / f".{name}.partial"
         self.held = False
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._stop_beating = threading.Event()
 
     # the lock
 
@@ -172,7 +197,7 @@ class OutputSet:
                         continue
                     if age < UNREADABLE_LOCK_GRACE_S:
                         self._refuse(None)
-                elif _alive(owner["pid"], str(owner.get("host", ""))):
+                elif _alive(owner["pid"], str(owner.get("host", "")), self.lock):
                     self._refuse(owner)
                 self._clear_stale(owner)
                 continue
@@ -191,11 +216,21 @@ class OutputSet:
             except OSError as exc:
                 self.release()
                 raise self._unwritable(exc) from None
+            self._stop_beating = threading.Event()
+            threading.Thread(target=self._heartbeat, args=(self._stop_beating,), daemon=True,
+                             name=f"synomaly lock {self.name}").start()
             return self
         self._refuse(self._owner())
 
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Touch the lock while it is held, so that runs on other machines see this one alive."""
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.lock)
+
     def release(self) -> None:
         """Drop what was not committed and the lock."""
+        self._stop_beating.set()
         if not self.held:
             return
         shutil.rmtree(self.staging, ignore_errors=True)
