@@ -293,7 +293,7 @@ def launch_training(args, settings) -> int:
 
     output = check_run(args.output, settings, args.resume, args.overwrite)
     check_share(args.nproc, settings.batch_size)
-    check_writable(output.parent, create=False)
+    check_writable(output.parent)
     argv = ["train"]
     for action in args.train_parser._actions:  # the same options, so that every process trains alike
         value = getattr(args, action.dest, None)
