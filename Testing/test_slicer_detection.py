@@ -639,3 +639,13 @@ def test_real_engine_finds_the_phantom_lesion(scene, tmp_path):
 
 def test_engine_errors_share_one_base_class():
     assert issubclass(InputError, SynomalyError) and issubclass(Cancelled, SynomalyError)
+
+
+def test_the_skull_strip_advice_is_worded_for_the_panel():
+    """The whole-head refusal names the panel's Mask and the console's switch, no command-line flag."""
+    from synomaly.skullstrip import NOT_STRIPPED_HELP
+
+    worded = panel_wording("the input does not look skull-stripped (12% of the background is constant): "
+                           + NOT_STRIPPED_HELP)
+    assert "--" not in worded
+    assert "SwissSkullStripper" in worded and "as the Mask" in worded and "skull_check=False" in worded

@@ -8,6 +8,11 @@ import re
 
 # (pattern, replacement), applied in order; the first ones catch whole sentences, the last single flags.
 _REPLACEMENTS = [
+    (r"Give a brain mask: in Slicer, (.*?) picked as the mask; on the command line --mask \S+, or --skull-strip "
+     r"hd-bet where HD-BET is installed\. If the input is skull-stripped after all, turn the check off "
+     r"\(--no-skull-check\)\.",
+     r"Pick a brain mask as the Mask: \1. If the input is skull-stripped after all, "
+     r"logic.detect(..., skull_check=False) in the Python console skips the check."),
     (r"--device cuda was asked for but CUDA is not available here",
      "The device 'cuda' was chosen but CUDA is not available here"),
     (r"use --device cpu or auto", "choose 'cpu' or 'auto' as the device (Advanced)"),
