@@ -8,15 +8,14 @@ anisotropic CT, and a short training on ircad17 with detection on lits117 and th
 every output in its input's geometry.
 """
 import csv
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from test_cli import OUTPUT_KINDS, ok, run_cli
 
 from synomaly.baseline import baseline_for, baseline_score_map, lesion_direction
 from synomaly.errors import InputError
@@ -24,22 +23,9 @@ from synomaly.presets import PRESETS, get_preset, missing_mask_message
 from synomaly.preprocessing import PreprocessConfig, prepare_volume
 from synomaly.volume_io import Geometry, read_volume, write_volume
 
-OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
 # An oblique, anisotropic grid (ITK/LPS): outputs must come back on exactly this grid.
 _C, _S = float(np.cos(0.1)), float(np.sin(0.1))
 OBLIQUE = Geometry((0.8, 0.7, 2.5), (-31.0, 12.5, 40.0), (_C, -_S, 0.0, _S, _C, 0.0, 0.0, 0.0, 1.0))
-
-
-def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, "-m", "synomaly", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 def error_lines(result):

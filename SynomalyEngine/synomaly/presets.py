@@ -53,11 +53,12 @@ def missing_mask_message(preset_name: str, where: str = "detect") -> Optional[st
     if preset is None or not preset.organ:
         return None
     organ = preset.organ
-    why = (f"the {preset.name} {'preset' if where == 'train' else 'model'} needs a {organ} mask: its training "
-           f"blobs were placed, and its anomaly map is kept, inside the {organ} only")
+    why = (f"the {preset.name} model needs a {organ} mask: its training blobs were placed, and its anomaly map "
+           f"is kept, inside the {organ} only")
     if where == "train":
-        return (f"{why}. Pair every training image with its {organ} mask: in a CSV list with the columns image,mask, "
-                f"or by a file name holding 'mask' (pat1_{organ}_mask.nii.gz beside pat1_ct.nii.gz); masks come "
+        return (f"the {preset.name} preset needs a {organ} mask for every case: the training blobs are placed inside "
+                f"the {organ} only. Pair every training image with its {organ} mask: in a CSV list with the columns image,mask, "
+                f"or by a file name holding 'mask' (pat1_ct_{organ}mask.nii.gz beside pat1_ct.nii.gz); masks come "
                 f"e.g. from {preset.mask_source}.")
     if where == "slicer":
         return (f"The {preset.name} model needs a {organ} mask: pick a segmentation with a '{organ}' segment, or a "
