@@ -52,7 +52,9 @@ class SynomalyDetection(ScriptedLoadableModule):
 <p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
 (Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
 <p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
-brain) and a model, then click <i>Detect anomalies</i>. The run goes on in a separate process, so Slicer
+brain) and a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation
+with a "liver" segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen,
+the button's tooltip says so. The run goes on in a separate process, so Slicer
 stays responsive; <i>Cancel</i> stops it and adds nothing. Results are placed beside the input in the Data
 module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume
 "&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly map"
@@ -299,7 +301,10 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         idle = self._job is None and not self._installingDependencies and not installing()
         parameters = Parameters.from_node(self._parameterNode) if self._parameterNode is not None else None
         canTrain = idle and parameters is not None and bool(parameters.training_source())
-        self.ui.detectButton.enabled = idle and parameters is not None and parameters.input_volume is not None
+        # Why Detect cannot run (no input; a liver model without a mask), said on the button itself.
+        blocker = self.logic.detection_blocker(parameters) if parameters is not None else _("Choose an input volume.")
+        self.ui.detectButton.enabled = idle and not blocker
+        self.ui.detectButton.toolTip = blocker or _("Run the detection in the background.")
         self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
         self.ui.startTrainingButton.enabled = canTrain
         self.ui.resumeTrainingButton.enabled = canTrain

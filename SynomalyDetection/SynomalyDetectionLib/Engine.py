@@ -69,6 +69,18 @@ class Engine:
     def presets(self) -> List[str]:
         return list(engine_module("presets").PRESETS)
 
+    def preset(self, name: str):
+        """The engine's Preset of that name (what the model expects, e.g. an organ mask), or None."""
+        return engine_module("presets").PRESETS.get(name)
+
+    def missing_mask_message(self, preset: str) -> Optional[str]:
+        """The panel's words when a model of this preset gets no mask; None when it needs none."""
+        return engine_module("presets").missing_mask_message(preset, "slicer")
+
+    def model_preset(self, path) -> str:
+        """The preset stored in a model file's header (read without torch)."""
+        return str(engine_module("model_file").read_metadata(path).get("preset", ""))
+
     def detection_settings(self, **values):
         """The engine's settings object; unknown or malformed names fail here, before any work starts."""
         return engine_module("detection").DetectionSettings(**values)

@@ -109,21 +109,54 @@ class SynomalyLogic:
                 f"(bundled: {', '.join(bundled) or 'none installed'}). Pick a model from the list.")
         return key
 
+    def model_preset(self, model=None) -> str:
+        """The preset a model was trained with ("" when its file names none), from the model list or, for a
+        model file outside it, from the file's header: no weights are loaded."""
+        key = self.check_model(model)
+        for entry in self.models():
+            if entry.identifier == key or (not entry.bundled and Path(entry.identifier).resolve() == Path(key)):
+                return entry.preset
+        return self.engine.model_preset(key)
+
+    def missing_mask(self, model=None, maskNode=None) -> str:
+        """Why ``model`` cannot run without a mask, in the panel's words ("" when it can, or has one): a model
+        whose preset names an organ (liver-ct) analyses that organ only."""
+        if maskNode is not None:
+            return ""
+        return self.engine.missing_mask_message(self.model_preset(model)) or ""
+
+    def detection_blocker(self, parameters: Parameters) -> str:
+        """Why the panel's Detect button is disabled ("" when it may run). A model that cannot be read here
+        blocks nothing: the run itself then says what is wrong with it."""
+        if parameters.input_volume is None:
+            return "Choose an input volume."
+        try:
+            return self.missing_mask(parameters.model or None, parameters.mask)
+        except (ImportError, errors().SynomalyError):
+            return ""
+
     # detection
 
     def prepare_detection(self, volumeNode, maskNode=None, model=None, outputs=None,
                           **settings) -> DetectionRequest:
-        """Check everything that can be checked before the long run, and copy the inputs out of the nodes."""
+        """Check everything that can be checked before the long run, and copy the inputs out of the nodes.
+        A model whose preset names an organ (liver-ct) needs a mask; of a segmentation with several segments
+        it takes the one named after the organ."""
         MrmlBridge.check_input_volume(volumeNode)
         MrmlBridge.check_mask(maskNode)
         model = self.check_model(model)
+        preset = self.model_preset(model)
+        missing = self.engine.missing_mask_message(preset) if maskNode is None else None
+        if missing:
+            raise errors().InputError(missing)
+        organ = getattr(self.engine.preset(preset), "organ", "")
         try:
             engine_settings = self.engine.detection_settings(**settings)
         except TypeError as exc:
             raise errors().InputError(f"Unknown detection setting: {exc}.") from None
         geometry = self.engine.geometry_from_ijk_to_ras(MrmlBridge.ijk_to_ras(volumeNode))
         return DetectionRequest(volumeNode, MrmlBridge.volume_to_array(volumeNode), geometry,
-                                MrmlBridge.mask_to_array(maskNode, volumeNode), model,
+                                MrmlBridge.mask_to_array(maskNode, volumeNode, organ), model,
                                 dataclasses.asdict(engine_settings), outputs)
 
     def prepare_panel_detection(self, parameters: Parameters) -> DetectionRequest:

@@ -16,6 +16,7 @@ class ModelEntry:
     identifier: str  # what load_model takes: a bundled model's name, or a user model's file path
     description: str
     bundled: bool
+    preset: str = ""  # the engine's preset the model was trained with: it says whether a mask is needed
 
     @property
     def label(self) -> str:
@@ -35,7 +36,7 @@ def available_models(engine, user_models_dir: Path) -> List[ModelEntry]:
     for info in engine.list_models(extra_dirs=extra):
         bundled = Path(info.path).resolve().parent != user_dir.resolve()
         identifier = info.name if bundled else str(info.path)
-        entries.append(ModelEntry(info.name, identifier, info.description, bundled))
+        entries.append(ModelEntry(info.name, identifier, info.description, bundled, info.preset))
     return entries
 
 

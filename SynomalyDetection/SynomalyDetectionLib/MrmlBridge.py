@@ -125,11 +125,31 @@ def _resampled(image, target, shape) -> np.ndarray:
     return _oriented_image_to_array(resampled, shape)
 
 
-def _segmentation_labels(mask_node, reference_volume, target, shape) -> np.ndarray:
+def organ_segments(mask_node, organ: str) -> Optional[List[str]]:
+    """The IDs of the segments named ``organ`` (any case) when the segmentation has several, so that a
+    whole-body segmentation (TotalSegmentator's) gives its liver; None: use every segment."""
+    segmentation = mask_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    if not organ or len(ids) <= 1:
+        return None
+    named = [i for i in ids if segmentation.GetSegment(i).GetName().strip().lower() == organ.lower()]
+    if not named:
+        raise errors().InputError(f"The mask '{mask_node.GetName()}' has {len(ids)} segments and none is named "
+                                  f"'{organ}'; the model needs the {organ} alone: rename the {organ} segment to "
+                                  f"'{organ}', or pick a segmentation that holds only the {organ}.")
+    return named
+
+
+def _segmentation_labels(mask_node, reference_volume, target, shape, segment_ids=None) -> np.ndarray:
     merged = slicer.vtkOrientedImageData()
     same_frame = _same_frame(mask_node, reference_volume)
     mode = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY if same_frame else slicer.vtkSegmentation.EXTENT_UNION_OF_SEGMENTS
-    if not mask_node.GenerateMergedLabelmapForAllSegments(merged, mode, target if same_frame else None):
+    selected = None
+    if segment_ids is not None:
+        selected = vtk.vtkStringArray()
+        for segment_id in segment_ids:
+            selected.InsertNextValue(segment_id)
+    if not mask_node.GenerateMergedLabelmapForAllSegments(merged, mode, target if same_frame else None, selected):
         raise errors().InputError(f"The mask '{mask_node.GetName()}' has no segments to use.")
     if same_frame:
         return _oriented_image_to_array(merged, shape)
@@ -153,15 +173,17 @@ def _label_map_labels(mask_node, reference_volume, target, shape) -> np.ndarray:
         source.UnRegister(None)
 
 
-def mask_to_array(mask_node, reference_volume) -> Optional[np.ndarray]:
+def mask_to_array(mask_node, reference_volume, organ: str = "") -> Optional[np.ndarray]:
     """The mask as a boolean (z, y, x) array on the reference volume's grid; None without a mask.
-    A mask under another parent transform than the volume is taken where it is shown (transformed)."""
+    A mask under another parent transform than the volume is taken where it is shown (transformed).
+    ``organ`` (a model that needs an organ mask): of a segmentation with several segments, only the
+    segment of that name (``organ_segments``)."""
     if mask_node is None:
         return None
     shape = array_shape(reference_volume)
     target = _geometry_image(reference_volume)
     if mask_node.IsA("vtkMRMLSegmentationNode"):
-        labels = _segmentation_labels(mask_node, reference_volume, target, shape)
+        labels = _segmentation_labels(mask_node, reference_volume, target, shape, organ_segments(mask_node, organ))
     else:
         labels = _label_map_labels(mask_node, reference_volume, target, shape)
     mask = labels > 0

@@ -2,7 +2,8 @@
 
 On BraTS FLAIR a median-filtered input intensity, thresholded, reaches Dice about 0.74-0.75
 (Meissen et al.; Kascenas et al. 2022). The score map is the normalised input ([-1, 1], as the
-engine feeds the network) after a 3D median filter; the segmentation is ``score > threshold``.
+engine feeds the network) after a 3D median filter, negated for models of darker lesions (liver CT:
+a threshold on the darkness in HU); the segmentation is ``score > threshold``.
 The threshold comes from healthy data only, with the same rule as the model's
 (``calibrate_threshold``), so the comparison needs no test-set tuning.
 """
@@ -83,10 +84,26 @@ def baseline_segmentation(score_map, threshold: float, foreground=None) -> np.nd
     return seg
 
 
-__all__ = ["baseline_score_map", "calibrate_threshold", "calibrate_baseline_threshold", "baseline_segmentation"]
+__all__ = ["baseline_score_map", "calibrate_threshold", "calibrate_baseline_threshold", "baseline_segmentation",
+           "baseline_for", "lesion_direction"]
 
 
-def baseline_for(prepared, size: int = 5) -> np.ndarray:
-    """Baseline scores in the input's grid, from the normalised volume the model saw (a PreparedVolume)."""
+def lesion_direction(metadata) -> int:
+    """+1 when a model's lesions are brighter than the tissue, -1 when darker (liver CT); +1 for a model that
+    scores both (unsigned)."""
+    inference = metadata.get("inference") or {}
+    return int(inference.get("direction", 1)) if inference.get("signed", True) else 1
+
+
+def baseline_for(prepared, size: int = 5, direction: int = 1) -> np.ndarray:
+    """Baseline scores in the input's grid, from the normalised volume the model saw (a PreparedVolume).
+
+    ``direction`` -1 (lesions darker than the organ, liver CT) scores the negated intensity: a threshold
+    on the darkness. Outside the foreground the filter sees -1, the least anomalous score, so the organ's
+    border does not look anomalous; for +1 that is the normalised volume's own background, unchanged.
+    """
+    if direction not in (1, -1):
+        raise InputError(f"The baseline's direction must be +1 or -1, got {direction!r}.")
     orient = prepared.orientation
-    return baseline_score_map(orient.invert(prepared.normalised), orient.invert(prepared.foreground), size)
+    signed = np.where(prepared.foreground, direction * prepared.normalised, -1.0).astype(np.float32)
+    return baseline_score_map(orient.invert(signed), orient.invert(prepared.foreground), size)

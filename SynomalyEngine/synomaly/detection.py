@@ -169,17 +169,22 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
            cancel: Optional[Callable[[], bool]] = None,
            slices: Optional[Sequence[int]] = None) -> DetectionResult:
     """Detect anomalies in one volume. ``slices`` limits processing to these axial indices
-    (of the reoriented volume; used by calibration). Raises InputError, DeviceError, Cancelled."""
+    (of the reoriented volume; used by calibration). A model whose preset names an organ (liver-ct)
+    needs ``mask``. Raises InputError, DeviceError, Cancelled."""
     import torch
 
     from .multistage import MonotoneProgress, StageSettings, run_single_stage, run_stages
     from .postprocessing import blur_map, segment
     from .preprocessing import PreprocessConfig, prepare_volume
+    from .presets import missing_mask_message
     from .runtime import autocast, prepare_network, resolve_precision
     from .schedule import DiffusionSchedule
 
     settings = settings or DetectionSettings()
     params = inference_params(model, settings)
+    mask_needed = missing_mask_message(model.preset)
+    if mask is None and mask_needed:  # an organ preset (liver): blobs and map live inside the organ only
+        raise InputError(mask_needed)
     device = resolve_device(settings.device)
     precision = resolve_precision(device, settings.precision)
     if settings.maps_only:

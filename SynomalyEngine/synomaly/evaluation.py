@@ -25,7 +25,8 @@ from .volume_io import (IMAGE_SUFFIXES, Geometry, atomic_write_bytes, file_role,
                         read_volume)
 
 ORACLE_LABEL = "oracle, uses test labels, not a result"
-BASELINE_METHOD = "3D median filter of the normalised input intensity, thresholded inside the foreground"
+BASELINE_METHOD = ("3D median filter of the normalised input intensity (negated for models of darker lesions), "
+                   "thresholded inside the foreground")
 THRESHOLD_METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "fpr_healthy", "slice_dice")
 SCORE_METRICS = ("auprc", "auroc", "oracle_best_threshold_dice")
 ALL_METRICS = THRESHOLD_METRICS + SCORE_METRICS + ("ssim_healthy_slices",)
@@ -253,17 +254,20 @@ def _model_info(model) -> Dict:
 
 
 def _baseline_calibration(model) -> Dict:
+    from .baseline import lesion_direction
+
     calibration = model.metadata.get("calibration") or {}
     threshold = calibration.get("baseline_threshold")
     size = int(calibration.get("baseline_median_size", 5))
+    direction = int(calibration.get("baseline_direction", lesion_direction(model.metadata)))
     if threshold is None:
-        return {"method": BASELINE_METHOD, "threshold": None, "median_size": size,
+        return {"method": BASELINE_METHOD, "threshold": None, "median_size": size, "direction": direction,
                 "threshold_source": "absent: the model file carries no baseline threshold, so the baseline's "
                                     "threshold-dependent figures are not reported (choosing one on the test "
                                     "cases would be dishonest); only its threshold-free AUPRC, AUROC and the "
                                     "oracle Dice are given."}
     base_fpr = calibration.get("baseline_target_fpr", calibration.get("target_fpr"))
-    return {"method": BASELINE_METHOD, "threshold": float(threshold), "median_size": size,
+    return {"method": BASELINE_METHOD, "threshold": float(threshold), "median_size": size, "direction": direction,
             "target_fpr": base_fpr,
             "threshold_source": "model calibration: the same healthy validation voxels as the model's threshold, "
                                 f"at a healthy false-positive rate of {base_fpr} (model: "
@@ -338,7 +342,7 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
     ours = case_metrics(ours_map, ours_seg, gt, foreground, spacing_xyz, volume, counterfactual)
 
     calibration = _baseline_calibration(model)
-    base_scores = orient.apply(baseline_for(prepared, calibration["median_size"]))
+    base_scores = orient.apply(baseline_for(prepared, calibration["median_size"], calibration["direction"]))
     base_seg = (baseline_segmentation(base_scores, calibration["threshold"], foreground)
                 if calibration["threshold"] is not None else None)
     baseline = case_metrics(base_scores, base_seg, gt, foreground, spacing_xyz)

@@ -31,6 +31,7 @@ class ModelInfo:
     name: str
     path: Path
     description: str
+    preset: str = ""  # what the model expects (presets.PRESETS): the Slicer panel asks for a mask by it
 
 
 @dataclass
@@ -99,7 +100,7 @@ def list_models(extra_dirs=()) -> List[ModelInfo]:
                 meta = read_metadata(path)
             except ModelFileError:
                 continue
-            out.append(ModelInfo(path.stem, path, meta.get("description", "")))
+            out.append(ModelInfo(path.stem, path, meta.get("description", ""), str(meta.get("preset", ""))))
     return out
 
 

@@ -542,7 +542,7 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         from .distributed import check_share
         from .network import UNet, count_parameters
         from .noise import make_noise
-        from .presets import get_preset
+        from .presets import get_preset, missing_mask_message
         from .preprocessing import PreprocessConfig
         from .schedule import DiffusionSchedule
 
@@ -573,6 +573,11 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
                                  "start afresh with --overwrite.") from None
 
         cases = find_cases(healthy)
+        unmasked = [case.name for case in cases if case.mask is None]
+        mask_needed = missing_mask_message(settings.preset, "train")
+        if unmasked and mask_needed:
+            raise InputError(f"{len(unmasked)} of {len(cases)} training cases have no mask "
+                             f"({', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''}): {mask_needed}")
         preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
         report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
         data = extract_slices(cases, settings, preprocess)
@@ -686,9 +691,10 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
                               device, cancel: Optional[Callable[[], bool]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
-    from .baseline import baseline_for
+    from .baseline import baseline_for, lesion_direction
     from .detection import DetectionSettings, detect
 
+    direction = lesion_direction(model.metadata)
     ours, base = [], []
     for ci, val in validation.items():
         if not val:
@@ -704,7 +710,7 @@ def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: 
         region &= prepared.foreground
         region = prepared.orientation.invert(region)
         ours.append(result.anomaly_map[region])
-        scores = baseline_for(prepared)
+        scores = baseline_for(prepared, direction=direction)
         base.append(scores[region])
     if not ours:
         raise InputError("no healthy validation slices to calibrate on; give more healthy volumes "
@@ -720,13 +726,14 @@ def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[i
     The intensity baseline's threshold is calibrated on the same voxels (at its own target when one was
     chosen for it by the same procedure), so evaluations compare like with like.
     """
-    from .baseline import calibrate_threshold
+    from .baseline import calibrate_threshold, lesion_direction
 
     base_fpr = target_fpr if baseline_target_fpr is None else float(baseline_target_fpr)
     ours, base = healthy_validation_scores(model, cases, validation, device, cancel)
     return {"threshold": float(calibrate_threshold(ours, target_fpr)), "target_fpr": target_fpr,
             "voxels": int(ours.size), "baseline_threshold": float(calibrate_threshold(base, base_fpr)),
-            "baseline_target_fpr": base_fpr, "baseline_median_size": 5}
+            "baseline_target_fpr": base_fpr, "baseline_median_size": 5,
+            "baseline_direction": lesion_direction(model.metadata)}
 
 
 def settings_from_model(metadata: Dict) -> TrainingSettings:
