@@ -14,6 +14,12 @@ class Preset:
     window: Optional[Tuple[float, float]] = None
     description: str = ""
     skull_stripped: bool = False  # the input must be skull-stripped (brain): whole heads are refused
+    # 2D images (a volume of one slice) are valid input; 3D presets refuse them (see ``two_d_refusal``).
+    two_d: bool = False
+    # > 0: the mask given is a vessel's lumen and the organ region is a disc around it, this far from the
+    # lumen in pixels, or in mm where the pixel spacing is known (``vessel_disc``); the mask is then required.
+    disc_margin_px: float = 0.0
+    disc_margin_mm: float = 0.0
 
     def noise_params(self) -> dict:
         direction = self.direction[0] if len(self.direction) == 1 else list(self.direction)
@@ -29,8 +35,10 @@ PRESETS = {
                                       "Input: skull-stripped FLAIR.", skull_stripped=True),
     "liver-ct": Preset("liver-ct", 3.0, 175.0, 1.0, (-1,), "window", (0.0, 150.0),
                        description="Liver CT clipped to [0, 150] HU; blobs restricted to the liver mask (LiTS)."),
-    "carotid-us": Preset("carotid-us", 7.0, 150.0, 0.5, (1,), "robust",
-                         description="Carotid ultrasound; blobs restricted to a disc around the vessel."),
+    "carotid-us": Preset("carotid-us", 7.0, 150.0, 0.5, (1,), "window", (0.0, 255.0),
+                         description="Carotid ultrasound, 2D B-mode images (grey levels 0-255); blobs restricted "
+                                     "to a disc around the vessel, made from the lumen mask (required).",
+                         two_d=True, disc_margin_px=40.0, disc_margin_mm=2.5),
 }
 
 
@@ -39,3 +47,11 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def two_d_refusal(preset_name: str, what: str, size_xy) -> str:
+    """Why a 3D preset refuses a 2D image, and what to do instead: the one line every front end shows."""
+    two_d = ", ".join(name for name, p in PRESETS.items() if p.two_d)
+    return (f"{what} is a 2D image ({size_xy[0]} x {size_xy[1]} pixels), and the {preset_name} preset works on "
+            "3D volumes: its intensity normalisation, checks and post-processing need the whole volume, and its "
+            f"model has seen only slices of volumes. Give the 3D volume, or use a model of a 2D preset ({two_d}).")
