@@ -69,6 +69,15 @@ class Engine:
     def presets(self) -> List[str]:
         return list(engine_module("presets").PRESETS)
 
+    def model_preset(self, model: str) -> Optional[str]:
+        """The preset a model (name or path) was trained with, from its header (no weights, no torch);
+        None when it cannot be read (the worker then reports why)."""
+        model_file = engine_module("model_file")
+        try:
+            return model_file.read_metadata(model_file.resolve(model)).get("preset")
+        except errors().SynomalyError:
+            return None
+
     def detection_settings(self, **values):
         """The engine's settings object; unknown or malformed names fail here, before any work starts."""
         return engine_module("detection").DetectionSettings(**values)

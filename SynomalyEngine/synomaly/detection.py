@@ -169,7 +169,7 @@ def check_dimensions(volume: np.ndarray, model, what: str = "the input") -> None
 
     preset = PRESETS.get(model.preset)
     if is_2d(volume.shape) and (preset is None or not preset.two_d):
-        raise InputError(two_d_refusal(model.preset or model.name, what, [n for n in reversed(volume.shape) if n != 1]))
+        raise InputError(two_d_refusal(model.preset or None, what, [n for n in reversed(volume.shape) if n != 1]))
 
 
 def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:

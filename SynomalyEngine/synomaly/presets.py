@@ -49,9 +49,11 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def two_d_refusal(preset_name: str, what: str, size_xy) -> str:
-    """Why a 3D preset refuses a 2D image, and what to do instead: the one line every front end shows."""
+def two_d_refusal(preset_name: Optional[str], what: str, size_xy) -> str:
+    """Why a 3D preset (or a model of unknown preset) refuses a 2D image, and what to do instead: the one
+    line every front end shows."""
     two_d = ", ".join(name for name, p in PRESETS.items() if p.two_d)
-    return (f"{what} is a 2D image ({size_xy[0]} x {size_xy[1]} pixels), and the {preset_name} preset works on "
-            "3D volumes: its intensity normalisation, checks and post-processing need the whole volume, and its "
-            f"model has seen only slices of volumes. Give the 3D volume, or use a model of a 2D preset ({two_d}).")
+    model = f"the {preset_name} preset works" if preset_name else "this model works"
+    return (f"{what} is a 2D image ({size_xy[0]} x {size_xy[1]} pixels), and {model} on 3D volumes: its "
+            "intensity normalisation, checks and post-processing need the whole volume, and its model has seen "
+            f"only slices of volumes. Give the 3D volume, or use a model of a 2D preset ({two_d}).")

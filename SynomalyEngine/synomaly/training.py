@@ -395,6 +395,11 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         per_case.append({"case": case.name, "train_slices": len(train), "validation_slices": len(val)})
     if not images:
         raise InputError("no healthy slices with enough foreground in the training data.")
+    if not any(validation.values()) and all(is_2d(c.image.shape) for c in cases):
+        # Said now, not after the whole run, when calibration would find nothing to calibrate on.
+        raise InputError(f"the {len(cases)} training images are all of one group (acquisition or patient), and "
+                         "calibration needs images of another, held out; give images of two or more groups "
+                         "(the group column of a training CSV).")
     imgs = torch.cat(images)
     summary = {"cases": per_case, "train_slices": int(imgs.shape[0]),
                "validation_slices": int(sum(len(v) for v in validation.values()))}

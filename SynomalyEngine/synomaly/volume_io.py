@@ -327,9 +327,33 @@ def _check_nifti_data(path: Path) -> None:
             raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
 
 
+def rgb_to_grey(channels: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Grey levels of an (..., C) array with C = 2 (grey, alpha), 3 (RGB) or 4 (RGBA) channels, in its own
+    type (luma, rounded for integers; alpha dropped), and the fraction of its pixels that hold colour
+    (channels more than COLOUR_SPREAD of 255 apart): near 0 for grey stored as RGB."""
+    channels = np.asarray(channels)
+    if channels.shape[-1] == 2:
+        return np.array(channels[..., 0]), 0.0
+    rgb = channels[..., :3].astype(np.float64)
+    top = float(np.iinfo(channels.dtype).max) if np.issubdtype(channels.dtype, np.integer) else 255.0
+    coloured = float(np.mean(rgb.max(axis=-1) - rgb.min(axis=-1) > COLOUR_SPREAD * top / 255.0))
+    grey = rgb @ _LUMA
+    if np.issubdtype(channels.dtype, np.integer):
+        grey = np.clip(np.rint(grey), 0, top)
+    return grey.astype(channels.dtype), coloured
+
+
+def colour_warning(name: str, coloured: float) -> Optional[str]:
+    """What to tell the user when an image converted to grey held real colour, else None."""
+    if coloured <= COLOUR_FRACTION:
+        return None
+    return (f"{name}: {coloured:.0%} of its pixels are coloured (an overlay such as Doppler or annotations?); "
+            "converted to grey, where coloured marks may look like tissue")
+
+
 def _grey(image, path, notes: Optional[List[str]]):
-    """A one-slice colour image (RGB or RGBA; grey + alpha) as grey, in its own integer type; alpha is
-    dropped. Grey stored as RGB converts exactly; real colour is converted too, with a warning."""
+    """A one-slice colour image (RGB or RGBA; grey + alpha) as grey (``rgb_to_grey``); volumes of
+    several slices keep their components (and are refused)."""
     import SimpleITK as sitk
 
     components = image.GetNumberOfComponentsPerPixel()
@@ -337,21 +361,10 @@ def _grey(image, path, notes: Optional[List[str]]):
     one_slice = image.GetDimension() == 2 or (image.GetDimension() == 3 and size[2] == 1)
     if components == 1 or not one_slice or components not in (2, 3, 4):
         return image
-    rgb = sitk.GetArrayViewFromImage(image)
-    if components == 2:
-        grey = np.array(rgb[..., 0])
-    else:
-        channels = rgb[..., :3].astype(np.float64)
-        top = float(np.iinfo(rgb.dtype).max) if np.issubdtype(rgb.dtype, np.integer) else 255.0
-        spread = channels.max(axis=-1) - channels.min(axis=-1)
-        coloured = float(np.mean(spread > COLOUR_SPREAD * top / 255.0))
-        if coloured > COLOUR_FRACTION:
-            _report(notes, [f"{Path(path).name}: {coloured:.0%} of its pixels are coloured (an overlay such as "
-                            "Doppler or annotations?); converted to grey, where coloured marks may look like tissue"])
-        grey = channels @ _LUMA
-        if np.issubdtype(rgb.dtype, np.integer):
-            grey = np.clip(np.rint(grey), 0, top)
-        grey = grey.astype(rgb.dtype)
+    grey, coloured = rgb_to_grey(sitk.GetArrayViewFromImage(image))
+    warning = colour_warning(Path(path).name, coloured)
+    if warning:
+        _report(notes, [warning])
     out = sitk.GetImageFromArray(grey)
     out.CopyInformation(image)
     return out
