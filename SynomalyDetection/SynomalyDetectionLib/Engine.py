@@ -77,9 +77,14 @@ class Engine:
         """The panel's words when a model of this preset gets no mask; None when it needs none."""
         return engine_module("presets").missing_mask_message(preset, "slicer")
 
-    def model_preset(self, path) -> str:
-        """The preset stored in a model file's header (read without torch)."""
-        return str(engine_module("model_file").read_metadata(path).get("preset", ""))
+    def model_preset(self, model) -> str:
+        """The preset a model (name or path) was trained with, from its header (no weights, no torch);
+        "" when it names none or cannot be read (the worker then reports why)."""
+        model_file = engine_module("model_file")
+        try:
+            return str(model_file.read_metadata(model_file.resolve(model)).get("preset") or "")
+        except errors().SynomalyError:
+            return ""
 
     def detection_settings(self, **values):
         """The engine's settings object; unknown or malformed names fail here, before any work starts."""

@@ -150,6 +150,7 @@ class SynomalyLogic:
         if missing:
             raise errors().InputError(missing)
         organ = getattr(self.engine.preset(preset), "organ", "")
+        MrmlBridge.check_dimensions(volumeNode, preset or None)
         try:
             engine_settings = self.engine.detection_settings(**settings)
         except TypeError as exc:
@@ -238,9 +239,9 @@ class SynomalyLogic:
             raise errors().InputError(f"Unknown training setting: {exc}.") from None
         if preset not in self.engine.presets():
             raise errors().InputError(f"Unknown preset {preset!r}; choose one of {', '.join(self.engine.presets())}.")
-        return TrainingRequest(self._healthy_cases(healthy), output, values, resume)
+        return TrainingRequest(self._healthy_cases(healthy, preset), output, values, resume)
 
-    def _healthy_cases(self, healthy) -> list:
+    def _healthy_cases(self, healthy, preset: str) -> list:
         InputError = errors().InputError
         if isinstance(healthy, (str, Path)):
             healthy = [healthy]
@@ -257,6 +258,7 @@ class SynomalyLogic:
             if isinstance(node, (str, Path)):
                 raise InputError("Give either paths or volume nodes as healthy cases, not both.")
             MrmlBridge.check_input_volume(node)
+            MrmlBridge.check_dimensions(node, preset)
             geometry = self.engine.geometry_from_ijk_to_ras(MrmlBridge.ijk_to_ras(node))
             cases.append(HealthyVolume(node.GetName(), MrmlBridge.volume_to_array(node), geometry))
         return cases
@@ -346,10 +348,18 @@ def format_report(report: Optional[dict]) -> str:
     if not report:
         return ""
     components = report.get("components") or []
-    lines = [f"Anomalous volume: {report.get('anomalous_volume_ml', 0.0):.2f} mL "
-             f"in {report.get('n_components', len(components))} component(s)"]
-    for index, component in enumerate(components[:5], start=1):
-        lines.append(f"  #{index}: {float(component.get('volume_ml', 0.0)):.2f} mL")
+    n = report.get("n_components", len(components))
+    if "anomalous_area_px" in report:  # a 2D image: areas, in mm^2 where its pixel spacing is known
+        mm2 = report.get("pixel_spacing_known") and report.get("anomalous_area_mm2") is not None
+        scale = report["anomalous_area_mm2"] / max(report["anomalous_area_px"], 1) if mm2 else 1.0
+        unit = "mm^2" if mm2 else "pixels"
+        lines = [f"Anomalous area: {report['anomalous_area_px'] * scale:.{1 if mm2 else 0}f} {unit} in {n} component(s)"]
+        sizes = [f"{int(c.get('voxels', 0)) * scale:.{1 if mm2 else 0}f} {unit}" for c in components[:5]]
+    else:
+        lines = [f"Anomalous volume: {report.get('anomalous_volume_ml', 0.0):.2f} mL in {n} component(s)"]
+        sizes = [f"{float(c.get('volume_ml', 0.0)):.2f} mL" for c in components[:5]]
+    for index, size in enumerate(sizes, start=1):
+        lines.append(f"  #{index}: {size}")
     if len(components) > 5:
         lines.append(f"  ... and {len(components) - 5} more")
     if "max_score" in report:

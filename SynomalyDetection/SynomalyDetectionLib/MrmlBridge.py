@@ -11,7 +11,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .Engine import errors
+from .Engine import engine_module, errors
 
 ANOMALY_SEGMENT_NAME = "Anomaly"
 ANOMALY_COLOR = (0.9, 0.1, 0.1)
@@ -51,8 +51,15 @@ def _vtk_matrix(array) -> vtk.vtkMatrix4x4:
     return matrix
 
 
+def is_2d(node) -> bool:
+    """A volume of one slice: a 2D image (a PNG or JPEG loads so)."""
+    return min(node.GetImageData().GetDimensions()) == 1
+
+
 def check_input_volume(node) -> None:
-    """Raise the engine's InputError, with what to do, for anything but a 3D single-channel scalar volume."""
+    """Raise the engine's InputError, with what to do, for anything but a single-channel scalar volume, or a
+    2D image (one slice), which may be colour (RGB(A) is taken as grey). Whether the model takes 2D
+    images is ``check_dimensions``'s question."""
     InputError = errors().InputError
     if node is None:
         raise InputError("No input volume: select a scalar volume (for example a FLAIR MRI).")
@@ -60,19 +67,29 @@ def check_input_volume(node) -> None:
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"'{name}' is a label map; select an intensity image. "
                          "A label map can serve as the mask.")
-    if node.IsA("vtkMRMLTensorVolumeNode") or not node.IsA("vtkMRMLScalarVolumeNode"):
+    vector = node.IsA("vtkMRMLVectorVolumeNode")  # a colour image: a kind of tensor volume node in MRML
+    if (node.IsA("vtkMRMLTensorVolumeNode") and not vector) or not node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"'{name}' is a {node.GetClassName()} (vector, RGB or tensor image); "
                          "select a single-channel scalar volume.")
     image = node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"'{name}' holds no image data.")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
-                         "select a single-channel scalar volume.")
-    dims = image.GetDimensions()
-    if min(dims) < 2:
-        raise InputError(f"'{name}' is a 2D image ({dims[0]} x {dims[1]} x {dims[2]} voxels); "
-                         "detection needs a 3D volume.")
+    components = image.GetNumberOfScalarComponents()
+    if components != 1 and not (is_2d(node) and components in (2, 3, 4)):
+        raise InputError(f"'{name}' has {components} components per voxel (a vector or RGB volume); select a "
+                         "single-channel scalar volume. Only a 2D image (one slice) may be colour: it is taken as grey.")
+
+
+def check_dimensions(node, preset) -> None:
+    """A 2D image only for a model of a 2D preset (carotid-us); ``preset``: the model's preset name, None
+    when unknown (taken as 3D). The message says why, as the engine's does."""
+    if not is_2d(node):
+        return
+    presets = engine_module("presets")
+    if preset in presets.PRESETS and presets.PRESETS[preset].two_d:
+        return
+    size = [n for n in node.GetImageData().GetDimensions() if n != 1]
+    raise errors().InputError(presets.two_d_refusal(preset, f"'{node.GetName()}'", size))
 
 
 def check_mask(node) -> None:
@@ -89,9 +106,12 @@ def array_shape(volume_node):
 
 
 def volume_to_array(volume_node) -> np.ndarray:
-    """A copy of the voxels, (z, y, x)."""
+    """A copy of the voxels, (z, y, x); a colour 2D image as grey, as the engine reads one from a file."""
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
-    return numpy_support.vtk_to_numpy(scalars).reshape(array_shape(volume_node)).copy()
+    array = numpy_support.vtk_to_numpy(scalars)
+    if array.ndim == 2 and array.shape[1] > 1:
+        array = engine_module("volume_io").rgb_to_grey(array)[0]
+    return array.reshape(array_shape(volume_node)).copy()
 
 
 def _geometry_image(volume_node):

@@ -10,11 +10,15 @@ from typing import List, Optional
 from .errors import InputError, OutputError, SynomalyError
 
 OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
-FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "png": ".png"}
 # NIfTI stores geometry in float32, so only a NIfTI input round-trips exactly through NIfTI;
-# NRRD and MHA store it in full precision. DICOM folders and other inputs therefore get NRRD.
+# NRRD and MHA store it in full precision. DICOM folders and files and other inputs therefore get NRRD.
+# 2D PNG and JPEG images get PNG (lossless: a JPEG segmentation would not be one), see write_outputs.
 INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (".nhdr", "nrrd"),
-                 (".mha", "mha"), (".mhd", "mha"))
+                 (".mha", "mha"), (".mhd", "mha"), (".png", "png"), (".jpg", "png"), (".jpeg", "png"))
+# The anomaly map as a 16-bit PNG: grey level = value / MAP_PNG_FULL_SCALE * 65535. The map is a difference
+# of two images on the [-1, 1] scale, so 2 holds every value; the exact floats go beside it as NRRD.
+MAP_PNG_FULL_SCALE = 2.0
 
 
 def error_line(message: str) -> str:
@@ -25,7 +29,7 @@ def error_line(message: str) -> str:
 def case_name(path: Path) -> str:
     """``/x/patient1.nii.gz`` -> ``patient1``; a DICOM folder -> its folder name (also for ``.``)."""
     name = path.name or path.resolve().name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -59,12 +63,33 @@ def check_writable(folder: Path) -> None:
 
 
 def output_paths(out_dir: Path, name: str, fmt: str) -> dict:
-    """Every output a run may write; the uncertainty map only exists for ensembles."""
+    """Every output a run may write; the uncertainty map only exists for ensembles. PNG holds integers,
+    so the float maps of a PNG set also go as NRRD (``anomaly_map_values``, ``uncertainty``)."""
     ext = FORMATS[fmt]
     paths = {kind: out_dir / f"{name}_{kind}{ext}" for kind in OUTPUT_KINDS + ("uncertainty",)}
+    if fmt == "png":
+        paths["anomaly_map_values"] = out_dir / f"{name}_anomaly_map.nrrd"
+        paths["uncertainty"] = out_dir / f"{name}_uncertainty.nrrd"
     paths["report"] = out_dir / f"{name}_report.json"
     paths["overview"] = out_dir / f"{name}_overview.png"
     return paths
+
+
+def check_output_format(path: Path, paths: dict, volume, geometry) -> None:
+    """PNG outputs only for a 2D image without origin or direction (which PNG cannot keep): refused
+    before any work, with the format that fits."""
+    import numpy as np
+
+    from .volume_io import is_2d
+
+    if paths["anomaly_seg"].suffix != ".png":
+        return
+    if not is_2d(volume.shape) or volume.shape[0] != 1:
+        raise InputError(f"{path}: PNG holds 2D images, and this is a volume of size "
+                         f"{tuple(reversed(volume.shape))}; choose --format nrrd (or auto).")
+    if not np.allclose(geometry.origin, 0.0) or not np.allclose(geometry.direction_matrix, np.eye(3)):
+        raise InputError(f"{path}: PNG keeps no origin or direction, and this image has them; choose "
+                         "--format nrrd (or auto), which keeps its geometry.")
 
 
 def refuse_existing(paths) -> None:
@@ -107,9 +132,12 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
     from .volume_io import atomic_write_bytes, write_volume
 
     notes = result.report.setdefault("warnings", [])
-    write_volume(output_set.stage(paths["anomaly_seg"]), result.segmentation, geometry, notes)
-    write_volume(output_set.stage(paths["anomaly_map"]), result.anomaly_map, geometry, notes)
-    write_volume(output_set.stage(paths["counterfactual"]), result.counterfactual, geometry, notes)
+    if "anomaly_map_values" in paths:
+        _write_png_outputs(output_set, paths, result, geometry, volume, notes)
+    else:
+        write_volume(output_set.stage(paths["anomaly_seg"]), result.segmentation, geometry, notes)
+        write_volume(output_set.stage(paths["anomaly_map"]), result.anomaly_map, geometry, notes)
+        write_volume(output_set.stage(paths["counterfactual"]), result.counterfactual, geometry, notes)
     if result.uncertainty is not None:
         write_volume(output_set.stage(paths["uncertainty"]), result.uncertainty, geometry, notes)
     render_overview(volume, result.counterfactual, result.anomaly_map, result.segmentation,
@@ -120,6 +148,29 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
     # An uncertainty map from an earlier ensemble run being overwritten would not match the new set.
     output_set.commit(last=[paths["report"]],
                       obsolete=[paths["uncertainty"]] if result.uncertainty is None else [])
+
+
+def _write_png_outputs(output_set, paths: dict, result, geometry, volume, notes) -> None:
+    """A 2D image's outputs as PNG files a user can open: the segmentation 0/255, the counterfactual in the
+    input's grey levels, the map as 16-bit grey (scale in the report) with its exact values in NRRD."""
+    import numpy as np
+
+    from .volume_io import write_volume
+
+    grey = volume.dtype if volume.dtype in (np.uint8, np.uint16) else np.dtype(np.uint16)
+    top = np.iinfo(grey).max
+    levels = np.rint(np.clip(result.anomaly_map / MAP_PNG_FULL_SCALE, 0.0, 1.0) * 65535).astype(np.uint16)
+    write_volume(output_set.stage(paths["anomaly_seg"]), (result.segmentation > 0).astype(np.uint8) * 255,
+                 geometry, notes)
+    write_volume(output_set.stage(paths["anomaly_map"]), levels, geometry, notes)
+    write_volume(output_set.stage(paths["anomaly_map_values"]), result.anomaly_map, geometry, notes)
+    write_volume(output_set.stage(paths["counterfactual"]),
+                 np.rint(np.clip(result.counterfactual, 0, top)).astype(grey), geometry, notes)
+    result.report["png_outputs"] = {
+        "anomaly_seg": "0 (normal) or 255 (anomalous)",
+        "anomaly_map": f"16-bit: map value = grey level * {MAP_PNG_FULL_SCALE:g} / 65535; exact values in "
+                       f"{paths['anomaly_map_values'].name}",
+        "counterfactual": f"the input's grey levels ({grey.name})"}
 
 
 def _threshold_line(model, settings, device) -> str:
@@ -177,6 +228,7 @@ def cmd_detect(args) -> int:
                         raise OutputError(f"{paths['report']} cannot be read; use --overwrite to detect again.")
                 notes: List[str] = []
                 volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
+                check_output_format(path, paths, volume, geometry)
                 mask = None
                 if mask_path is not None:
                     mask, _ = read_volume(mask_path, notes)
@@ -207,7 +259,10 @@ def cmd_detect(args) -> int:
             for note in notes:
                 print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
             r = result.report
-            print(f"{path}: {r['anomalous_volume_ml']:.2f} mL anomalous in {r['n_components']} component(s), "
+            amount = (f"{r['anomalous_volume_ml']:.2f} mL" if "anomalous_area_px" not in r else
+                      f"{r['anomalous_area_mm2']:.1f} mm^2" if r["pixel_spacing_known"] else
+                      f"{r['anomalous_area_px']} pixels")
+            print(f"{path}: {amount} anomalous in {r['n_components']} component(s), "
                   f"max score {r['max_score']:.3f}; outputs in {out_dir}/{item.name}_*")
             if cohort:
                 book.done(item, r)
@@ -357,8 +412,11 @@ HEALTHY may be:
     (flair.nii.gz, brainmask.nii.gz, seg.nii.gz);
   - a folder of case folders;
   - image files listed one by one;
-  - a CSV file with the header image[,mask][,label][,name]; relative paths are
-    relative to the CSV's folder.
+  - a CSV file with the header image[,mask][,label][,name][,group]; relative paths
+    are relative to the CSV's folder. group names the acquisition or patient of a 2D
+    image: validation holds out whole groups.
+2D images (PNG, JPEG; a single-frame DICOM file in a CSV) train a 2D preset
+(carotid-us), whose mask is the vessel's lumen mask (required); the 3D presets refuse them.
 A file whose name holds 'mask' is a foreground mask, one holding 'seg', 'label' or
 'lesion' a lesion label, any other an image. Beside several images, a mask or label
 belongs to the image whose name starts with the words before its role word:
@@ -475,10 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class, p.epilog = _KeepLines, DETECT_EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files (NIfTI, NRRD, MHA, ...), DICOM folders, folders of them (searched below too), "
-                        "quoted glob patterns, or CSV lists (image[,mask][,name]); see 'cohorts' below")
+                        "quoted glob patterns, or CSV lists (image[,mask][,name]); see 'cohorts' below; 2D images (PNG, JPEG, a single-frame DICOM file) for a 2D "
+                        "model (carotid-us)")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found "
-                   "automatically); for the brain model, a brain mask when the input is not skull-stripped")
+                   "automatically); for the brain model, a brain mask when the input is not skull-stripped; for "
+                   "a carotid model, the vessel's lumen mask (required: the model looks at a disc around it)")
     p.add_argument("--skull-strip", choices=("hd-bet",), default=None, help="extract the brain with HD-BET "
                    "(pip install hd-bet) when no --mask is given")
     p.add_argument("--no-skull-check", action="store_true", help="do not refuse input that does not look "
@@ -490,7 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--format", choices=["auto", *sorted(FORMATS)], default="auto",
                    help="volume output format (default auto: the input's own format, which keeps its geometry "
-                        "exactly: nii.gz for NIfTI, nrrd for NRRD, mha for MetaImage; nrrd for DICOM folders)")
+                        "exactly: nii.gz for NIfTI, nrrd for NRRD, mha for MetaImage; nrrd for DICOM; png for 2D PNG "
+                        "and JPEG images: segmentation 0/255, counterfactual in the input's grey levels, map as 16-bit "
+                        "grey (value = level * 2 / 65535) plus its exact values as NAME_anomaly_map.nrrd)")
     p.add_argument("--resample-slice-gaps", action="store_true",
                    help="a DICOM series with missing or unevenly spaced slices is refused; with this, it is "
                         "interpolated onto an even grid instead (the report says so; outputs are on that grid)")

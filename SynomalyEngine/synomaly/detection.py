@@ -13,7 +13,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DeviceError, InputError
-from .volume_io import Geometry
+from .volume_io import Geometry, is_2d
 
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 
@@ -163,6 +163,27 @@ def brain_input(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np
     return None, dict(features.to_dict(), result="input looks skull-stripped")
 
 
+def check_dimensions(volume: np.ndarray, model, what: str = "the input") -> None:
+    """A 2D image (one slice) is input only for a model of a 2D preset (carotid-us); the others say why not."""
+    from .presets import PRESETS, two_d_refusal
+
+    preset = PRESETS.get(model.preset)
+    if is_2d(volume.shape) and (preset is None or not preset.two_d):
+        raise InputError(two_d_refusal(model.preset or None, what, [n for n in reversed(volume.shape) if n != 1]))
+
+
+def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:
+    """For a 2D image: the anomalous area in pixels, and in mm^2 where the pixel spacing is known."""
+    from .vessel_disc import spacing_known
+
+    axis = list(segmentation.shape).index(1)
+    in_plane = [s for i, s in enumerate(reversed(geometry.spacing)) if i != axis]
+    pixels = int(np.count_nonzero(segmentation))
+    known = spacing_known(in_plane)
+    return {"anomalous_area_px": pixels, "pixel_spacing_known": known,
+            "anomalous_area_mm2": float(pixels * in_plane[0] * in_plane[1]) if known else None}
+
+
 def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray] = None,
            settings: Optional[DetectionSettings] = None,
            progress: Optional[Callable[[float, str], None]] = None,
@@ -196,6 +217,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
 
     t0 = time.perf_counter()
     report_progress(0.0, "preprocessing")
+    check_dimensions(volume, model)
     mask, skull = brain_input(volume, geometry, model, mask, settings, device)
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     prepared = prepare_volume(volume, geometry, config, mask)
@@ -286,5 +308,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "engine": {"name": "synomaly", "version": __version__},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
     }
+    if is_2d(volume.shape):
+        report.update(area_report(seg, geometry))
     report_progress(1.0, "done")
     return DetectionResult(anomaly_map, seg, cf, uncertainty, report, prepared)

@@ -157,10 +157,10 @@ def find_eval_cases(paths: Sequence) -> List[EvalCase]:
     return _unique_names(cases)
 
 
-def _axial_axis(geometry: Geometry) -> int:
+def _axial_axis(shape, geometry: Geometry) -> int:
     from .preprocessing import Orientation
 
-    return int(Orientation.for_geometry(geometry).perm[0])
+    return int(Orientation.for_image(shape, geometry).perm[0])
 
 
 def crop_axial(image: np.ndarray, geometry: Geometry, label: np.ndarray, mask: Optional[np.ndarray],
@@ -173,7 +173,7 @@ def crop_axial(image: np.ndarray, geometry: Geometry, label: np.ndarray, mask: O
     """
     if isinstance(max_slices, bool) or int(max_slices) != max_slices or max_slices < 1:
         raise InputError(f"max_slices must be a positive whole number, got {max_slices!r}.")
-    axis = _axial_axis(geometry)
+    axis = _axial_axis(image.shape, geometry)
     n = image.shape[axis]
     keep = min(int(max_slices), n)
     lesion = np.flatnonzero(np.any(label > 0, axis=tuple(a for a in range(3) if a != axis)))

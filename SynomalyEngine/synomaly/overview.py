@@ -2,6 +2,7 @@
 
 Rows are axial slices in radiological display (the patient's right on the image's left, anterior up),
 whatever the storage orientation: the geometry's direction matrix decides, as for the network's input.
+A 2D image (one slice) is shown as stored, without side markers.
 Pixels are square in millimetres. Columns: input, counterfactual, anomaly map (with a colour bar) and
 the input with contours (ours red, ground truth green, with a legend); R and L mark the sides.
 
@@ -154,7 +155,7 @@ def _axial(arrays: Dict[str, np.ndarray], geometry: Optional[Geometry]):
 
     if geometry is None:
         return arrays, (1.0, 1.0, 1.0)
-    orientation = Orientation.for_geometry(geometry)
+    orientation = Orientation.for_image(arrays["volume"].shape, geometry)
     return ({k: orientation.apply(v) for k, v in arrays.items()}, orientation.spacing_zyx(geometry))
 
 
@@ -232,7 +233,8 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
 
     for col, title in enumerate(COLUMNS):
         text(title, (MARGIN + col * (w + GAP) + w // 2, TITLE_HEIGHT // 2), title, "mm")
-    for row in range(len(rows)):
+    two_d = 1 in shape
+    for row in range(0 if two_d else len(rows)):
         middle = TITLE_HEIGHT + row * (h + GAP) + h // 2
         suffix = "" if row == 0 else f" {row}"
         text("R" + suffix, (MARGIN // 2, middle), "R", "mm")
@@ -247,7 +249,8 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
         draw.line([(left, y), (left + 18, y)], fill=colour, width=3)
         overview.labels[f"legend {words}"] = (y - 1, left, y + 2, left + 19)
         text(f"legend {words} text", (left + 24, y), words, "lm")
-    text("orientation", (MARGIN, height - 8), "axial, radiological: R on the left, anterior up", "ls")
+    text("orientation", (MARGIN, height - 8), "2D image, as stored" if two_d else
+         "axial, radiological: R on the left, anterior up", "ls")
     overview.image = np.asarray(picture).copy()
     return overview
 

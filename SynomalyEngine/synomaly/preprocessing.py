@@ -3,6 +3,7 @@
 Steps, each invertible so every output lands exactly in the input's geometry:
 checks -> foreground mask -> intensity normalisation to [-1, 1] -> reorientation so that
 array[z] is an axial slice -> in-plane crop to the foreground, square, resize to the network size.
+A 2D image (a volume of one slice) is taken as stored: its one slice is the network's slice.
 """
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
@@ -24,6 +25,14 @@ class PreprocessConfig:
     image_size: int = 128
     margin_mm: float = 4.0
     min_foreground_fraction: float = 0.02  # slices with less foreground (in the crop) are skipped
+    # > 0 (carotid): the mask is a lumen and the foreground the disc around it (``vessel_disc``).
+    disc_margin_px: float = 0.0
+    disc_margin_mm: float = 0.0
+
+    @property
+    def lumen_mask(self) -> bool:
+        """Whether the mask is a vessel's lumen, from which the foreground (a disc) is made: then it is required."""
+        return self.disc_margin_px > 0 or self.disc_margin_mm > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -163,6 +172,15 @@ class Orientation:
             flip.append(bool(d[phys, itk_axis] < 0))
         return cls(tuple(perm), tuple(flip))
 
+    @classmethod
+    def for_image(cls, shape, geometry: Geometry) -> "Orientation":
+        """``for_geometry``, except for a 2D image (one slice along some axis): as stored, its slice first.
+        A 2D image has no axial direction to find, and its rows and columns mean what the device made them."""
+        if len(shape) == 3 and 1 in tuple(shape):
+            axis = list(shape).index(1)
+            return cls((axis,) + tuple(a for a in range(3) if a != axis), (False, False, False))
+        return cls.for_geometry(geometry)
+
     def apply(self, array: np.ndarray) -> np.ndarray:
         out = np.transpose(array, self.perm)
         for axis, f in enumerate(self.flip):
@@ -264,23 +282,32 @@ class PreparedVolume:
 def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
                    mask: Optional[np.ndarray] = None, what: str = "input") -> PreparedVolume:
     check_volume(array, what)
+    orientation = Orientation.for_image(array.shape, geometry)
+    spacing = orientation.spacing_zyx(geometry)
+    if config.lumen_mask and mask is None:
+        raise InputError(f"the {what} needs the vessel's lumen mask: this model looks at a disc around the vessel, "
+                         "made from it. Give it with --mask (command line), as the mask column of a training "
+                         "CSV, or as the mask in Slicer.")
     if mask is not None:
         if mask.shape != array.shape:
             raise InputError(f"the mask has size {tuple(reversed(mask.shape))} but the {what} has "
                              f"{tuple(reversed(array.shape))}; resample the mask onto the image grid.")
         foreground = mask > 0
-        if not foreground.any():
+        if config.lumen_mask:
+            from .vessel_disc import vessel_disc
+
+            disc = vessel_disc(orientation.apply(foreground), spacing, config.disc_margin_px, config.disc_margin_mm)
+            foreground = orientation.invert(disc)
+        elif not foreground.any():
             raise InputError("the mask is empty; give a mask that covers the organ, or none.")
     else:
         foreground = foreground_mask(array)
         if not foreground.any():
             raise InputError(f"no foreground found in the {what}; give a mask.")
     intensity = fit_intensity(array, foreground, config)
-    orientation = Orientation.for_geometry(geometry)
     normalised = orientation.apply(intensity.forward(array))
     fg = orientation.apply(foreground)
     normalised = np.where(fg, normalised, -1.0).astype(np.float32)
-    spacing = orientation.spacing_zyx(geometry)
     frame = slice_frame(fg, spacing, config)
     crop_area = (frame.y1 - frame.y0) * (frame.x1 - frame.x0)
     fractions = fg[:, frame.y0:frame.y1, frame.x0:frame.x1].sum(axis=(1, 2)) / crop_area

@@ -19,6 +19,12 @@ class Preset:
     organ: str = ""
     mask_source: str = ""
     mask_source_slicer: str = ""
+    # 2D images (a volume of one slice) are valid input; 3D presets refuse them (see ``two_d_refusal``).
+    two_d: bool = False
+    # > 0: the mask given is a vessel's lumen and the organ region is a disc around it, this far from the
+    # lumen in pixels, or in mm where the pixel spacing is known (``vessel_disc``); the mask is then required.
+    disc_margin_px: float = 0.0
+    disc_margin_mm: float = 0.0
 
     def noise_params(self) -> dict:
         direction = self.direction[0] if len(self.direction) == 1 else list(self.direction)
@@ -39,8 +45,10 @@ PRESETS = {
                        mask_source="TotalSegmentator (`TotalSegmentator -i ct.nii.gz -o seg --roi_subset liver` "
                                    "writes seg/liver.nii.gz)",
                        mask_source_slicer="the TotalSegmentator extension, whose segmentation has a 'liver' segment"),
-    "carotid-us": Preset("carotid-us", 7.0, 150.0, 0.5, (1,), "robust",
-                         description="Carotid ultrasound; blobs restricted to a disc around the vessel."),
+    "carotid-us": Preset("carotid-us", 7.0, 150.0, 0.5, (1,), "window", (0.0, 255.0),
+                         description="Carotid ultrasound, 2D B-mode images (grey levels 0-255); blobs restricted "
+                                     "to a disc around the vessel, made from the lumen mask (required).",
+                         two_d=True, disc_margin_px=40.0, disc_margin_mm=2.5),
 }
 
 
@@ -72,3 +80,13 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def two_d_refusal(preset_name: Optional[str], what: str, size_xy) -> str:
+    """Why a 3D preset (or a model of unknown preset) refuses a 2D image, and what to do instead: the one
+    line every front end shows."""
+    two_d = ", ".join(name for name, p in PRESETS.items() if p.two_d)
+    model = f"the {preset_name} preset works" if preset_name else "this model works"
+    return (f"{what} is a 2D image ({size_xy[0]} x {size_xy[1]} pixels), and {model} on 3D volumes: its "
+            "intensity normalisation, checks and post-processing need the whole volume, and its model has seen "
+            f"only slices of volumes. Give the 3D volume, or use a model of a 2D preset ({two_d}).")

@@ -5,6 +5,10 @@ atomically every ``checkpoint_every`` steps and when ``cancel()`` says stop, so 
 at its step and a killed one at the last saved step), ``loss.csv`` and ``previews/``. Every setting
 is checked before any data are read (``TrainingSettings.validate``). The finished model is calibrated
 on held-out healthy slices. Under torchrun the processes share every batch (``distributed``).
+
+2D images (volumes of one slice) train a 2D preset's model (carotid-us); each image is one slice. Their
+validation images are whole groups (the CSV's ``group`` column: one acquisition or patient), so that
+calibration never sees a neighbouring frame of a training image.
 """
 import csv
 import io
@@ -22,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
-from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, file_role, image_stem, is_image_file, last_line,
+from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, file_role, image_stem, is_2d, is_image_file, last_line,
                         read_volume)
 
 
@@ -140,19 +144,21 @@ def _check_number(value, name: str, low: float, high: float, low_included: bool 
 
 @dataclass
 class TrainingCase:
-    """One healthy (or partly healthy) volume: slices with any label voxel are left out."""
+    """One healthy (or partly healthy) volume: slices with any label voxel are left out. ``group``: the
+    acquisition or patient of a 2D image, held out for validation together (default: the image alone)."""
 
     name: str
     image: np.ndarray
     geometry: Geometry
     mask: Optional[np.ndarray] = None
     labels: Optional[np.ndarray] = None
+    group: Optional[str] = None
 
 
 _WORD_BREAKS = re.compile(r"[\s_.-]+")
 _ROLE_WORDS = {"mask": MASK_WORDS, "labels": LABEL_WORDS}
 _ROLE_NAMES = {"mask": "mask", "labels": "label"}
-CSV_COLUMNS = ("image", "mask", "label", "name")
+CSV_COLUMNS = ("image", "mask", "label", "name", "group")
 PAIRING_EXAMPLE = "pat1_flair.nii.gz with pat1_brainmask.nii.gz and pat1_seg.nii.gz"
 
 
@@ -213,7 +219,8 @@ def pair_files(files: Sequence[Path], where: str) -> List[Tuple[Path, Optional[P
     return pairs
 
 
-def _read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path]) -> TrainingCase:
+def _read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path],
+               group: Optional[str] = None) -> TrainingCase:
     image, geometry = read_volume(image_path)
     extras = {}
     for role, path in (("mask", mask_path), ("labels", labels_path)):
@@ -223,7 +230,7 @@ def _read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_pa
                 raise InputError(f"{path}: size {tuple(reversed(arr.shape))} differs from {image_path.name}'s "
                                  f"{tuple(reversed(image.shape))}.")
             extras[role] = arr > 0
-    return TrainingCase(name, image, geometry, extras.get("mask"), extras.get("labels"))
+    return TrainingCase(name, image, geometry, extras.get("mask"), extras.get("labels"), group)
 
 
 def _image_files(folder: Path) -> List[Path]:
@@ -240,8 +247,8 @@ def _cases_from_folder(folder: Path) -> List[TrainingCase]:
 
 
 def _cases_from_csv(path: Path) -> List[TrainingCase]:
-    """Rows ``image[,mask][,label][,name]`` (``labels`` also names the label column); relative paths
-    are relative to the CSV's folder."""
+    """Rows ``image[,mask][,label][,name][,group]`` (``labels`` also names the label column); relative paths
+    are relative to the CSV's folder. ``group``: see ``TrainingCase``."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -252,7 +259,7 @@ def _cases_from_csv(path: Path) -> List[TrainingCase]:
     columns = ["label" if h == "labels" else h for h in header]
     unknown = [h for h in columns if h not in CSV_COLUMNS]
     if "image" not in columns or unknown:
-        raise InputError(f"{path}: the header must name the columns image[,mask][,label][,name]; found "
+        raise InputError(f"{path}: the header must name the columns image[,mask][,label][,name][,group]; found "
                          f"{', '.join(header) or 'none'}.")
     cases = []
     for number, row in enumerate(rows, start=2):
@@ -271,7 +278,7 @@ def _cases_from_csv(path: Path) -> List[TrainingCase]:
                     raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
                 files[column] = p
         cases.append(_read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
-                                files.get("label")))
+                                files.get("label"), values.get("group") or None))
     return cases
 
 
@@ -282,7 +289,7 @@ def find_cases(paths: Sequence) -> List[TrainingCase]:
       and label partners paired by name (``pair_files``);
     - a folder of such folders (one level down);
     - image files listed one by one (partners listed with them are paired, per folder, the same way);
-    - a CSV file with a header ``image[,mask][,label][,name]``, paths relative to its folder.
+    - a CSV file with a header ``image[,mask][,label][,name][,group]``, paths relative to its folder.
     Labelled slices are left out of training, so partly healthy (lesion) cases may be used.
     """
     if isinstance(paths, (str, Path, TrainingCase)):
@@ -325,25 +332,47 @@ class SliceSet:
     summary: Dict
 
 
+def _held_out_groups(cases: Sequence[TrainingCase], fraction: float, rng) -> set:
+    """Groups of 2D images held out for validation: that fraction of them, at least one of two or more."""
+    groups = sorted({case.group or case.name for case in cases if is_2d(case.image.shape)})
+    n_val = int(round(len(groups) * fraction))
+    if len(groups) > 1 and fraction > 0:
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    return set(rng.choice(groups, size=n_val, replace=False).tolist()) if n_val else set()
+
+
 def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, preprocess) -> SliceSet:
-    """Healthy axial slices of every case, split by blocks of 8 slices into training and validation."""
+    """Healthy axial slices of every case, split by blocks of 8 slices into training and validation;
+    2D images (one slice each) by whole groups (``TrainingCase.group``)."""
     import torch
 
     from .preprocessing import prepare_volume
+    from .presets import get_preset, two_d_refusal
 
+    preset = get_preset(settings.preset)
+    for case in cases:
+        if is_2d(case.image.shape) and not preset.two_d:
+            raise InputError(two_d_refusal(preset.name, f"training case {case.name}",
+                                           [n for n in reversed(case.image.shape) if n != 1]))
     rng = np.random.default_rng(settings.seed)
+    held_groups = _held_out_groups(cases, settings.validation_fraction, rng)
     prepared_cases, healthy_slices, val_blocks = [], [], []
     for case in cases:
         prepared = prepare_volume(case.image, case.geometry, preprocess, case.mask, what=f"training case {case.name}")
         fg = prepared.foreground
         area = fg.shape[1] * fg.shape[2]
-        healthy = [z for z in prepared.slices if fg[z].sum() / area >= settings.min_slice_foreground]
+        two_d = is_2d(case.image.shape)
+        # A 2D image was chosen as it is: its one slice counts whatever share of it the organ covers.
+        healthy = [z for z in prepared.slices if two_d or fg[z].sum() / area >= settings.min_slice_foreground]
         if case.labels is not None:
             lesion = prepared.orientation.apply(case.labels)
             healthy = [z for z in healthy if not lesion[z].any()]
         blocks = sorted({z // 8 for z in healthy})
         n_val = int(round(len(blocks) * settings.validation_fraction))
-        chosen = set(rng.choice(blocks, size=n_val, replace=False).tolist()) if n_val and len(blocks) > 1 else set()
+        if two_d:
+            chosen = set(blocks) if (case.group or case.name) in held_groups else set()
+        else:
+            chosen = set(rng.choice(blocks, size=n_val, replace=False).tolist()) if n_val and len(blocks) > 1 else set()
         prepared_cases.append(prepared)
         healthy_slices.append(healthy)
         val_blocks.append(chosen)
@@ -366,6 +395,11 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         per_case.append({"case": case.name, "train_slices": len(train), "validation_slices": len(val)})
     if not images:
         raise InputError("no healthy slices with enough foreground in the training data.")
+    if not any(validation.values()) and all(is_2d(c.image.shape) for c in cases):
+        # Said now, not after the whole run, when calibration would find nothing to calibrate on.
+        raise InputError(f"the {len(cases)} training images are all of one group (acquisition or patient), and "
+                         "calibration needs images of another, held out; give images of two or more groups "
+                         "(the group column of a training CSV).")
     imgs = torch.cat(images)
     summary = {"cases": per_case, "train_slices": int(imgs.shape[0]),
                "validation_slices": int(sum(len(v) for v in validation.values()))}
@@ -578,7 +612,8 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         if unmasked and mask_needed:
             raise InputError(f"{len(unmasked)} of {len(cases)} training cases have no mask "
                              f"({', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''}): {mask_needed}")
-        preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size)
+        preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size,
+                                      disc_margin_px=preset.disc_margin_px, disc_margin_mm=preset.disc_margin_mm)
         report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
         data = extract_slices(cases, settings, preprocess)
     with team.together():

@@ -2,6 +2,10 @@
 
 Arrays are numpy in (z, y, x) order, as SimpleITK and Slicer's ``arrayFromVolume`` give them.
 Geometry is kept in ITK's LPS convention; ``ijk_to_ras`` converts for Slicer.
+
+A 2D image (PNG, JPEG, a single-frame DICOM file, any one-slice file) is a volume of one slice:
+(1, H, W) with spacing (sx, sy, 1). Grey stored as RGB(A) is converted to grey, for 2D images only.
+PNG files hold 2D images of 8- or 16-bit integers and their pixel spacing, but no origin or direction.
 """
 import contextlib
 import logging
@@ -20,12 +24,18 @@ import numpy as np
 from .errors import InputError, OutputError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")  # always 2D; single-frame DICOM files are read when named
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_2D_SUFFIXES
 MASK_WORDS = ("mask",)
 LABEL_WORDS = ("seg", "label", "lesion")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Slice positions of a DICOM series may deviate this much (relative to their spacing) and still count as even.
 SLICE_SPACING_TOLERANCE = 0.05
+# Luma weights (ITU-R BT.601, as Pillow's "L" mode) for grey stored as RGB.
+_LUMA = np.array([0.299, 0.587, 0.114])
+# A 2D image counts as colour (a Doppler or annotation overlay, not RGB-encoded grey) when more than this
+# fraction of its pixels have channels further apart than COLOUR_SPREAD grey levels of 255.
+COLOUR_FRACTION, COLOUR_SPREAD = 0.01, 32.0
 _ITK_WARNING = re.compile(r"^\s*WARNING: In .*, line \d+\s*$")
 _ITK_OBJECT = re.compile(r"^\s*\w+ \(0x[0-9a-fA-F]+\):\s*")
 log = logging.getLogger(__name__)
@@ -33,6 +43,11 @@ log = logging.getLogger(__name__)
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_2d(shape) -> bool:
+    """A volume of one slice along some axis: a 2D image."""
+    return len(shape) == 3 and 1 in tuple(shape)
 
 
 def file_role(path: Path) -> str:
@@ -312,17 +327,77 @@ def _check_nifti_data(path: Path) -> None:
             raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
 
 
+def rgb_to_grey(channels: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Grey levels of an (..., C) array with C = 2 (grey, alpha), 3 (RGB) or 4 (RGBA) channels, in its own
+    type (luma, rounded for integers; alpha dropped), and the fraction of its pixels that hold colour
+    (channels more than COLOUR_SPREAD of 255 apart): near 0 for grey stored as RGB."""
+    channels = np.asarray(channels)
+    if channels.shape[-1] == 2:
+        return np.array(channels[..., 0]), 0.0
+    rgb = channels[..., :3].astype(np.float64)
+    top = float(np.iinfo(channels.dtype).max) if np.issubdtype(channels.dtype, np.integer) else 255.0
+    coloured = float(np.mean(rgb.max(axis=-1) - rgb.min(axis=-1) > COLOUR_SPREAD * top / 255.0))
+    grey = rgb @ _LUMA
+    if np.issubdtype(channels.dtype, np.integer):
+        grey = np.clip(np.rint(grey), 0, top)
+    return grey.astype(channels.dtype), coloured
+
+
+def colour_warning(name: str, coloured: float) -> Optional[str]:
+    """What to tell the user when an image converted to grey held real colour, else None."""
+    if coloured <= COLOUR_FRACTION:
+        return None
+    return (f"{name}: {coloured:.0%} of its pixels are coloured (an overlay such as Doppler or annotations?); "
+            "converted to grey, where coloured marks may look like tissue")
+
+
+def _grey(image, path, notes: Optional[List[str]]):
+    """A one-slice colour image (RGB or RGBA; grey + alpha) as grey (``rgb_to_grey``); volumes of
+    several slices keep their components (and are refused)."""
+    import SimpleITK as sitk
+
+    components = image.GetNumberOfComponentsPerPixel()
+    size = image.GetSize()
+    one_slice = image.GetDimension() == 2 or (image.GetDimension() == 3 and size[2] == 1)
+    if components == 1 or not one_slice or components not in (2, 3, 4):
+        return image
+    grey, coloured = rgb_to_grey(sitk.GetArrayViewFromImage(image))
+    warning = colour_warning(Path(path).name, coloured)
+    if warning:
+        _report(notes, [warning])
+    out = sitk.GetImageFromArray(grey)
+    out.CopyInformation(image)
+    return out
+
+
+def _as_volume(image):
+    """A 2D image as a volume of one slice: spacing 1 and origin 0 across it, its direction embedded."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 2:
+        return image
+    volume = sitk.JoinSeries(image)
+    d = np.asarray(image.GetDirection(), dtype=float).reshape(2, 2)
+    direction = np.eye(3)
+    direction[:2, :2] = d
+    volume.SetSpacing(tuple(image.GetSpacing()) + (1.0,))
+    volume.SetOrigin(tuple(image.GetOrigin()) + (0.0,))
+    volume.SetDirection(tuple(direction.ravel()))
+    return volume
+
+
 def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = False
                 ) -> Tuple[np.ndarray, Geometry]:
-    """Read a 3D scalar volume (anything SimpleITK reads, or a DICOM series folder).
+    """Read a scalar volume (anything SimpleITK reads, or a DICOM series folder), or a 2D image as a
+    volume of one slice (see the module's docstring; ``is_2d`` tells them apart).
 
-    Warnings (a library's, or a resampled DICOM gap) are appended to ``notes``, or logged when it
-    is None. A DICOM series with missing or unevenly spaced slices is refused unless
+    Warnings (a library's, a resampled DICOM gap, colour converted to grey) are appended to ``notes``,
+    or logged when it is None. A DICOM series with missing or unevenly spaced slices is refused unless
     ``resample_gaps``; NaN or infinite voxels are refused, and so is a truncated NIfTI data block.
     """
     import SimpleITK as sitk
 
-    image = _read_sitk(path, notes, resample_gaps)
+    image = _grey(_read_sitk(path, notes, resample_gaps), path, notes)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(vector/RGB image); give a single-channel (scalar) volume.")
@@ -331,8 +406,9 @@ def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = F
             raise InputError(f"{path}: is a 4D image with {image.GetSize()[3]} time points/channels; "
                              "extract one 3D volume first.")
         image = image[:, :, :, 0]
+    image = _as_volume(image)
     if image.GetDimension() != 3:
-        raise InputError(f"{path}: is a {image.GetDimension()}D image; a 3D volume is needed.")
+        raise InputError(f"{path}: is a {image.GetDimension()}D image; a 2D image or a 3D volume is needed.")
     if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
         _check_nifti_data(Path(path))
     array = sitk.GetArrayFromImage(image)
@@ -358,13 +434,41 @@ def _write_atomically(path: Path, suffix: str, write) -> None:
         _discard(tmp)
 
 
+def is_2d_format(path) -> bool:
+    """Whether the file name asks for a 2D image format (PNG, JPEG)."""
+    return Path(path).name.lower().endswith(IMAGE_2D_SUFFIXES)
+
+
+def _as_2d_image(path: Path, array: np.ndarray, geometry: Geometry):
+    """A one-slice volume as the 2D image a PNG or JPEG file holds; refused where the file would lose
+    voxels, values or geometry (those formats keep the pixel spacing only)."""
+    import SimpleITK as sitk
+
+    if array.ndim != 3 or array.shape[0] != 1:
+        raise OutputError(f"{path}: {path.suffix} files hold 2D images, not a volume of size "
+                          f"{tuple(reversed(array.shape))}; write NRRD or NIfTI.")
+    if array.dtype not in (np.uint8, np.uint16):
+        raise OutputError(f"{path}: {path.suffix} files hold 8- or 16-bit integers, not {array.dtype}; "
+                          "write NRRD for other values.")
+    if not np.allclose(geometry.origin, 0.0) or not np.allclose(geometry.direction_matrix, np.eye(3)):
+        raise OutputError(f"{path}: {path.suffix} files keep no origin or direction, and this image has them; "
+                          "write NRRD to keep its geometry.")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array[0]))
+    image.SetSpacing(tuple(geometry.spacing[:2]))
+    return image
+
+
 def write_volume(path, array: np.ndarray, geometry: Geometry, notes: Optional[List[str]] = None) -> None:
-    """Write atomically, in the format the file name says; library warnings go to ``notes`` (or the log)."""
+    """Write atomically, in the format the file name says; library warnings go to ``notes`` (or the log).
+    PNG and JPEG take a one-slice volume of 8- or 16-bit integers without origin or direction."""
     import SimpleITK as sitk
 
     path = Path(path)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    geometry.apply_to_sitk(image)
+    if is_2d_format(path):
+        image = _as_2d_image(path, array, geometry)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     messages: List[str] = []
     with library_messages(messages):
