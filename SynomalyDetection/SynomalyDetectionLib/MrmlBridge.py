@@ -266,8 +266,8 @@ def _write_segmentation(node, array, input_node) -> None:
 
 def _display_like_input(counterfactual, input_node) -> None:
     source, target = input_node.GetDisplayNode(), counterfactual.GetDisplayNode()
-    if source is None or target is None:
-        return
+    if source is None or target is None or input_node.IsA("vtkMRMLVectorVolumeNode"):
+        return  # a colour image has no grey window and colour table to copy: the automatic window stays
     target.SetAndObserveColorNodeID(source.GetColorNodeID())
     target.AutoWindowLevelOff()
     target.SetWindowLevel(source.GetWindow(), source.GetLevel())
