@@ -248,6 +248,19 @@ def test_single_frame_dicom_outputs_keep_its_geometry(carotid_run, tmp_path):
     assert not (tmp_path / "png").exists()
 
 
+def test_jpeg_input_gets_lossless_png_outputs(carotid_run, tmp_path):
+    grey, geometry = read_volume(carotid_run["image"])
+    write_rgb(tmp_path / "scan.jpg", grey[0])
+    ok(run_cli("detect", tmp_path / "scan.jpg", "--mask", carotid_run["mask"], "--model", carotid_run["model"],
+               "-o", tmp_path / "out", "-q"))
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["scan_anomaly_map.nrrd", "scan_anomaly_map.png", "scan_anomaly_seg.png",
+                       "scan_counterfactual.png", "scan_overview.png", "scan_report.json"]
+    for name in written[:4]:
+        array, kept = read_volume(tmp_path / "out" / name)
+        assert array.shape == grey.shape and kept == geometry
+
+
 def test_carotid_detection_without_lumen_mask_is_refused(carotid_run, tmp_path):
     assert_refused(run_cli("detect", carotid_run["image"], "--model", carotid_run["model"], "-o", tmp_path / "out"),
                    "lumen mask", "--mask", carotid_run["image"].name)

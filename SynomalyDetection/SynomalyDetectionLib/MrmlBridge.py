@@ -77,7 +77,8 @@ def check_input_volume(node) -> None:
     components = image.GetNumberOfScalarComponents()
     if components != 1 and not (is_2d(node) and components in (2, 3, 4)):
         raise InputError(f"'{name}' has {components} components per voxel (a vector or RGB volume); select a "
-                         "single-channel scalar volume. Only a 2D image (one slice) may be colour: it is taken as grey.")
+                         "single-channel scalar volume. Only a 2D image (one slice) may be colour: it is taken "
+                         "as grey.")
 
 
 def check_dimensions(node, preset) -> None:
