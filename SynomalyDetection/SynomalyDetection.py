@@ -62,6 +62,10 @@ module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar v
 views then show the input and the counterfactual side by side, linked. The panel shows the anomalous
 volume in mL and its connected components. <i>Advanced</i>: device, number of stages, noise level,
 threshold (default: the model's calibrated threshold) and ensemble size.</p>
+<p><b>2D images</b> (PNG, JPEG, a single-frame DICOM; e.g. carotid ultrasound) load as volumes of one slice
+and work like volumes with a 2D model (preset carotid-us): colour is taken as grey, and the mask is the
+vessel's lumen (required: the model looks at a disc around it). The panel then shows areas. Models of the
+3D presets refuse 2D images.</p>
 <p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
 of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
 checkpoint that <i>Resume</i> continues. The new model joins the model list.</p>

@@ -352,9 +352,9 @@ def format_report(report: Optional[dict]) -> str:
     if "anomalous_area_px" in report:  # a 2D image: areas, in mm^2 where its pixel spacing is known
         mm2 = report.get("pixel_spacing_known") and report.get("anomalous_area_mm2") is not None
         scale = report["anomalous_area_mm2"] / max(report["anomalous_area_px"], 1) if mm2 else 1.0
-        unit = "mm^2" if mm2 else "pixels"
-        lines = [f"Anomalous area: {report['anomalous_area_px'] * scale:.{1 if mm2 else 0}f} {unit} in {n} component(s)"]
-        sizes = [f"{int(c.get('voxels', 0)) * scale:.{1 if mm2 else 0}f} {unit}" for c in components[:5]]
+        unit, digits = ("mm^2", 1) if mm2 else ("pixels", 0)
+        lines = [f"Anomalous area: {report['anomalous_area_px'] * scale:.{digits}f} {unit} in {n} component(s)"]
+        sizes = [f"{int(c.get('voxels', 0)) * scale:.{digits}f} {unit}" for c in components[:5]]
     else:
         lines = [f"Anomalous volume: {report.get('anomalous_volume_ml', 0.0):.2f} mL in {n} component(s)"]
         sizes = [f"{float(c.get('volume_ml', 0.0)):.2f} mL" for c in components[:5]]

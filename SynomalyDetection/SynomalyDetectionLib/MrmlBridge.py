@@ -77,7 +77,8 @@ def check_input_volume(node) -> None:
     components = image.GetNumberOfScalarComponents()
     if components != 1 and not (is_2d(node) and components in (2, 3, 4)):
         raise InputError(f"'{name}' has {components} components per voxel (a vector or RGB volume); select a "
-                         "single-channel scalar volume. Only a 2D image (one slice) may be colour: it is taken as grey.")
+                         "single-channel scalar volume. Only a 2D image (one slice) may be colour: it is taken "
+                         "as grey.")
 
 
 def check_dimensions(node, preset) -> None:
@@ -288,8 +289,8 @@ def _write_segmentation(node, array, input_node) -> None:
 
 def _display_like_input(counterfactual, input_node) -> None:
     source, target = input_node.GetDisplayNode(), counterfactual.GetDisplayNode()
-    if source is None or target is None:
-        return
+    if source is None or target is None or input_node.IsA("vtkMRMLVectorVolumeNode"):
+        return  # a colour image has no grey window and colour table to copy: the automatic window stays
     target.SetAndObserveColorNodeID(source.GetColorNodeID())
     target.AutoWindowLevelOff()
     target.SetWindowLevel(source.GetWindow(), source.GetLevel())

@@ -2,12 +2,13 @@
 
     python SynomalyEngine/scripts/carotid_experiment.py split ../shared/data/carotid-us runs/carotid
     synomaly train runs/carotid/train.csv --preset carotid-us -o runs/carotid/carotid-us.safetensors \\
-        --steps 900 --checkpoint-every 50
+        --name carotid-us --steps 385 --image-size 64 --base-channels 32 --res-blocks 1 --batch-size 8
     python SynomalyEngine/scripts/carotid_experiment.py evaluate runs/carotid/carotid-us.safetensors runs/carotid
 
 ``split`` writes ``train.csv`` (image, lumen mask, acquisition as group: training holds out whole
 acquisitions for calibration) and ``test.csv`` (the held-out acquisitions: every third acquisition in
-the order of their ids, starting at the third; never trained or calibrated on).
+the order of their ids, starting at the third; never trained or calibrated on). The training command
+above made the bundled ``carotid-us`` model (see its card).
 
 ``evaluate`` runs ``synomaly evaluate`` on cases made from the test images: each image as it is (no
 plaque: every detection is a false positive), and with plaques inserted by ``synomaly.plaque`` (the

@@ -694,7 +694,8 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
     inference.update(settings.inference)
     metadata = {
         "name": settings.name or output.stem,
-        "description": settings.description or f"{settings.preset} model trained on {len(cases)} volumes",
+        "description": settings.description or f"{settings.preset} model trained on {len(cases)} "
+                       f"{'images' if all(is_2d(c.image.shape) for c in cases) else 'volumes'}",
         "preset": settings.preset,
         "noise": {"kind": settings.noise, **preset.noise_params()},
         "schedule": schedule.to_dict(),
