@@ -124,6 +124,18 @@ def test_carotid_model_without_lumen_mask_fails_with_the_engines_reason(scene, t
     assert not leftover_jobs(jobs_dir)
 
 
+def test_the_panel_asks_a_carotid_model_for_the_lumen_mask_before_any_run(scene, tmp_path, models, jobs_dir):
+    node, _, _ = colour_png_node(tmp_path)
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    blocker = logic.missing_mask(str(models["carotid-us"]), None)
+    assert "lumen mask" in blocker and "the Mask" in blocker and "--mask" not in blocker
+    assert logic.missing_mask(str(models["brain-flair"]), None) == ""
+    with pytest.raises(InputError) as refused:
+        logic.prepare_detection(node, None, str(models["carotid-us"]))
+    assert str(refused.value) == blocker
+    assert not leftover_jobs(jobs_dir), "refused before any worker starts"
+
+
 def test_report_of_a_2d_image_gives_areas():
     report = {"anomalous_volume_ml": 0.2, "n_components": 2, "anomalous_area_px": 250, "pixel_spacing_known": False,
               "anomalous_area_mm2": None, "components": [{"voxels": 200, "volume_ml": 0.2}, {"voxels": 50}]}

@@ -58,6 +58,8 @@ def missing_mask_message(preset_name: str, where: str = "detect") -> Optional[st
     ``where``: "detect" (the command line and the Python API), "train" (every training case needs one),
     "slicer" (the module's panel)."""
     preset = PRESETS.get(preset_name)
+    if preset is not None and preset.disc_margin_px > 0:
+        return _missing_lumen_message(preset, where)
     if preset is None or not preset.organ:
         return None
     organ = preset.organ
@@ -73,6 +75,19 @@ def missing_mask_message(preset_name: str, where: str = "detect") -> Optional[st
                 f"{organ} label map, as the Mask (e.g. from {preset.mask_source_slicer}). Its training blobs were "
                 f"placed, and its anomaly map is kept, inside the {organ} only.")
     return f"{why}; give one with --mask (a {organ} label map on the image's grid), e.g. from {preset.mask_source}."
+
+
+def _missing_lumen_message(preset: Preset, where: str) -> str:
+    """A vessel preset's mask is the lumen: the model looks only at a disc around it."""
+    why = (f"the {preset.name} model needs the vessel's lumen mask: it looks only at a disc around the vessel "
+           f"(the lumen grown by {preset.disc_margin_px:g} pixels, {preset.disc_margin_mm:g} mm where the pixel size "
+           "is known)")
+    if where == "train":
+        return (f"the {preset.name} preset needs the vessel's lumen mask for every image: the training blobs are "
+                "placed in a disc around it. Give a CSV list with the columns image,mask[,group].")
+    if where == "slicer":
+        return f"The {why[4:]}: pick the lumen's segmentation or label map as the Mask."
+    return f"{why}; give it with --mask (a lumen label image on the image's grid)."
 
 
 def get_preset(name: str) -> Preset:
