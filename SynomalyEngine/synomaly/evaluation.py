@@ -21,8 +21,8 @@ from . import __version__
 from . import metrics as M
 from .errors import InputError
 from .output_set import OutputFolder, OutputSet
-from .volume_io import (IMAGE_SUFFIXES, Geometry, atomic_write_bytes, file_role, is_image_file, library_messages,
-                        read_volume)
+from .volume_io import (Geometry, atomic_write_bytes, csv_row_files, file_role, image_stem, is_image_file,
+                        library_messages, read_volume)
 
 ORACLE_LABEL = "oracle, uses test labels, not a result"
 BASELINE_METHOD = ("3D median filter of the normalised input intensity (negated for models of darker lesions), "
@@ -40,14 +40,6 @@ class EvalCase:
     image_path: Path
     label_path: Path
     mask_path: Optional[Path] = None
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[:-len(suffix)]
-    return path.stem
 
 
 def _case_from_folder(folder: Path) -> EvalCase:
@@ -89,15 +81,8 @@ def _cases_from_csv(path: Path) -> List[EvalCase]:
             raise InputError(f"{path}, line {number}: no image.")
         if not row["label"]:
             raise InputError(f"{path}, line {number}: no label for {row['image']}; evaluation needs the ground truth.")
-        files = {}
-        for column in ("image", "label", "mask"):
-            if row.get(column):
-                p = Path(row[column]).expanduser()
-                p = p if p.is_absolute() else path.parent / p
-                if not p.exists():
-                    raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
-                files[column] = p
-        name = row.get("name") or _stem(files["image"])
+        files = csv_row_files(path, number, row, ("image", "label", "mask"))
+        name = row.get("name") or image_stem(files["image"])
         cases.append(EvalCase(name, files["image"], files["label"], files.get("mask")))
     return cases
 

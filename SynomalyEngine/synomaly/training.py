@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
-from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, file_role, image_stem, is_2d, is_image_file, last_line,
-                        read_volume)
+from .volume_io import (LABEL_WORDS, MASK_WORDS, Geometry, csv_row_files, file_role, image_stem, is_2d,
+                        is_image_file, last_line, read_volume)
 
 
 @dataclass
@@ -269,14 +269,7 @@ def _cases_from_csv(path: Path) -> List[TrainingCase]:
             continue
         if not values["image"]:
             raise InputError(f"{path}, line {number}: no image.")
-        files = {}
-        for column in ("image", "mask", "label"):
-            if values.get(column):
-                p = Path(values[column]).expanduser()
-                p = p if p.is_absolute() else path.parent / p
-                if not p.exists():
-                    raise InputError(f"{path}, line {number}: {column} file {p} does not exist.")
-                files[column] = p
+        files = csv_row_files(path, number, values, ("image", "mask", "label"))
         cases.append(_read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
                                 files.get("label"), values.get("group") or None))
     return cases

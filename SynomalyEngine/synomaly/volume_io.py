@@ -17,7 +17,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +66,20 @@ def image_stem(path: Path) -> str:
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
     return name[:-len(suffix)] if suffix else path.stem
+
+
+def csv_row_files(csv_path: Path, line: int, row: dict, columns) -> Dict[str, Path]:
+    """The files one row of a CSV list names in ``columns`` (empty cells left out), relative paths taken
+    from the CSV's folder; a missing file is refused naming the line (training and evaluation lists)."""
+    files = {}
+    for column in columns:
+        if row.get(column):
+            p = Path(row[column]).expanduser()
+            p = p if p.is_absolute() else csv_path.parent / p
+            if not p.exists():
+                raise InputError(f"{csv_path}, line {line}: {column} file {p} does not exist.")
+            files[column] = p
+    return files
 
 
 def _publish(tmp: str, path: Path) -> None:
