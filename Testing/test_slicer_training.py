@@ -1,12 +1,12 @@
 """Retraining through the module's logic: healthy cases from a folder or from volume nodes, the loss plot,
 cancel and resume in the worker process, and the new model joining the model list."""
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from test_slicer_detection import jobs_dir  # noqa: F401 (autouse: job folders in tmp_path)
 from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, slicer  # noqa: F401
 
 from SynomalyDetectionLib import Parameters, SynomalyLogic
@@ -24,14 +24,6 @@ TINY = dict(batch_size=2, image_size=32, base_channels=8, channel_mult=(1, 2), n
 @pytest.fixture
 def scene():
     return new_scene()
-
-
-@pytest.fixture(autouse=True)
-def jobs_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "jobs"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def healthy_folder(tmp_path):
