@@ -169,8 +169,11 @@ def forward_time_per_slice(network, size, batch, device, repeats=5):
 
 
 def plain_network(network, device):
-    """The previous path: fp32 weights in the default (contiguous) layout."""
-    return network.to(device).eval()
+    """The previous path: fp32 weights in the default (contiguous) layout. The engine's channels-last
+    conversion is in place, so the layout is set back here explicitly."""
+    import torch
+
+    return network.to(device, memory_format=torch.contiguous_format).eval()
 
 
 def previous_postprocessing(arr, threshold, min_mm3, voxel_mm3, spacing, sigma_mm):

@@ -8,6 +8,7 @@ measurement on the machine at hand. The CPU's name and capability come first.
 Run:  python SynomalyEngine/benchmarks/bench_runtimes.py [--threads 2] [--batches 1 2 4 8 16] [--repeats 5]
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -52,9 +53,9 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {args.threads} threads; CPU: {describe_cpu()}")
     print(f"model {model.name} ({model.model_id}), input {size}x{size}; ms per slice, median of {args.repeats}")
 
-    def eager(layout, bf16):
-        net = base.to(memory_format=layout)
-
+    def timed(net, bf16):
+        """A call factory for ``net`` under autocast; each way gets its own copy of the weights, since
+        ``Module.to(memory_format=...)`` converts in place."""
         def make(x, t):
             def call():
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -62,32 +63,28 @@ def main(argv=None):
             return call
         return make
 
+    def copy_in(layout):
+        return copy.deepcopy(base).to(memory_format=layout)
+
     ways = {
-        "eager fp32": eager(torch.contiguous_format, False),
-        "eager fp32 channels-last": eager(torch.channels_last, False),
-        "eager bf16": eager(torch.contiguous_format, True),
-        "eager bf16 channels-last": eager(torch.channels_last, True),
+        "eager fp32": timed(copy_in(torch.contiguous_format), False),
+        "eager fp32 channels-last": timed(copy_in(torch.channels_last), False),
+        "eager bf16": timed(copy_in(torch.contiguous_format), True),
+        "eager bf16 channels-last": timed(copy_in(torch.channels_last), True),
     }
     if "compile" not in args.skip:
-        compiled = torch.compile(base.to(memory_format=torch.channels_last), dynamic=False)
+        compiled = torch.compile(copy_in(torch.channels_last), dynamic=False)
+        ways["torch.compile fp32"] = timed(compiled, False)
+        ways["torch.compile bf16"] = timed(compiled, True)
 
-        def make_compiled(bf16):
-            def make(x, t):
-                def call():
-                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        return compiled(x, t).float().numpy()
-                return call
-            return make
-        ways["torch.compile fp32"] = make_compiled(False)
-        ways["torch.compile bf16"] = make_compiled(True)
-
+    reference = copy_in(torch.contiguous_format)
     tmp = tempfile.mkdtemp(prefix="synomaly-rt-")
     onnx_path = os.path.join(tmp, "unet.onnx")
     exported = False
     try:
         x0 = torch.randn(2, 1, size, size)
         t0 = torch.full((2,), 200, dtype=torch.long)
-        torch.onnx.export(base.to(memory_format=torch.contiguous_format), (x0, t0), onnx_path,
+        torch.onnx.export(copy_in(torch.contiguous_format), (x0, t0), onnx_path,
                           input_names=["x", "t"], output_names=["eps"],
                           dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}})
         exported = True
@@ -137,7 +134,7 @@ def main(argv=None):
             call = make(x.contiguous(memory_format=torch.channels_last) if "channels-last" in name else x, t)
             row.append(per_slice_ms(call, b, args.repeats))
             with torch.inference_mode():
-                ref = base.to(memory_format=torch.contiguous_format)(x, t).numpy()
+                ref = reference(x, t).numpy()
             err = max(err, float(np.abs(np.asarray(call(), dtype=np.float32).reshape(ref.shape) - ref).max()))
         print(f"{name:<28}" + "".join(f"{v:>9.1f}" for v in row) + f"   {err:.3g}")
     print("(ratios: divide the eager fp32 row by a row, column by column)")
