@@ -28,3 +28,4 @@ def phantom_case(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than about 20 s on 2 CPU cores; "
                             "`-m \"not slow\"` leaves it out for everyday runs (CI runs everything)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (CI has none)")

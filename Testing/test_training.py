@@ -278,6 +278,9 @@ def test_bad_csv_lists_are_refused(tmp_path, text, words):
     ({"steps": True}, ["steps"]),
     ({"loss": "l3"}, ["loss", "l3"]),
     ({"seed": -1}, ["seed"]),
+    ({"lesion_slices": "use"}, ["lesion_slices", "use"]),
+    ({"lesion_margin_mm": -1.0}, ["lesion margin"]),
+    ({"precision": "fp16"}, ["precision", "fp16"]),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, healthy_dir, change, words):
     settings = TrainingSettings(**{**TINY, "steps": 3, **change})
@@ -371,3 +374,58 @@ def test_a_run_folder_without_checkpoint_points_to_overwrite(healthy_dir, tmp_pa
     with pytest.raises(OutputError, match="nothing to resume.*--overwrite instead of --resume"):
         train([healthy_dir], out, TrainingSettings(steps=3, **TINY), resume=True)
     assert leftover.read_bytes() == b"preview" and not out.exists()
+
+
+def _lesion_case(seed=1):
+    from synomaly.training import TrainingCase
+
+    ph = make_phantom(shape=(24, 64, 64), seed=seed, lesion=True, lesion_radius_mm=12.0)
+    return TrainingCase(f"lesion{seed}", ph.volume, ph.geometry, labels=ph.lesion_mask > 0)
+
+
+def test_grown_lesion_reaches_the_margin_in_millimetres():
+    from synomaly.training import grown_lesion
+
+    labels = np.zeros((9, 21, 21), dtype=bool)
+    labels[4, 10, 10] = True
+    grown = grown_lesion(labels, 4.0, (2.0, 1.0, 1.0))  # slices 2 mm apart: 2 slices either way
+    assert grown[4, 10, 6] and grown[4, 10, 14] and not grown[4, 10, 5]
+    assert grown[2, 10, 10] and grown[6, 10, 10] and not grown[1, 10, 10]
+    assert np.array_equal(grown_lesion(labels, 0.0, (2.0, 1.0, 1.0)), labels)
+
+
+def test_lesion_slices_train_with_the_grown_lesion_left_out():
+    from synomaly.preprocessing import PreprocessConfig
+    from synomaly.training import extract_slices, grown_lesion
+
+    case = _lesion_case()
+    config = PreprocessConfig(image_size=32)
+    skip = extract_slices([case], TrainingSettings(**TINY), config)
+    mask = extract_slices([case], TrainingSettings(**TINY, lesion_slices="mask", lesion_margin_mm=3.0), config)
+    assert skip.keep is None and skip.summary["lesion_slices"] == 0
+    assert mask.summary["lesion_slices"] > 0
+    assert mask.summary["train_slices"] == skip.summary["train_slices"] + mask.summary["lesion_slices"]
+    # The same lesion-free slices are held out for calibration either way.
+    assert mask.validation == skip.validation
+    lesion_z = set(np.where(case.labels.any(axis=(1, 2)))[0].tolist())
+    assert not lesion_z & set(mask.validation[0])
+    # Left out of the loss: the grown lesion, mapped to the network's grid, and nothing of the slices without one.
+    left_out = ~mask.keep
+    assert left_out.any()
+    assert left_out.sum() < mask.masks.sum() / 2
+    healthy_rows = ~left_out.flatten(1).any(dim=1)
+    assert int((~healthy_rows).sum()) >= mask.summary["lesion_slices"]  # grown into neighbouring slices too
+    grown = grown_lesion(case.labels, 3.0, (1.0, 1.0, 1.0))
+    assert grown.sum() > (case.labels > 0).sum()
+
+
+def test_training_on_lesion_slices_runs_and_records_what_it_used(tmp_path):
+    losses = []
+    out = train([_lesion_case(1), _lesion_case(2)], tmp_path / "m.safetensors",
+                TrainingSettings(steps=6, **TINY, lesion_slices="mask", precision="bf16"),
+                progress=lambda step, total, loss, msg: losses.append(loss))
+    model = load_model(out)
+    saved = model.metadata["training"]
+    assert saved["settings"]["lesion_slices"] == "mask" and saved["settings"]["precision"] == "bf16"
+    assert saved["data"]["lesion_slices"] > 0
+    assert np.isfinite(losses[-1])

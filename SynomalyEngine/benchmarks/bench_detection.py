@@ -39,6 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
     p.add_argument("--precision", default="auto", help="precision of the default column (default: auto)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--in-memory", action="store_true",
+                   help="detect on the volume in memory: no file reading or writing (GPU machines without "
+                        "SimpleITK; the GPU target excludes file reading); implies --no-memory")
+    p.add_argument("--sweep", type=int, nargs="*", default=[],
+                   help="also time the default path end to end at each of these batch sizes")
     return p.parse_args(argv)
 
 
@@ -112,9 +117,16 @@ def reference_stages(network, schedule, x0, foreground, settings, batch_size=16,
 
 
 def run_pipeline(path, model, settings, out_dir, slices=None):
-    """Read, detect, write; phase times in seconds and the detection report."""
-    from synomaly.cli import output_paths, write_outputs
+    """Read, detect, write; phase times in seconds and the detection report. ``path`` may be a
+    (volume, geometry) pair already in memory: then nothing is read or written (both phases 0)."""
     from synomaly.detection import detect
+
+    if isinstance(path, tuple):
+        result = detect(*path, model, None, settings, slices=slices)
+        t = result.report["timings_s"]
+        return ({"read": 0.0, "preprocess": t["preprocess_s"], "network": t["network_s"],
+                 "post-process": t["postprocess_s"], "write": 0.0}, result.report)
+    from synomaly.cli import output_paths, write_outputs
     from synomaly.output_set import OutputSet
     from synomaly.volume_io import read_volume
 
@@ -246,10 +258,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="synomaly-bench-") as tmp:
         t0 = time.perf_counter()
         phantom = make_phantom(shape=(155, 240, 240), spacing=(1, 1, 1), seed=args.seed)
-        case = os.path.join(tmp, "case.nii.gz")
-        write_volume(case, phantom.volume, phantom.geometry)
+        if args.in_memory:
+            case = (phantom.volume, phantom.geometry)
+        else:
+            case = os.path.join(tmp, "case.nii.gz")
+            write_volume(case, phantom.volume, phantom.geometry)
         print(f"volume: phantom seed {args.seed}, 240 x 240 x 155 voxels, 1 mm "
-              f"(generated and written in {time.perf_counter() - t0:.1f} s, not timed below)")
+              f"(generated{'' if args.in_memory else ' and written'} in {time.perf_counter() - t0:.1f} s, "
+              "not timed below)")
 
         prepared = prepare_volume(phantom.volume, phantom.geometry,
                                   PreprocessConfig.from_dict(model.metadata["preprocessing"]))
@@ -300,8 +316,14 @@ def main(argv=None):
         segment(blur_map(raw, s["blur_mm"], (1, 1, 1)), new_report["threshold"], s["min_component_mm3"], 1.0)
         post_new = time.perf_counter() - t0
 
+        sweep = {}
+        for b in args.sweep:
+            sized = DetectionSettings(device=str(device), stages=args.stages, batch_size=b, seed=args.seed,
+                                      precision=args.precision)
+            sweep[b] = median_phases([run_pipeline(case, model, sized, os.path.join(tmp, f"sweep{b}"))
+                                      for _ in range(max(1, args.repeats))])[0]
         memory = {}
-        if not args.no_memory:
+        if not (args.no_memory or args.in_memory):
             memory["240 x 240 x 155"] = peak_memory_mb(case, args, os.path.join(tmp, "mem1"))
             import SimpleITK as sitk
             from scipy import ndimage
@@ -350,6 +372,9 @@ def main(argv=None):
           f"({ratio(post_prev, post_new)}x)")
     print(f"anomalous volume: previous {prev_report['anomalous_volume_ml']:.2f} mL, default "
           f"{new_report['anomalous_volume_ml']:.2f} mL, phantom lesion {phantom.lesion_mask.sum() / 1000:.2f} mL")
+    for b, phases in sweep.items():
+        print(f"default path at batch {b}: total {sum(phases.values()):.2f} s (network {phases['network']:.2f} s, "
+              f"preprocess {phases['preprocess']:.2f} s, post-process {phases['post-process']:.2f} s)")
     for shape, (peak, err) in memory.items():
         print(f"peak resident memory of `synomaly detect` on {shape}: "
               + (f"{peak:.0f} MiB" if not err else f"failed: {err}"))

@@ -288,7 +288,9 @@ def cmd_train(args) -> int:
                                 lr=args.lr, image_size=args.image_size, base_channels=args.base_channels,
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
-                                target_fpr=args.target_fpr)
+                                target_fpr=args.target_fpr, lesion_slices=args.lesion_slices,
+                                lesion_margin_mm=args.lesion_margin_mm, precision=args.precision,
+                                min_slice_foreground=args.min_slice_foreground)
     team = Team.from_environment()
     if args.nproc is not None:
         if team.distributed:
@@ -437,13 +439,17 @@ folder and the model. A run may resume with another process count."""
 
 def cmd_evaluate(args) -> int:
     from .detection import DetectionSettings
-    from .evaluation import evaluate, find_eval_cases, format_table
+    from .evaluation import _unique_names, cases_from_list, evaluate, find_eval_cases, format_table
     from .model_file import load_model
 
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
                                  precision=args.precision)
-    cases = find_eval_cases(args.cases)
+    if not args.cases and not args.cases_csv:
+        raise InputError("give the cases to evaluate: case folders, CSV lists, or --cases-csv LIST.")
+    cases = find_eval_cases(args.cases) if args.cases else []
+    if args.cases_csv:
+        cases = _unique_names(cases + cases_from_list(args.cases_csv, args.use))
     out_dir = Path(args.output)
     check_writable(out_dir)
     model = load_model(args.model)
@@ -585,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints (default: 100); Ctrl-C also saves one")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="healthy false-positive rate for calibration, between 0 and 1 (default: 0.01)")
+    p.add_argument("--lesion-slices", choices=("skip", "mask"), default="skip",
+                   help="slices with labelled lesions: skip them (default), or train on them with the lesion, "
+                        "grown by --lesion-margin-mm, left out of the loss and of the synthetic anomalies")
+    p.add_argument("--lesion-margin-mm", type=float, default=5.0,
+                   help="how far around a labelled lesion is left out with --lesion-slices mask (default: 5)")
+    p.add_argument("--min-slice-foreground", type=float, default=0.05,
+                   help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU; or force either")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name (default: the file name)")
@@ -603,7 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate against ground truth, next to the intensity baseline",
                        description="Cases: folders (image + *seg*/*label* [+ *mask*]), folders of such folders, "
                        "or a CSV with columns image,label[,mask][,name].")
-    p.add_argument("cases", nargs="+", metavar="CASES")
+    p.add_argument("cases", nargs="*", metavar="CASES")
+    p.add_argument("--cases-csv", default=None, metavar="LIST",
+                   help="a case list with columns case,folder,use (as ../shared/data/cases.csv): its cases "
+                        "whose use is --use, each folder a case folder relative to the list")
+    p.add_argument("--use", default="development", help="which use of --cases-csv to evaluate (default: development)")
     p.add_argument("-o", "--output", default="evaluation", help="output folder")
     _detection_options(p)
     p.add_argument("--target-fpr", type=float, default=0.01)

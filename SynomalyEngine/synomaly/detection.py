@@ -31,6 +31,8 @@ DEFAULT_INFERENCE = {
     "blur_mm": 1.5,
     "min_component_mm3": 100.0,
     "ensemble": 1,
+    "rim_mm": 0.0,          # map set to zero within this distance of the foreground's border
+    "map_scale": "none",    # "volume": map divided by its 75th percentile over the volume's processed foreground
 }
 
 
@@ -184,6 +186,37 @@ def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:
             "anomalous_area_mm2": float(pixels * in_plane[0] * in_plane[1]) if known else None}
 
 
+def inner_region(foreground: np.ndarray, rim_mm: float, spacing_zyx) -> np.ndarray:
+    """Foreground voxels farther than ``rim_mm`` from its border: most healthy false positives of a
+    brain map sit in a thin rim along the brain mask, where partial volume and stripping vary."""
+    from scipy import ndimage
+
+    from .postprocessing import _support_box
+
+    inner = np.zeros(foreground.shape, dtype=bool)
+    if not foreground.any():
+        return inner
+    box = _support_box(foreground, (1, 1, 1))
+    # A zero border around the box, except across a single slice (a 2D image has a rim in-plane only).
+    shape = foreground[box].shape
+    pad = [(0, 0) if n == 1 else (1, 1) for n in shape]
+    distance = ndimage.distance_transform_edt(np.pad(foreground[box], pad), sampling=spacing_zyx)
+    inner[box] = distance[tuple(slice(a, a + n) for (a, _), n in zip(pad, shape))] > rim_mm
+    return inner
+
+
+def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices):
+    """Map (and its uncertainty) in units of the volume's own typical level: the 75th percentile over the
+    processed foreground, robust while lesions cover under a quarter of it. Lets one threshold hold
+    across scanners whose healthy maps differ in scale."""
+    region = np.zeros(foreground.shape, dtype=bool)
+    region[list(indices)] = True
+    region &= foreground
+    level = float(np.percentile(anomaly_map[region], 75)) if region.any() else 0.0
+    level = max(level, 1e-4)
+    return anomaly_map / level, (uncertainty / level if uncertainty is not None else None)
+
+
 def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray] = None,
            settings: Optional[DetectionSettings] = None,
            progress: Optional[Callable[[float, str], None]] = None,
@@ -278,6 +311,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
             for d in diffs]
     anomaly_map = np.mean(maps, axis=0).astype(np.float32)
     uncertainty = np.std(maps, axis=0).astype(np.float32) if k > 1 else None
+    if float(params["rim_mm"]) > 0:
+        anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
+    if params["map_scale"] == "volume" and indices:
+        anomaly_map, uncertainty = scale_by_volume(anomaly_map, uncertainty, fg, indices)
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))

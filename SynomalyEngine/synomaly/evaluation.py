@@ -87,6 +87,35 @@ def _cases_from_csv(path: Path) -> List[EvalCase]:
     return cases
 
 
+def cases_from_list(path, use: str = "development") -> List[EvalCase]:
+    """The cases of a ``case,folder,use`` list (as ../shared/data/cases.csv) whose use is ``use``: each
+    folder, relative to the list's, a case folder; named by the ``case`` column."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot be read as a CSV file ({getattr(exc, 'strerror', None) or exc}).") from None
+    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
+    if not rows or any(column not in rows[0] for column in ("case", "folder", "use")):
+        found = ", ".join(sorted(rows[0])) if rows else "no rows"
+        raise InputError(f"{path}: a case list needs the columns case, folder and use ({found}); "
+                         "for image,label lists pass the CSV as a case instead of --cases-csv.")
+    chosen = [(number, row) for number, row in enumerate(rows, start=2) if row["use"] == use]
+    if not chosen:
+        uses = sorted({row["use"] for row in rows if row["use"]})
+        raise InputError(f"{path}: no case with use '{use}' (uses in the list: {', '.join(uses) or 'none'}); "
+                         "choose one with --use.")
+    cases = []
+    for number, row in chosen:
+        folder = (path.parent / row["folder"]).resolve()
+        if not folder.is_dir():
+            raise InputError(f"{path}, line {number}: case {row['case']}: folder {folder} does not exist.")
+        case = _case_from_folder(folder)
+        cases.append(EvalCase(row["case"] or case.name, case.image_path, case.label_path, case.mask_path))
+    return cases
+
+
 def _safe_name(name: str) -> str:
     """A name usable in file names (``<case>_panel.png``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"

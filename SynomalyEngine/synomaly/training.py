@@ -54,6 +54,12 @@ class TrainingSettings:
     checkpoint_every: int = 100
     preview_every: int = 500
     min_slice_foreground: float = 0.05
+    # "skip": slices with any labelled lesion voxel are left out. "mask": they are used, with the lesion
+    # grown by lesion_margin_mm left out of the loss and of where synthetic anomalies are placed: far
+    # more healthy tissue at the levels where lesions occur.
+    lesion_slices: str = "skip"
+    lesion_margin_mm: float = 5.0
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or force either
     validation_fraction: float = 0.15
     target_fpr: float = 0.01
     device: str = "auto"
@@ -84,7 +90,8 @@ class TrainingSettings:
         from .presets import PRESETS
 
         choices = {"preset": tuple(PRESETS), "loss": ("l2", "l1", "hybrid"), "schedule": ("cosine", "linear"),
-                   "flips": ("h", "v", "hv", "none")}
+                   "flips": ("h", "v", "hv", "none"), "lesion_slices": ("skip", "mask"),
+                   "precision": ("auto", "fp32", "bf16")}
         for key, allowed in choices.items():
             _check_choice(getattr(self, key), key, allowed)
         for key, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("preview_every", 1),
@@ -103,6 +110,7 @@ class TrainingSettings:
         _check_number(self.intensity_augment, "intensity augmentation", 0.0, 1.0, low_included=True)
         _check_number(self.min_slice_foreground, "minimum slice foreground", 0.0, 1.0, low_included=True)
         _check_number(self.validation_fraction, "validation fraction", 0.0, 1.0, low_included=True)
+        _check_number(self.lesion_margin_mm, "lesion margin (mm)", 0.0, math.inf, low_included=True)
         if not isinstance(self.inference, dict):
             raise InputError(f"inference settings must be a dict, got {type(self.inference).__name__}.")
         from .network import config_problem
@@ -321,6 +329,7 @@ def find_cases(paths: Sequence) -> List[TrainingCase]:
 class SliceSet:
     images: "object"  # torch tensor (N, 1, S, S)
     masks: "object"   # torch tensor (N, 1, S, S) bool
+    keep: "object"    # torch tensor (N, 1, S, S) bool: pixels the loss counts (outside grown lesions), or None
     validation: Dict[int, List[int]]  # case index -> reoriented axial indices held out
     summary: Dict
 
@@ -334,9 +343,20 @@ def _held_out_groups(cases: Sequence[TrainingCase], fraction: float, rng) -> set
     return set(rng.choice(groups, size=n_val, replace=False).tolist()) if n_val else set()
 
 
+def grown_lesion(labels: np.ndarray, margin_mm: float, spacing) -> np.ndarray:
+    """Labelled voxels and every voxel within ``margin_mm`` of one (the spacing's millimetres)."""
+    from scipy import ndimage
+
+    lesion = labels > 0
+    if margin_mm <= 0 or not lesion.any():
+        return lesion
+    return ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm
+
+
 def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, preprocess) -> SliceSet:
     """Healthy axial slices of every case, split by blocks of 8 slices into training and validation;
-    2D images (one slice each) by whole groups (``TrainingCase.group``)."""
+    2D images (one slice each) by whole groups (``TrainingCase.group``). With ``lesion_slices="mask"``
+    the lesion slices train too (their grown lesion masked out); validation keeps lesion-free slices only."""
     import torch
 
     from .preprocessing import prepare_volume
@@ -349,7 +369,7 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
                                            [n for n in reversed(case.image.shape) if n != 1]))
     rng = np.random.default_rng(settings.seed)
     held_groups = _held_out_groups(cases, settings.validation_fraction, rng)
-    prepared_cases, healthy_slices, val_blocks = [], [], []
+    prepared_cases, healthy_slices, val_blocks, usable_slices, grown, lesion_z = [], [], [], [], [], []
     for case in cases:
         prepared = prepare_volume(case.image, case.geometry, preprocess, case.mask, what=f"training case {case.name}")
         fg = prepared.foreground
@@ -357,9 +377,19 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         two_d = is_2d(case.image.shape)
         # A 2D image was chosen as it is: its one slice counts whatever share of it the organ covers.
         healthy = [z for z in prepared.slices if two_d or fg[z].sum() / area >= settings.min_slice_foreground]
+        usable = list(healthy)
+        lesion = None
         if case.labels is not None:
             lesion = prepared.orientation.apply(case.labels)
             healthy = [z for z in healthy if not lesion[z].any()]
+        if settings.lesion_slices == "mask" and lesion is not None and lesion.any():
+            grown.append(grown_lesion(lesion, settings.lesion_margin_mm, prepared.spacing_zyx))
+            lesion_z.append(set(np.where(lesion.any(axis=(1, 2)))[0].tolist()))
+        else:
+            usable, lesion = healthy, None
+            grown.append(None)
+            lesion_z.append(set())
+        usable_slices.append(usable)
         blocks = sorted({z // 8 for z in healthy})
         n_val = int(round(len(blocks) * settings.validation_fraction))
         if two_d:
@@ -376,16 +406,24 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         blocks = sorted({z // 8 for z in healthy_slices[ci]})
         if len(blocks) > 1:
             val_blocks[ci] = {int(rng.choice(blocks))}
-    images, masks, validation, per_case = [], [], {}, []
+    images, masks, keeps, validation, per_case = [], [], [], {}, []
     for ci, (case, prepared, healthy, chosen) in enumerate(zip(cases, prepared_cases, healthy_slices, val_blocks)):
         val = [z for z in healthy if z // 8 in chosen]
-        train = [z for z in healthy if z // 8 not in chosen]
+        train = [z for z in usable_slices[ci] if z // 8 not in chosen]
+        lesion_slices = 0
         if train:
             im, m = prepared.network_slices(train)
             images.append(im)
             masks.append(m)
+            if grown[ci] is not None:
+                inside = prepared.frame.to_network(grown[ci][train].astype(np.float32), fill=0.0, mode="nearest")
+                keeps.append(inside <= 0.5)
+                lesion_slices = len(lesion_z[ci] & set(train))
+            else:
+                keeps.append(torch.ones_like(m))
         validation[ci] = val
-        per_case.append({"case": case.name, "train_slices": len(train), "validation_slices": len(val)})
+        per_case.append({"case": case.name, "train_slices": len(train), "validation_slices": len(val),
+                         "lesion_slices": lesion_slices})
     if not images:
         raise InputError("no healthy slices with enough foreground in the training data.")
     if not any(validation.values()) and all(is_2d(c.image.shape) for c in cases):
@@ -395,28 +433,30 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
                          "(the group column of a training CSV).")
     imgs = torch.cat(images)
     summary = {"cases": per_case, "train_slices": int(imgs.shape[0]),
-               "validation_slices": int(sum(len(v) for v in validation.values()))}
-    return SliceSet(imgs, torch.cat(masks), validation, summary)
+               "validation_slices": int(sum(len(v) for v in validation.values())),
+               "lesion_slices": int(sum(c["lesion_slices"] for c in per_case))}
+    keep = torch.cat(keeps) if any(g is not None for g in grown) else None
+    return SliceSet(imgs, torch.cat(masks), keep, validation, summary)
 
 
-def augment(x, m, settings: TrainingSettings, generator):
-    """Random flips (the same for image and mask) and a mild gamma / contrast change inside the mask."""
+def augment(x, m, settings: TrainingSettings, generator, keep=None):
+    """Random flips (the same for image, mask and ``keep``) and a mild gamma / contrast change inside the mask."""
     import torch
 
     b = x.shape[0]
-    if "h" in settings.flips:
-        f = torch.rand(b, generator=generator) < 0.5
-        x[f], m[f] = x[f].flip(-1), m[f].flip(-1)
-    if "v" in settings.flips:
-        f = torch.rand(b, generator=generator) < 0.5
-        x[f], m[f] = x[f].flip(-2), m[f].flip(-2)
+    for axis, letter in ((-1, "h"), (-2, "v")):
+        if letter in settings.flips:
+            f = torch.rand(b, generator=generator) < 0.5
+            x[f], m[f] = x[f].flip(axis), m[f].flip(axis)
+            if keep is not None:
+                keep[f] = keep[f].flip(axis)
     a = settings.intensity_augment
     if a > 0:
         gamma = torch.exp((torch.rand(b, generator=generator) * 2 - 1) * a).view(-1, 1, 1, 1)
         gain = (1 + (torch.rand(b, generator=generator) * 2 - 1) * a / 2).view(-1, 1, 1, 1)
         y = (((x + 1) / 2).clamp(0, 1) ** gamma * gain * 2 - 1).clamp(-1, 1)
         x = torch.where(m, y, x)
-    return x, m
+    return x, m, keep
 
 
 def _save_atomic_torch(obj, path: Path) -> None:
@@ -458,7 +498,7 @@ def run_dir_for(output: Path) -> Path:
 
 # Settings a resumed run may change: they do not alter the network or what it has learnt so far.
 RESUMABLE_CHANGES = ("steps", "target_fpr", "checkpoint_every", "preview_every", "device", "name", "description",
-                     "inference")
+                     "inference", "precision")
 CHECKPOINT_KEYS = ("network", "ema", "optimizer", "generator", "step", "losses", "elapsed_s", "settings")
 
 
@@ -563,7 +603,6 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 
         # torch only now: refusals above are instant.
         import torch
-        import torch.nn.functional as F
 
         from .detection import DEFAULT_INFERENCE
         from .distributed import check_share
@@ -638,25 +677,34 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 
     n = data.images.shape[0]
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
-    amp = device.type == "cuda"
+    amp = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
     module = team.wrap(network)
     share, weight = team.share(settings.batch_size)
     module.train()
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in network.parameters()]
     t_start = time.perf_counter()
     for step in range(start, settings.steps):
         stop_if_asked(step)
         # Every process draws the whole batch, so the generator (and with it a checkpoint) does not depend
         # on the process count, and trains on its share of it.
         idx = torch.randint(n, (settings.batch_size,), generator=generator)
-        x, m = augment(data.images[idx].clone(), data.masks[idx].clone(), settings, generator)
+        keep = data.keep[idx].clone() if data.keep is not None else None
+        x, m, keep = augment(data.images[idx].clone(), data.masks[idx].clone(), settings, generator, keep)
         t = torch.randint(0, settings.max_timestep, (x.shape[0],), generator=generator)
-        noise = make_noise(settings.noise, x.shape, generator=generator, organ_mask=m, **preset.noise_params())
+        blobs_where = m if keep is None else m & keep
+        noise = make_noise(settings.noise, x.shape, generator=generator, organ_mask=blobs_where,
+                           **preset.noise_params())
         x, t, noise = x[share].to(device), t[share].to(device), noise[share].to(device)
         x_t = schedule.q_sample(x, t, noise)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             eps = module(x_t, t)
         eps = eps.float()
-        loss = F.l1_loss(eps, noise) if settings.loss == "l1" else F.mse_loss(eps, noise)
+        error = (eps - noise).abs() if settings.loss == "l1" else (eps - noise) ** 2
+        if keep is None:
+            loss = error.mean()
+        else:  # grown lesions count for nothing: the network is never taught what a lesion's noise looks like
+            weights = keep[share].to(device, dtype=error.dtype)
+            loss = (error * weights).sum() / weights.sum().clamp(min=1.0)
         if settings.loss == "hybrid":
             loss = loss + schedule.vlb_term(x, x_t, t, eps).mean() * 1e-3
         optimizer.zero_grad(set_to_none=True)
@@ -665,8 +713,7 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         optimizer.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), network.parameters()):
-                pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
         losses.append(team.mean(float(loss.detach()), weight))
         if team.main and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
             save_checkpoint(step + 1)

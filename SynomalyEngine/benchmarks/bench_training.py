@@ -1,0 +1,76 @@
+"""Training throughput (samples per second) of ``synomaly.training.train``, fp32 against bf16 autocast.
+
+Both runs use the same phantom volumes, network and batch, one after the other in this process; the
+first ``--warmup`` steps of each (allocation, autotuning) are not timed. The CPU's name and capability,
+and the GPU's, are printed first: figures are only comparable on the same machine.
+
+Run:  python SynomalyEngine/benchmarks/bench_training.py --device cuda [--steps 200] [--batch-size 32]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per precision (default: 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed first steps (default: 20)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--res-blocks", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from synomaly.detection import resolve_device
+    from synomaly.phantom import make_phantom
+    from synomaly.runtime import describe_cpu
+    from synomaly.training import TrainingCase, TrainingSettings, train
+
+    device = resolve_device(args.device)
+    print(f"synomaly training benchmark: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(f"CPU: {describe_cpu()}")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    cases = []
+    for seed in range(3):
+        ph = make_phantom(shape=(60, 128, 128), seed=seed, lesion=False)
+        cases.append(TrainingCase(f"phantom{seed}", ph.volume, ph.geometry))
+    timed_end = args.warmup + args.steps
+    total = timed_end + 1  # the last step also writes the checkpoint: left out of the timing
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="synomaly-bench-train-") as tmp:
+        for precision in args.precisions:
+            marks = {}
+
+            def progress(step, _total, _loss, message):
+                if step in (args.warmup, timed_end) and message.startswith("step"):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    marks[step] = time.perf_counter()
+
+            settings = TrainingSettings(steps=total, batch_size=args.batch_size, base_channels=args.base_channels,
+                                        num_res_blocks=args.res_blocks, device=str(device), precision=precision,
+                                        checkpoint_every=10 ** 6, preview_every=10 ** 6, validation_fraction=0.15)
+            train(cases, os.path.join(tmp, f"{precision}.safetensors"), settings, progress=progress)
+            seconds = marks[timed_end] - marks[args.warmup]
+            rates[precision] = args.steps * args.batch_size / seconds
+            print(f"{precision}: {rates[precision]:.0f} samples/s ({1e3 * seconds / args.steps:.1f} ms per step of "
+                  f"{args.batch_size}, {args.steps} steps timed after {args.warmup})", flush=True)
+    if "fp32" in rates and "bf16" in rates:
+        print(f"bf16 autocast / fp32: {rates['bf16'] / rates['fp32']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
