@@ -35,8 +35,9 @@ HELP_OPTIONS = {
 def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the children must not oversubscribe a shared CPU
+    # Python writes UTF-8 in a C locale (PEP 538), so read it as such whatever this process's locale.
     return subprocess.run([sys.executable, "-m", "synomaly", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          encoding="utf-8", cwd=cwd, env=env, timeout=timeout)
 
 
 def run_detect(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -860,3 +861,17 @@ def test_train_overwrite_replaces_the_run_and_a_corrupt_checkpoint_is_refused(fl
     assert_refused(run_cli("train", flat_healthy, "-o", model, "--resume", *args), "checkpoint.pt",
                    "not a readable training checkpoint", "--overwrite")
     assert snapshot(tmp_path) == before
+
+
+def test_evaluate_reads_a_case_list_by_use(phantom_case, tmp_path):
+    folder = phantom_case["flair"].parent
+    listing = tmp_path / "cases.csv"
+    listing.write_text(f"case,folder,use\ndev1,{folder},development\ntrain1,{folder},training\n")
+    out = tmp_path / "evaluation"
+    ok(run_cli("evaluate", "--cases-csv", listing, "-o", out, "--model", "demo-phantom", "--max-slices", "4",
+               "--stages", "1", "-q"))
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert [case["name"] for case in saved["cases"]] == ["dev1"]
+    assert_refused(run_cli("evaluate", "-o", tmp_path / "none", "--model", "demo-phantom"), "--cases-csv")
+    assert_refused(run_cli("evaluate", "--cases-csv", listing, "--use", "test", "-o", tmp_path / "none2",
+                           "--model", "demo-phantom"), "no case with use 'test'")

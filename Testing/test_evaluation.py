@@ -3,6 +3,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +281,7 @@ def test_evaluate_writes_json_markdown_and_panels(tiny_model, lesion_cases, tmp_
     assert saved["threshold"]["value"] == pytest.approx(tiny_model.threshold)
     calibration = tiny_model.metadata["calibration"]
     assert saved["baseline"]["threshold"] == pytest.approx(calibration["baseline_threshold"])
-    assert "same healthy validation voxels" in saved["baseline"]["threshold_source"]
+    assert "same healthy voxels" in saved["baseline"]["threshold_source"]
     assert [c["name"] for c in saved["cases"]] == ["case7", "case8"]
     for case in saved["cases"]:
         assert case["lesion_voxels"] > 0 and case["axial_block"] is None
@@ -351,3 +352,22 @@ def test_real_brats_case_on_a_few_slices(tiny_model, tmp_path):
     assert case["baseline"]["auroc"] > 0.8
     assert (tmp_path / "pat0001_panel.png").stat().st_size > 1000
     assert "pat0001" in (tmp_path / "evaluation.md").read_text(encoding="utf-8")
+
+
+def test_cases_csv_lists_pick_their_use(lesion_cases, tmp_path):
+    from synomaly.evaluation import cases_from_list
+
+    listing = tmp_path / "cases.csv"
+    rel = os.path.relpath(lesion_cases, tmp_path)
+    listing.write_text(f"case,folder,use,label\nA7,{rel}/case7,development,seg>0\nB8,{rel}/case8,training,seg>0\n")
+    cases = cases_from_list(listing)
+    assert [(c.name, c.image_path.parent.name) for c in cases] == [("A7", "case7")]
+    assert [c.name for c in cases_from_list(listing, use="training")] == ["B8"]
+    with pytest.raises(InputError, match="no case with use 'test'.*development, training"):
+        cases_from_list(listing, use="test")
+    (tmp_path / "bad.csv").write_text("image,label\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(InputError, match="case, folder and use"):
+        cases_from_list(tmp_path / "bad.csv")
+    (tmp_path / "gone.csv").write_text("case,folder,use\nX,nowhere,development\n")
+    with pytest.raises(InputError, match="line 2: case X: folder .*nowhere does not exist"):
+        cases_from_list(tmp_path / "gone.csv")

@@ -429,3 +429,28 @@ def test_training_on_lesion_slices_runs_and_records_what_it_used(tmp_path):
     assert saved["settings"]["lesion_slices"] == "mask" and saved["settings"]["precision"] == "bf16"
     assert saved["data"]["lesion_slices"] > 0
     assert np.isfinite(losses[-1])
+
+
+def test_a_recalibrated_model_gets_a_new_id(trained, tmp_path):
+    from synomaly.model_file import save_model
+
+    model = load_model(trained[0])
+    same = save_model(tmp_path / "same.safetensors", model.network, model.metadata)
+    assert load_model(same).model_id == model.model_id
+    model.metadata["threshold"] = model.metadata["threshold"] * 1.5
+    other = save_model(tmp_path / "other.safetensors", model.network, model.metadata)
+    assert load_model(other).model_id != model.model_id
+
+
+def test_healthy_volume_scores_take_every_unlabelled_foreground_voxel():
+    from synomaly.training import TrainingCase, healthy_volume_scores
+
+    ph = make_phantom(shape=(24, 64, 64), seed=3, lesion=True)
+    case = TrainingCase("p", ph.volume, ph.geometry, labels=ph.lesion_mask > 0)
+    model = load_model("demo-phantom")
+    ours, base = healthy_volume_scores(model, [case], "cpu")
+    result = detect(ph.volume, ph.geometry, model, settings=DetectionSettings(device="cpu", maps_only=True))
+    fg = result.prepared.orientation.invert(result.prepared.foreground)
+    healthy = fg & ~(ph.lesion_mask > 0)
+    assert ours.size == base.size == int(healthy.sum())
+    np.testing.assert_allclose(np.sort(ours), np.sort(result.anomaly_map[healthy]), rtol=1e-6)

@@ -4,6 +4,7 @@
     python SynomalyEngine/scripts/brain_flair_candidates.py train mask-small fit runs/v2 --steps 600 2000
     # every fitted candidate measured on the 6 selection patients, with the intensity baseline beside it
     python SynomalyEngine/scripts/brain_flair_candidates.py select runs/v2 [--inference NAME ...]
+    python SynomalyEngine/scripts/brain_flair_candidates.py table runs/v2     # the measurements as a table
 
 The split is brain_flair_recipe.split_patients (seeded, by patient). ``select`` calibrates each model on
 the held-out healthy slice blocks of the fitting patients (as training does) and measures on whole volumes
@@ -185,6 +186,23 @@ def cmd_select(args):
     return 0
 
 
+def cmd_table(args):
+    """Every measured candidate as a markdown table, the baseline beside it."""
+    rows = {}
+    for path in sorted(Path(args.out_dir).glob("selection*.json")):
+        rows.update(json.loads(path.read_text()))
+    print("| candidate / inference | AUPRC (baseline) | Dice, FPR 0.5 % (baseline) | Dice, FPR 1 % (baseline) | "
+          "held-out-block threshold at 0.5 %: FPR, Dice | oracle Dice (baseline) |")
+    print("|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        m = r["mean"]
+        print(f"| {label} | {m['auprc']:.3f} ({m['baseline_auprc']:.3f}) | {m['dice_out@0.005']:.3f} "
+              f"({m['baseline_dice_out@0.005']:.3f}) | {m['dice_out@0.01']:.3f} ({m['baseline_dice_out@0.01']:.3f}) | "
+              f"{100 * m['fpr_in@0.005']:.2f} %, {m['dice_in@0.005']:.3f} | {m['oracle_dice']:.3f} "
+              f"({m['baseline_oracle_dice']:.3f}) |")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,8 +221,10 @@ def main(argv=None):
     for p in (t, s):
         p.add_argument("--pack", default=None)
         p.add_argument("--device", default="auto")
+    tb = sub.add_parser("table")
+    tb.add_argument("out_dir")
     args = parser.parse_args(argv)
-    return cmd_train(args) if args.command == "train" else cmd_select(args)
+    return {"train": cmd_train, "select": cmd_select, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":

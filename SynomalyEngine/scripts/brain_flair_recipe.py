@@ -1,6 +1,7 @@
 """The recipe of the shipped brain FLAIR model: which cases, which split, which settings.
 
-Shared by train_brain_model.py and brain_flair_candidates.py so that every step sees the same data.
+Shared by train_brain_model.py, brain_flair_candidates.py and calibrate_brain_model.py so that every
+step sees the same data.
 Cases come from ``../shared/data/cases.csv`` (case, folder, use): the 28 ``training`` patients train and
 choose; the 10 ``development`` cases are never read here (``synomaly evaluate --cases-csv`` reads them,
 once per finished model).
@@ -18,6 +19,10 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CASES_CSV = DATA / "cases.csv"
 SPLIT_SEED = 2026
 N_SELECTION = 6
+# The 8 patients the first brain-flair weights trained on (1,750 steps of 8 on 2 CPU cores); the shipped
+# model still carries those weights (see its card for why).
+V1_PATIENTS = ("pat0003", "pat0004", "pat0005", "pat0006", "Brats18_CBICA_AAB_1", "Brats18_CBICA_AQN_1",
+               "Brats18_CBICA_ASA_1", "Brats18_TCIA08_105_1")
 
 
 def training_rows(cases_csv=CASES_CSV):
@@ -28,6 +33,7 @@ def training_rows(cases_csv=CASES_CSV):
 
 def split_patients(rows):
     """(fitting rows, selection rows), by patient."""
+    rows = sorted(rows, key=lambda row: row["case"])
     order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
     selection = sorted(int(i) for i in order[:N_SELECTION])
     return [r for i, r in enumerate(rows) if i not in selection], [rows[i] for i in selection]

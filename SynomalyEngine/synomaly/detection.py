@@ -96,7 +96,8 @@ class DetectionSettings:
 
 @dataclass
 class DetectionResult:
-    anomaly_map: np.ndarray              # float32, input grid, normalised-intensity units
+    anomaly_map: np.ndarray              # float32, input grid; normalised-intensity units, or multiples of the
+                                         # volume's typical level where the model scales by volume (map_scale)
     segmentation: np.ndarray             # uint8, input grid
     counterfactual: np.ndarray           # float32, input grid, input intensity units
     uncertainty: Optional[np.ndarray]    # float32 (ensemble std), or None

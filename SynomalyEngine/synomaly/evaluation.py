@@ -283,7 +283,7 @@ def _baseline_calibration(model) -> Dict:
     base_fpr = calibration.get("baseline_target_fpr", calibration.get("target_fpr"))
     return {"method": BASELINE_METHOD, "threshold": float(threshold), "median_size": size, "direction": direction,
             "target_fpr": base_fpr,
-            "threshold_source": "model calibration: the same healthy validation voxels as the model's threshold, "
+            "threshold_source": "model calibration: the same healthy voxels as the model's threshold, "
                                 f"at a healthy false-positive rate of {base_fpr} (model: "
                                 f"{calibration.get('target_fpr')})"}
 
@@ -611,8 +611,9 @@ def _evaluate_cases(cases, model, settings, inference, output_set, target_fpr, r
         "engine": {"name": "synomaly", "version": __version__},
         "model": _model_info(model),
         "threshold": {"value": float(settings.threshold if settings.threshold is not None else model.threshold),
-                      "source": "user" if settings.threshold is not None else "model calibration on healthy "
-                                f"validation voxels (target FPR {model_fpr})"},
+                      "source": "user" if settings.threshold is not None else "model calibration on "
+                                + (model.metadata.get("calibration") or {}).get("method", "healthy validation voxels")
+                                + f" (target FPR {model_fpr})"},
         "baseline": baseline,
         "target_fpr": float(target_fpr),
         "max_slices": max_slices,

@@ -63,17 +63,23 @@ class SynomalyModel:
         return self
 
 
-def weights_id(state_dict) -> str:
-    """A content hash of the weights: the same weights always get the same id."""
+# What, beside the weights, shapes a model's output: a recalibrated model is another model.
+ID_KEYS = ("preprocessing", "schedule", "inference", "threshold")
+
+
+def model_id_of(state_dict, metadata: Dict) -> str:
+    """A content hash of the weights and of the settings that shape the output (``ID_KEYS``): the same
+    model always gets the same id, and new inference settings or a new threshold give a new one."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         h.update(key.encode())
         h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({k: metadata.get(k) for k in ID_KEYS}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
 
 
 def save_model(path, network, metadata: Dict) -> Path:
-    """Write atomically; fills in format, version and model_id. Weights are stored in float16
+    """Write atomically; fills in format, version and model_id (``model_id_of``). Weights are stored in float16
     (half the size; inference differences are far below the map's noise) and loaded as float32."""
     import torch
     from safetensors.torch import save
@@ -83,7 +89,7 @@ def save_model(path, network, metadata: Dict) -> Path:
     state = {k: v.detach().cpu().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in network.state_dict().items()}
     meta = dict(metadata)
-    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": weights_id(state)})
+    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": model_id_of(state, meta)})
     meta["network"] = network.config.to_dict()
     path = Path(path)
     atomic_write_bytes(path, save(state, metadata={"synomaly": json.dumps(meta)}))

@@ -1,0 +1,42 @@
+"""The brain model's recipe: a seeded split by patient, and the packed copies a GPU machine trains on."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SynomalyEngine" / "scripts"))
+
+import brain_flair_recipe as recipe  # noqa: E402
+
+
+def test_the_split_is_by_patient_seeded_and_never_touches_development_cases(shared_data):
+    rows = recipe.training_rows(shared_data / "cases.csv")
+    fitting, selection = recipe.split_patients(rows)
+    assert len(rows) == 28 and len(selection) == recipe.N_SELECTION == 6 and len(fitting) == 22
+    assert not {r["case"] for r in fitting} & {r["case"] for r in selection}
+    assert all(r["use"] == "training" for r in rows)
+    again = recipe.split_patients(list(reversed(rows)))[1]  # the order of the list does not matter
+    assert [r["case"] for r in again] == [r["case"] for r in selection]
+
+
+def test_a_packed_case_comes_back_within_the_quantisation_step():
+    from synomaly.phantom import make_phantom
+    from synomaly.training import TrainingCase
+    from synomaly.volume_io import Geometry
+
+    ph = make_phantom(shape=(20, 48, 48), seed=2, lesion=True)
+    geometry = Geometry((0.9, 1.1, 2.0), (-10.0, 5.0, 3.0), (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    mask = ph.volume > 0
+    case = TrainingCase("p", ph.volume, geometry, mask, ph.lesion_mask > 0)
+    back = recipe.unpack_case("p", recipe.pack_case(case))
+    box = tuple(slice(int(a), int(a) + n) for a, n in zip(np.argwhere(mask | case.labels).min(0) - 8, back.image.shape))
+    box = tuple(slice(max(s.start, 0), max(s.start, 0) + (s.stop - s.start)) for s in box)
+    step = (ph.volume.max() - ph.volume.min()) / 255
+    assert np.abs(back.image - case.image[box]).max() <= step / 2 + 1e-5
+    assert np.array_equal(back.mask, mask[box]) and np.array_equal(back.labels, case.labels[box])
+    # The crop's corner sits where it sat in the whole volume.
+    corner = np.array([b.start for b in box])[::-1] * np.array(geometry.spacing)
+    expected = np.array(geometry.origin) + np.array(geometry.direction).reshape(3, 3) @ corner
+    np.testing.assert_allclose(back.geometry.origin, expected)
+    assert back.geometry.spacing == geometry.spacing and back.geometry.direction == geometry.direction

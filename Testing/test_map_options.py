@@ -1,0 +1,51 @@
+"""Inference options of the anomaly map: leaving out the foreground's rim, and scaling by the volume."""
+import numpy as np
+import pytest
+
+from synomaly.detection import DetectionSettings, detect, inner_region
+from synomaly.model_file import load_model
+from synomaly.phantom import make_phantom
+
+
+def test_inner_region_keeps_what_lies_beyond_the_rim_in_millimetres():
+    fg = np.zeros((12, 30, 30), dtype=bool)
+    fg[1:11, 5:25, 5:25] = True
+    inner = inner_region(fg, 3.0, (2.0, 1.0, 1.0))
+    # In-plane: 3 voxels of 1 mm lie within 3 mm of the outside; across slices 2 mm apart, one slice.
+    assert not inner[6, 15, 7] and inner[6, 15, 8]
+    assert not inner[1, 15, 15] and inner[2, 15, 15]
+    assert not (inner & ~fg).any()
+    one_slice = inner_region(fg[5:6], 3.0, (2.0, 1.0, 1.0))  # a 2D image: rim in-plane only
+    assert one_slice[0, 15, 8] and not one_slice[0, 15, 7]
+
+
+@pytest.fixture(scope="module")
+def maps():
+    phantom = make_phantom(shape=(40, 96, 96), seed=4)
+    model = load_model("demo-phantom")
+    out = {}
+    for name, change in (("plain", {}), ("rim", {"rim_mm": 4.0}), ("scaled", {"map_scale": "volume"})):
+        model.metadata["inference"] = {**model.metadata["inference"], "rim_mm": 0.0, "map_scale": "none", **change}
+        out[name] = detect(phantom.volume, phantom.geometry, model, settings=DetectionSettings(device="cpu"))
+    return out
+
+
+def test_rim_option_zeroes_the_map_near_the_border_only(maps):
+    plain, rim = maps["plain"], maps["rim"]
+    prepared = plain.prepared
+    fg = prepared.orientation.invert(prepared.foreground)
+    inner = prepared.orientation.invert(inner_region(prepared.foreground, 4.0, prepared.spacing_zyx))
+    assert (rim.anomaly_map[fg & ~inner] == 0).all()
+    assert (plain.anomaly_map[fg & ~inner] > 0).any()
+    np.testing.assert_array_equal(rim.anomaly_map[inner], plain.anomaly_map[inner])
+
+
+def test_volume_scale_divides_by_the_typical_level(maps):
+    plain, scaled = maps["plain"], maps["scaled"]
+    prepared = plain.prepared
+    processed = np.zeros(prepared.foreground.shape, dtype=bool)
+    processed[prepared.slices] = True
+    fg = prepared.orientation.invert(prepared.foreground & processed)  # the level of the slices analysed
+    level = np.percentile(plain.anomaly_map[fg], 75)
+    np.testing.assert_allclose(scaled.anomaly_map, plain.anomaly_map / level, rtol=1e-5, atol=1e-7)
+    assert np.percentile(scaled.anomaly_map[fg], 75) == pytest.approx(1.0)
