@@ -87,7 +87,7 @@ def cmd_train(args):
     return 0
 
 
-def _scores(model, case, device):
+def volume_scores(model, case, device):
     """Maps of ours and the baseline over one whole volume, in the reoriented grid, with its foreground."""
     from synomaly.baseline import baseline_for, lesion_direction
     from synomaly.detection import DetectionSettings, detect
@@ -100,7 +100,7 @@ def _scores(model, case, device):
             orient.apply(case.labels), prepared)
 
 
-def _dice_fpr(seg, gt, fg):
+def dice_fpr(seg, gt, fg):
     from synomaly.metrics import dice
 
     healthy = fg & ~gt
@@ -118,7 +118,7 @@ def measure(model, fit_cases, split, selection_cases, device):
     h_in, hb_in = healthy_validation_scores(model, fit_cases, split, device)
     cases, h_out, hb_out = [], [], []
     for case in selection_cases:
-        ours, base, gt, prepared = _scores(model, case, device)
+        ours, base, gt, prepared = volume_scores(model, case, device)
         fg = prepared.foreground
         cases.append((case.name, ours, base, gt, fg, prepared))
         h_out.append(ours[fg & ~gt])
@@ -134,9 +134,9 @@ def measure(model, fit_cases, split, selection_cases, device):
         for q in TARGETS:
             for where, h, hb in (("in", h_in, hb_in), ("out", h_out, hb_out)):
                 seg = segment(ours, calibrate_threshold(h, q), min_mm3, voxel)[0].astype(bool)
-                row[f"dice_{where}@{q}"], row[f"fpr_{where}@{q}"] = _dice_fpr(seg, gt, fg)
+                row[f"dice_{where}@{q}"], row[f"fpr_{where}@{q}"] = dice_fpr(seg, gt, fg)
                 bseg = baseline_segmentation(base, calibrate_threshold(hb, q), fg).astype(bool)
-                row[f"baseline_dice_{where}@{q}"], row[f"baseline_fpr_{where}@{q}"] = _dice_fpr(bseg, gt, fg)
+                row[f"baseline_dice_{where}@{q}"], row[f"baseline_fpr_{where}@{q}"] = dice_fpr(bseg, gt, fg)
         rows.append(row)
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "case"}
     # The held-out-block target that gives the selection patients' threshold: how calibration transfers.

@@ -15,7 +15,7 @@ import json
 import time
 
 import numpy as np
-from brain_flair_candidates import INFERENCE, _dice_fpr, _scores, log
+from brain_flair_candidates import INFERENCE, dice_fpr, log, volume_scores
 from brain_flair_recipe import load_cases, split_patients, training_rows
 
 
@@ -47,15 +47,15 @@ def main():
     min_mm3 = float(model.metadata["inference"]["min_component_mm3"])
     per_case = []
     for case in load_cases(selection, args.pack):
-        our_map, base_map, gt, prepared = _scores(model, case, args.device)
+        our_map, base_map, gt, prepared = volume_scores(model, case, args.device)
         fg = prepared.foreground
         voxel = float(np.prod(prepared.spacing_zyx))
         row = {"case": case.name}
         for q, (t_ours, t_base) in thresholds.items():
             seg = segment(our_map, t_ours, min_mm3, voxel)[0].astype(bool)
-            row[f"dice@{q}"], row[f"fpr@{q}"] = _dice_fpr(seg, gt, fg)
+            row[f"dice@{q}"], row[f"fpr@{q}"] = dice_fpr(seg, gt, fg)
             bseg = baseline_segmentation(base_map, t_base, fg).astype(bool)
-            row[f"baseline_dice@{q}"], row[f"baseline_fpr@{q}"] = _dice_fpr(bseg, gt, fg)
+            row[f"baseline_dice@{q}"], row[f"baseline_fpr@{q}"] = dice_fpr(bseg, gt, fg)
         per_case.append(row)
     mean = {k: float(np.mean([r[k] for r in per_case])) for k in per_case[0] if k != "case"}
     for q in args.targets:
