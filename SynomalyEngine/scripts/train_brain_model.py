@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--patients", choices=("all", "fit", "v1"), default="all")
     parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="skip-small")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--pack", default=None)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
@@ -38,7 +39,8 @@ def main():
         if step % 10 == 0 or message in ("calibrating", "done"):
             print(f"{time.time() - t0:8.1f}s {message}", flush=True)
 
-    settings = training_settings(args.steps, args.device, batch_size=args.batch_size, **CANDIDATES[args.candidate])
+    settings = training_settings(args.steps, args.device, batch_size=args.batch_size, precision=args.precision,
+                                 **CANDIDATES[args.candidate])
     train(load_cases(rows, args.pack), args.output, settings, progress=progress, resume=args.resume)
 
 
