@@ -309,11 +309,12 @@ def main(argv=None):
         raw[phantom.lesion_mask > 0] = 0.5
         raw += (np.random.default_rng(0).random(raw.shape, dtype=np.float32) * 0.05) * (phantom.volume > 0)
         s = new_report["settings"]
+        cut = 0.25  # half the synthetic lesion's value: the model's threshold may be in other units (map_scale)
         t0 = time.perf_counter()
-        previous_postprocessing(raw, new_report["threshold"], s["min_component_mm3"], 1.0, (1, 1, 1), s["blur_mm"])
+        previous_postprocessing(raw, cut, s["min_component_mm3"], 1.0, (1, 1, 1), s["blur_mm"])
         post_prev = time.perf_counter() - t0
         t0 = time.perf_counter()
-        segment(blur_map(raw, s["blur_mm"], (1, 1, 1)), new_report["threshold"], s["min_component_mm3"], 1.0)
+        segment(blur_map(raw, s["blur_mm"], (1, 1, 1)), cut, s["min_component_mm3"], 1.0)
         post_new = time.perf_counter() - t0
 
         sweep = {}

@@ -56,8 +56,14 @@ def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
     segmentation[box] = keep[labels]
     if kept.size == 0:
         return segmentation, []
-    peaks = np.atleast_1d(ndimage.maximum(anomaly_map[box], labels, kept))
-    centres = ndimage.center_of_mass(np.ones(labels.shape, dtype=np.uint8), labels, kept)
+    # Peaks and centres from the labelled voxels alone (scipy's per-label reductions sort the whole box).
+    where = np.nonzero(labels)
+    lab = labels[where]
+    peak_of = np.full(n + 1, -np.inf)
+    np.maximum.at(peak_of, lab, anomaly_map[box][where])
+    centre_of = [np.bincount(lab, weights=axis, minlength=n + 1) / np.maximum(counts, 1) for axis in where]
+    peaks = peak_of[kept]
+    centres = list(zip(*(c[kept] for c in centre_of)))
     offset = [s.start for s in box]
     found = [{"volume_ml": float(counts[k] * voxel_volume_mm3 / 1000.0), "voxels": int(counts[k]),
               "max_score": float(p),
