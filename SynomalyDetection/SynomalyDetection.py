@@ -31,7 +31,7 @@ from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, Worker
                                   format_report, get_parameter_node, missing_dependencies)
 from SynomalyDetectionLib.Dependencies import installing
 from SynomalyDetectionLib.Engine import engine_module, errors
-from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
+from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED, process_gone
 from SynomalyDetectionLib.MrmlBridge import show_side_by_side
 
 CITATION = ("Bi, Huang, Clarenbach, Ghotbi, Karlas, Navab, Jiang. "
@@ -522,19 +522,6 @@ class SynomalyDetectionLogic(SynomalyLogic, ScriptedLoadableModuleLogic):
         SynomalyLogic.__init__(self, engine=engine, user_models_dir=user_models_dir)
 
 
-def _processGone(pid) -> bool:
-    """True once ``pid`` has ended (POSIX: no such process, or a zombie that nobody reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
 class SynomalyDetectionTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: the panel, and detection on a generated phantom in a worker process, polled
     from the main thread without sleeping (the GIL stays with Slicer's main thread)."""
@@ -616,7 +603,7 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
         pid = job.pid
         job.cancel()
         if os.name == "posix":
-            self.assertTrue(_processGone(pid))
+            self.assertTrue(process_gone(pid))
         while job.poll():
             slicer.app.processEvents()
         self.assertEqual(job.state, CANCELLED)
@@ -653,4 +640,4 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
             slicer.app.processEvents()
         self.assertFalse(widget._timer.active)
         if os.name == "posix":
-            self.assertTrue(_processGone(pid))
+            self.assertTrue(process_gone(pid))

@@ -21,7 +21,7 @@ from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, s
 
 from SynomalyDetectionLib import MrmlBridge, Parameters, SynomalyLogic, format_report, panel_wording
 from SynomalyDetectionLib.Engine import Engine
-from SynomalyDetectionLib.JobRunner import CANCELLED, FAILED, SUCCEEDED, WorkerError, WorkerJob
+from SynomalyDetectionLib.JobRunner import CANCELLED, FAILED, SUCCEEDED, WorkerError, WorkerJob, process_gone
 from synomaly.detection import DetectionResult
 from synomaly.errors import Cancelled, DeviceError, InputError, ModelFileError, SynomalyError
 from synomaly.phantom import make_phantom
@@ -463,18 +463,6 @@ def phantom_node(name="phantom"):
     return add_volume(phantom.volume, oblique_matrix(spacing=phantom.geometry.spacing), name=name)
 
 
-def process_alive(pid) -> bool:
-    """True while ``pid`` runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def test_real_engine_chain_in_a_worker_process(scene, tmp_path, tiny_model, jobs_dir):
     node = phantom_node()
     before = slicer.util.arrayFromVolume(node).copy()
@@ -525,9 +513,9 @@ def test_cancel_kills_the_worker_before_a_new_run(scene, tmp_path, tiny_model, j
     before = node_ids(scene)
     job = logic.start_detection(logic.parameters())
     pid = job.pid
-    assert job.poll() and process_alive(pid)
+    assert job.poll() and not process_gone(pid)
     job.cancel()
-    assert not process_alive(pid), "the process is gone when cancel() returns"
+    assert process_gone(pid), "the process is gone when cancel() returns"
     assert not job.poll() and job.state == CANCELLED
     with pytest.raises(Cancelled):
         job.wait()
@@ -554,11 +542,11 @@ def test_a_worker_that_ignores_cancel_is_killed_with_its_children_after_the_grac
     child = int(child_file.read_text())
     job.cancel()
     assert (folder / "cancel").exists(), "the worker is asked first"
-    assert job.poll() and process_alive(job.pid), "and given the grace period to stop by itself"
+    assert job.poll() and not process_gone(job.pid), "and given the grace period to stop by itself"
     while job.poll():
         time.sleep(0.05)
     assert job.state == CANCELLED
-    assert not process_alive(job.pid) and not process_alive(child)
+    assert process_gone(job.pid) and process_gone(child)
     assert not leftover_jobs(jobs_dir)
 
 

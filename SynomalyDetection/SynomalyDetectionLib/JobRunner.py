@@ -64,6 +64,19 @@ def worker_error(record: dict) -> Exception:
     return WorkerError(f"{record.get('type', 'Error')}: {message}", record.get("traceback", ""))
 
 
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has ended (POSIX: no such process, or a zombie that nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def kill_process_tree(process: subprocess.Popen) -> None:
     """Kill the worker and whatever it started, then reap it: its PID is gone when this returns."""
     if process.poll() is None:
