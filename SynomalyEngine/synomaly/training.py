@@ -369,7 +369,9 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
                                            [n for n in reversed(case.image.shape) if n != 1]))
     rng = np.random.default_rng(settings.seed)
     held_groups = _held_out_groups(cases, settings.validation_fraction, rng)
-    prepared_cases, healthy_slices, val_blocks, usable_slices, grown, lesion_z = [], [], [], [], [], []
+    # Per case: prepared volume, lesion-free slices, held-out blocks, slices to train on, and (lesion
+    # slices masked) the grown lesion with the indices of the slices that hold a labelled lesion.
+    prepared_cases, healthy_slices, val_blocks, usable_slices, masked = [], [], [], [], []
     for case in cases:
         prepared = prepare_volume(case.image, case.geometry, preprocess, case.mask, what=f"training case {case.name}")
         fg = prepared.foreground
@@ -378,17 +380,15 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         # A 2D image was chosen as it is: its one slice counts whatever share of it the organ covers.
         healthy = [z for z in prepared.slices if two_d or fg[z].sum() / area >= settings.min_slice_foreground]
         usable = list(healthy)
-        lesion = None
-        if case.labels is not None:
-            lesion = prepared.orientation.apply(case.labels)
+        lesion = prepared.orientation.apply(case.labels) if case.labels is not None else None
+        if lesion is not None:
             healthy = [z for z in healthy if not lesion[z].any()]
         if settings.lesion_slices == "mask" and lesion is not None and lesion.any():
-            grown.append(grown_lesion(lesion, settings.lesion_margin_mm, prepared.spacing_zyx))
-            lesion_z.append(set(np.where(lesion.any(axis=(1, 2)))[0].tolist()))
+            masked.append((grown_lesion(lesion, settings.lesion_margin_mm, prepared.spacing_zyx),
+                           set(np.where(lesion.any(axis=(1, 2)))[0].tolist())))
         else:
-            usable, lesion = healthy, None
-            grown.append(None)
-            lesion_z.append(set())
+            usable = healthy
+            masked.append(None)
         usable_slices.append(usable)
         blocks = sorted({z // 8 for z in healthy})
         n_val = int(round(len(blocks) * settings.validation_fraction))
@@ -406,6 +406,7 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         blocks = sorted({z // 8 for z in healthy_slices[ci]})
         if len(blocks) > 1:
             val_blocks[ci] = {int(rng.choice(blocks))}
+    masking = any(m is not None for m in masked)
     images, masks, keeps, validation, per_case = [], [], [], {}, []
     for ci, (case, prepared, healthy, chosen) in enumerate(zip(cases, prepared_cases, healthy_slices, val_blocks)):
         val = [z for z in healthy if z // 8 in chosen]
@@ -415,11 +416,12 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
             im, m = prepared.network_slices(train)
             images.append(im)
             masks.append(m)
-            if grown[ci] is not None:
-                inside = prepared.frame.to_network(grown[ci][train].astype(np.float32), fill=0.0, mode="nearest")
+            if masked[ci] is not None:
+                grown, lesion_z = masked[ci]
+                inside = prepared.frame.to_network(grown[train].astype(np.float32), fill=0.0, mode="nearest")
                 keeps.append(inside <= 0.5)
-                lesion_slices = len(lesion_z[ci] & set(train))
-            else:
+                lesion_slices = len(lesion_z & set(train))
+            elif masking:
                 keeps.append(torch.ones_like(m))
         validation[ci] = val
         per_case.append({"case": case.name, "train_slices": len(train), "validation_slices": len(val),
@@ -435,7 +437,7 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
     summary = {"cases": per_case, "train_slices": int(imgs.shape[0]),
                "validation_slices": int(sum(len(v) for v in validation.values())),
                "lesion_slices": int(sum(c["lesion_slices"] for c in per_case))}
-    keep = torch.cat(keeps) if any(g is not None for g in grown) else None
+    keep = torch.cat(keeps) if masking else None
     return SliceSet(imgs, torch.cat(masks), keep, validation, summary)
 
 
