@@ -443,14 +443,20 @@ def test_a_recalibrated_model_gets_a_new_id(trained, tmp_path):
 
 
 def test_healthy_volume_scores_take_every_unlabelled_foreground_voxel():
+    """In the input's grid, also for a volume stored in another orientation than the network's."""
+    from synomaly.baseline import baseline_for
     from synomaly.training import TrainingCase, healthy_volume_scores
+    from synomaly.volume_io import Geometry
 
     ph = make_phantom(shape=(24, 64, 64), seed=3, lesion=True)
-    case = TrainingCase("p", ph.volume, ph.geometry, labels=ph.lesion_mask > 0)
+    flipped = Geometry(ph.geometry.spacing, (0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0))
+    case = TrainingCase("p", ph.volume, flipped, labels=ph.lesion_mask > 0)
     model = load_model("demo-phantom")
     ours, base = healthy_volume_scores(model, [case], "cpu")
-    result = detect(ph.volume, ph.geometry, model, settings=DetectionSettings(device="cpu", maps_only=True))
-    fg = result.prepared.orientation.invert(result.prepared.foreground)
-    healthy = fg & ~(ph.lesion_mask > 0)
+    result = detect(ph.volume, flipped, model, settings=DetectionSettings(device="cpu", maps_only=True))
+    prepared = result.prepared
+    assert prepared.orientation.flip != (False, False, False)
+    healthy = prepared.orientation.invert(prepared.foreground) & ~(ph.lesion_mask > 0)
     assert ours.size == base.size == int(healthy.sum())
     np.testing.assert_allclose(np.sort(ours), np.sort(result.anomaly_map[healthy]), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(base), np.sort(baseline_for(prepared)[healthy]), rtol=1e-6)

@@ -96,8 +96,8 @@ def volume_scores(model, case, device):
                     DetectionSettings(device=device, maps_only=True, skull_check=False))
     prepared = result.prepared
     orient = prepared.orientation
-    return (orient.apply(result.anomaly_map), baseline_for(prepared, 5, lesion_direction(model.metadata)),
-            orient.apply(case.labels), prepared)
+    base = baseline_for(prepared, 5, lesion_direction(model.metadata))  # in the input's grid, as the map
+    return orient.apply(result.anomaly_map), orient.apply(base), orient.apply(case.labels), prepared
 
 
 def dice_fpr(seg, gt, fg):

@@ -767,34 +767,37 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
     return output
 
 
-def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
-                              device, cancel: Optional[Callable[[], bool]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
+def _healthy_values(model, case: TrainingCase, device, cancel, slices=None) -> Tuple[np.ndarray, np.ndarray]:
+    """Our map's values and the baseline's scores on one case's healthy foreground voxels: of ``slices``
+    (reoriented axial indices) when given, else of the whole volume; labelled voxels never count."""
     from .baseline import baseline_for, lesion_direction
     from .detection import DetectionSettings, detect
 
-    direction = lesion_direction(model.metadata)
-    ours, base = [], []
-    for ci, val in validation.items():
-        if not val:
-            continue
-        case = cases[ci]
-        # The model is calibrated on what it was trained on, stripped or not: no skull check here.
-        result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), maps_only=True, skull_check=False), cancel=cancel,
-                        slices=val)
-        prepared = result.prepared
-        region = np.zeros(prepared.foreground.shape, dtype=bool)
-        region[val] = True
-        region &= prepared.foreground
-        region = prepared.orientation.invert(region)
-        ours.append(result.anomaly_map[region])
-        scores = baseline_for(prepared, direction=direction)
-        base.append(scores[region])
-    if not ours:
+    # The model is calibrated on what it was trained on, stripped or not: no skull check here.
+    result = detect(case.image, case.geometry, model, case.mask,
+                    DetectionSettings(device=str(device), maps_only=True, skull_check=False), cancel=cancel,
+                    slices=slices)
+    prepared = result.prepared
+    region = prepared.foreground.copy()
+    if slices is not None:
+        chosen = np.zeros(region.shape, dtype=bool)
+        chosen[list(slices)] = True
+        region &= chosen
+    region = prepared.orientation.invert(region)  # the map and the baseline's scores are in the input's grid
+    if case.labels is not None:
+        region &= ~(case.labels > 0)
+    scores = baseline_for(prepared, direction=lesion_direction(model.metadata))
+    return result.anomaly_map[region], scores[region]
+
+
+def healthy_validation_scores(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]],
+                              device, cancel: Optional[Callable[[], bool]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Our anomaly-map values and the intensity baseline's scores on held-out healthy foreground voxels."""
+    pairs = [_healthy_values(model, cases[ci], device, cancel, slices=val) for ci, val in validation.items() if val]
+    if not pairs:
         raise InputError("no healthy validation slices to calibrate on; give more healthy volumes "
                          "or raise validation_fraction.")
-    return np.concatenate(ours), np.concatenate(base)
+    return np.concatenate([o for o, _ in pairs]), np.concatenate([b for _, b in pairs])
 
 
 def healthy_volume_scores(model, cases: Sequence[TrainingCase], device="auto",
@@ -804,23 +807,10 @@ def healthy_volume_scores(model, cases: Sequence[TrainingCase], device="auto",
     For calibrating on patients the model never saw: held-out slices of training patients give maps
     with lighter tails than a new patient's, and a threshold set on them lets through several times
     its target on new patients (measured: 0.2 % became 2 %)."""
-    from .baseline import baseline_for, lesion_direction
-    from .detection import DetectionSettings, detect
-
-    direction = lesion_direction(model.metadata)
-    ours, base = [], []
-    for case in cases:
-        result = detect(case.image, case.geometry, model, case.mask,
-                        DetectionSettings(device=str(device), maps_only=True, skull_check=False), cancel=cancel)
-        prepared = result.prepared
-        healthy = prepared.foreground.copy()
-        if case.labels is not None:
-            healthy &= ~prepared.orientation.apply(case.labels > 0)
-        ours.append(prepared.orientation.apply(result.anomaly_map)[healthy])
-        base.append(baseline_for(prepared, direction=direction)[healthy])
-    if not ours:
+    pairs = [_healthy_values(model, case, device, cancel) for case in cases]
+    if not pairs:
         raise InputError("no volumes to calibrate on.")
-    return np.concatenate(ours), np.concatenate(base)
+    return np.concatenate([o for o, _ in pairs]), np.concatenate([b for _, b in pairs])
 
 
 def calibrate(model, cases: Sequence[TrainingCase], validation: Dict[int, List[int]], target_fpr: float,
