@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from synomaly.detection import DetectionSettings, detect, inner_region
+from synomaly.detection import DetectionSettings, detect
+from synomaly.postprocessing import inner_region
 from synomaly.model_file import load_model
 from synomaly.phantom import make_phantom
 

@@ -187,37 +187,6 @@ def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:
             "anomalous_area_mm2": float(pixels * in_plane[0] * in_plane[1]) if known else None}
 
 
-def inner_region(foreground: np.ndarray, rim_mm: float, spacing_zyx) -> np.ndarray:
-    """Foreground voxels farther than ``rim_mm`` from its border: most healthy false positives of a
-    brain map sit in a thin rim along the brain mask, where partial volume and stripping vary."""
-    from scipy import ndimage
-
-    from .postprocessing import _support_box
-
-    inner = np.zeros(foreground.shape, dtype=bool)
-    if not foreground.any():
-        return inner
-    box = _support_box(foreground, (1, 1, 1))
-    # A zero border around the box, except across a single slice (a 2D image has a rim in-plane only).
-    shape = foreground[box].shape
-    pad = [(0, 0) if n == 1 else (1, 1) for n in shape]
-    distance = ndimage.distance_transform_edt(np.pad(foreground[box], pad), sampling=spacing_zyx)
-    inner[box] = distance[tuple(slice(a, a + n) for (a, _), n in zip(pad, shape))] > rim_mm
-    return inner
-
-
-def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices):
-    """Map (and its uncertainty) in units of the volume's own typical level: the 75th percentile over the
-    processed foreground, robust while lesions cover under a quarter of it. Lets one threshold hold
-    across scanners whose healthy maps differ in scale."""
-    region = np.zeros(foreground.shape, dtype=bool)
-    region[list(indices)] = True
-    region &= foreground
-    level = float(np.percentile(anomaly_map[region], 75)) if region.any() else 0.0
-    level = max(level, 1e-4)
-    return anomaly_map / level, (uncertainty / level if uncertainty is not None else None)
-
-
 def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndarray] = None,
            settings: Optional[DetectionSettings] = None,
            progress: Optional[Callable[[float, str], None]] = None,
@@ -229,7 +198,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     import torch
 
     from .multistage import MonotoneProgress, StageSettings, run_single_stage, run_stages
-    from .postprocessing import blur_map, segment
+    from .postprocessing import blur_map, inner_region, scale_by_volume, segment
     from .preprocessing import PreprocessConfig, prepare_volume
     from .presets import missing_mask_message
     from .runtime import autocast, prepare_network, resolve_precision

@@ -1,4 +1,5 @@
-"""3D post-processing of the anomaly map: blur, threshold, small-component removal, component figures.
+"""3D post-processing of the anomaly map: blur, border rim, per-volume scale, threshold, small-component
+removal, component figures.
 
 The map is zero outside the processed foreground, so the blur runs on the bounding box of its non-zero
 voxels (grown by the kernel's radius, which makes it exact), and the components are labelled once for
@@ -11,7 +12,7 @@ import numpy as np
 TRUNCATE = 4.0  # scipy's default kernel radius, in sigmas
 
 
-def _support_box(array: np.ndarray, margins: Sequence[int]) -> Tuple[slice, ...]:
+def support_box(array: np.ndarray, margins: Sequence[int]) -> Tuple[slice, ...]:
     """The bounding box of the non-zero voxels grown by ``margins``, clipped to the array."""
     box = []
     for axis, margin in enumerate(margins):
@@ -31,7 +32,7 @@ def blur_map(anomaly_map: np.ndarray, sigma_mm: float, spacing_zyx: Sequence[flo
     sigma = [sigma_mm / s for s in spacing_zyx]
     # Beyond the radius the truncated kernel is zero, and inside the margin "nearest" repeats zeros,
     # so blurring the grown box gives exactly the whole volume's result.
-    box = _support_box(out, [int(TRUNCATE * s + 0.5) for s in sigma])
+    box = support_box(out, [int(TRUNCATE * s + 0.5) for s in sigma])
     blurred = np.zeros_like(out)
     blurred[box] = ndimage.gaussian_filter(out[box], sigma=sigma, mode="nearest", truncate=TRUNCATE)
     return blurred
@@ -46,7 +47,7 @@ def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
     binary = anomaly_map > threshold
     if not binary.any():
         return binary.astype(np.uint8), []
-    box = _support_box(binary, (1, 1, 1)[:binary.ndim])
+    box = support_box(binary, (1, 1, 1)[:binary.ndim])
     labels, n = ndimage.label(binary[box], structure=np.ones((3,) * binary.ndim, dtype=bool))
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     keep = counts * voxel_volume_mm3 >= min_component_mm3
@@ -70,3 +71,32 @@ def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
               "centre_ijk": [round(float(c + o), 1) for c, o in reversed(list(zip(centre, offset)))]}
              for k, p, centre in zip(kept, peaks, centres)]
     return segmentation, sorted(found, key=lambda d: -d["voxels"])
+
+
+def inner_region(foreground: np.ndarray, rim_mm: float, spacing_zyx) -> np.ndarray:
+    """Foreground voxels farther than ``rim_mm`` from its border: most healthy false positives of a
+    brain map sit in a thin rim along the brain mask, where partial volume and stripping vary."""
+    from scipy import ndimage
+
+    inner = np.zeros(foreground.shape, dtype=bool)
+    if not foreground.any():
+        return inner
+    box = support_box(foreground, (1, 1, 1))
+    # A zero border around the box, except across a single slice (a 2D image has a rim in-plane only).
+    shape = foreground[box].shape
+    pad = [(0, 0) if n == 1 else (1, 1) for n in shape]
+    distance = ndimage.distance_transform_edt(np.pad(foreground[box], pad), sampling=spacing_zyx)
+    inner[box] = distance[tuple(slice(a, a + n) for (a, _), n in zip(pad, shape))] > rim_mm
+    return inner
+
+
+def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices):
+    """Map (and its uncertainty) in units of the volume's own typical level: the 75th percentile over the
+    processed foreground, robust while lesions cover under a quarter of it. Lets one threshold hold
+    across scanners whose healthy maps differ in scale."""
+    region = np.zeros(foreground.shape, dtype=bool)
+    region[list(indices)] = True
+    region &= foreground
+    level = float(np.percentile(anomaly_map[region], 75)) if region.any() else 0.0
+    level = max(level, 1e-4)
+    return anomaly_map / level, (uncertainty / level if uncertainty is not None else None)
