@@ -60,18 +60,23 @@ def _case_from_folder(folder: Path) -> EvalCase:
     return EvalCase(folder.name, roles["image"][0], roles["labels"][0], mask)
 
 
-def _cases_from_csv(path: Path) -> List[EvalCase]:
-    """Rows ``image,label[,mask][,name]``; relative paths are relative to the CSV's folder."""
+def _csv_rows(path: Path) -> List[Dict[str, str]]:
+    """A CSV file's rows, column names lower-case, names and values stripped; unreadable is an InputError."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot be read as a CSV file ({exc}).") from None
+        raise InputError(f"{path}: cannot be read as a CSV file ({getattr(exc, 'strerror', None) or exc}).") from None
+    return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
+
+
+def _cases_from_csv(path: Path) -> List[EvalCase]:
+    """Rows ``image,label[,mask][,name]``; relative paths are relative to the CSV's folder."""
+    rows = _csv_rows(path)
     if not rows:
         raise InputError(f"{path}: no rows; give a header 'image,label[,mask][,name]' and one row per case.")
     cases = []
     for number, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         if "image" not in row or "label" not in row:
             raise InputError(f"{path}: needs the columns 'image' and 'label' (optional 'mask', 'name'); "
                              f"found {', '.join(sorted(row)) or 'none'}.")
@@ -91,12 +96,7 @@ def cases_from_list(path, use: str = "development") -> List[EvalCase]:
     """The cases of a ``case,folder,use`` list (as ../shared/data/cases.csv) whose use is ``use``: each
     folder, relative to the list's, a case folder; named by the ``case`` column."""
     path = Path(path).expanduser()
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot be read as a CSV file ({getattr(exc, 'strerror', None) or exc}).") from None
-    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
+    rows = _csv_rows(path)
     if not rows or any(column not in rows[0] for column in ("case", "folder", "use")):
         found = ", ".join(sorted(rows[0])) if rows else "no rows"
         raise InputError(f"{path}: a case list needs the columns case, folder and use ({found}); "
