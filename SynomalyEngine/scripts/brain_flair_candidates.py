@@ -69,20 +69,21 @@ def cmd_train(args):
         if step % 500 == 0 or message in ("calibrating", "done"):
             log(f"{model.name}: {message}")
 
-    for i, steps in enumerate(args.steps):
-        if i and args.deadline:
-            done = args.steps[i - 1]
-            first = min(s for s in marks if s > 0)
-            rate = (marks[done] - marks[first]) / max(done - first, 1)
-            fixed = milestone_s - rate * (done - (args.steps[i - 2] if i > 1 else 0))
-            if time.time() - t0 + rate * (steps - done) + fixed > args.deadline:
-                log(f"{model.name}: stopping at {done} steps; {steps} would pass the deadline")
+    previous, before, milestone_s = 0, 0, 0.0  # the last milestone reached, the one before it, its wall time
+    for steps in args.steps:
+        if previous and args.deadline:
+            # The last milestone's pace: the rate of its steps, and the rest (slices, calibration) as fixed.
+            first = min(s for s in marks if s > before)
+            rate = (marks[previous] - marks[first]) / max(previous - first, 1)
+            fixed = milestone_s - rate * (previous - before)
+            if time.time() - t0 + rate * (steps - previous) + fixed > args.deadline:
+                log(f"{model.name}: stopping at {previous} steps; {steps} would pass the deadline")
                 break
-        started = time.time()
+        started, before = time.time(), previous
         settings = training_settings(steps, args.device, batch_size=args.batch_size, checkpoint_every=250,
                                      preview_every=10 ** 9, **CANDIDATES[args.candidate])
-        train(cases, model, settings, resume=i > 0, overwrite=i == 0, progress=progress)
-        milestone_s = time.time() - started
+        train(cases, model, settings, resume=previous > 0, overwrite=previous == 0, progress=progress)
+        previous, milestone_s = steps, time.time() - started
         shutil.copyfile(model, out / f"{args.candidate}-{args.part}-{steps}.safetensors")
     return 0
 

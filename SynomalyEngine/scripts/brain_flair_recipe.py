@@ -25,10 +25,15 @@ V1_PATIENTS = ("pat0003", "pat0004", "pat0005", "pat0006", "Brats18_CBICA_AAB_1"
                "Brats18_CBICA_ASA_1", "Brats18_TCIA08_105_1")
 
 
-def training_rows(cases_csv=CASES_CSV):
+def case_rows(use: str, cases_csv=CASES_CSV):
+    """The rows of the case list with this use, sorted by case name."""
     with open(cases_csv, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.DictReader(f) if row["use"].strip() == "training"]
+        rows = [row for row in csv.DictReader(f) if row["use"].strip() == use]
     return sorted(rows, key=lambda row: row["case"])
+
+
+def training_rows(cases_csv=CASES_CSV):
+    return case_rows("training", cases_csv)
 
 
 def split_patients(rows):

@@ -15,7 +15,7 @@ import json
 import time
 
 import numpy as np
-from brain_flair_recipe import DATA, load_cases, read_case, split_patients, training_rows
+from brain_flair_recipe import case_rows, load_cases, split_patients, training_rows
 
 SIZES_MM = (3.0, 5.0, 10.0)
 VARIANTS = {
@@ -24,13 +24,6 @@ VARIANTS = {
     "min5": {"min_component_mm3": 5.0},
     "min20-blur0.75": {"min_component_mm3": 20.0, "blur_mm": 0.75},
 }
-
-
-def development_cases():
-    import csv
-
-    with open(DATA / "cases.csv", newline="", encoding="utf-8") as f:
-        return [read_case(row) for row in csv.DictReader(f) if row["use"] == "development"]
 
 
 def implant(case, rng, per_size):
@@ -84,7 +77,7 @@ def main():
     if args.patients == "selection":
         cases = load_cases(split_patients(training_rows())[1], args.pack)
     else:
-        cases = development_cases()
+        cases = load_cases(case_rows("development"))
     rng = np.random.default_rng(0)
     found = {v: {d: [0, 0] for d in SIZES_MM} for v in args.variants}
     false_components = {v: 0 for v in args.variants}
@@ -106,8 +99,7 @@ def main():
                 model.metadata["inference"]["blur_mm"] = raw_blur
             else:
                 anomaly_map = result.anomaly_map
-            seg, comps = segment(anomaly_map, model.threshold, float(params["min_component_mm3"]), voxel)
-            seg = seg.astype(bool)
+            seg = segment(anomaly_map, model.threshold, float(params["min_component_mm3"]), voxel)[0].astype(bool)
             spheres = np.zeros(seg.shape, dtype=bool)
             for diameter, sphere in placed:
                 hit = bool((seg & sphere).any())
