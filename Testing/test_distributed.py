@@ -194,3 +194,16 @@ def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
     assert result.returncode == 2
     assert error_lines(result.stderr) == [f"synomaly: error: {missing}: no such file or folder."], result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, team", [(None, False), ("1", False), ("2", True), ("two", False), ("", False)])
+def test_a_team_process_is_told_by_world_size_without_raising(monkeypatch, value, team):
+    # The entry point skips the exit-time teardown (where gloo can abort a finished process) only in a team;
+    # a malformed WORLD_SIZE is the CLI's to report, not a crash at exit.
+    from synomaly.distributed import in_team_process
+
+    if value is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", value)
+    assert in_team_process() is team

@@ -40,6 +40,14 @@ def _whole(name: str, default: Optional[int] = None) -> int:
         raise InputError(f"the environment variable {name} {what}; {LAUNCH_HINT}.") from None
 
 
+def in_team_process() -> bool:
+    """Whether torchrun (or ``--nproc``) started this process as one of several; never raises."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def check_share(processes: int, batch_size: int) -> None:
     """Every process needs at least one slice of every batch."""
     if batch_size < processes:
