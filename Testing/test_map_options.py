@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from synomaly.detection import DetectionSettings, detect
-from synomaly.postprocessing import inner_region
+from synomaly.postprocessing import inner_region, scale_by_volume
 from synomaly.model_file import load_model
 from synomaly.phantom import make_phantom
 
@@ -50,3 +50,18 @@ def test_volume_scale_divides_by_the_typical_level(maps):
     level = np.percentile(plain.anomaly_map[fg], 75)
     np.testing.assert_allclose(scaled.anomaly_map, plain.anomaly_map / level, rtol=1e-5, atol=1e-7)
     assert np.percentile(scaled.anomaly_map[fg], 75) == pytest.approx(1.0)
+
+
+def test_volume_scale_works_in_place_and_returns_its_level():
+    rng = np.random.default_rng(0)
+    fg = np.zeros((6, 10, 10), dtype=bool)
+    fg[1:5, 2:8, 2:8] = True
+    anomaly_map = (rng.random(fg.shape) * fg).astype(np.float32)
+    uncertainty = anomaly_map * 0.5
+    original = anomaly_map.copy()
+    level = scale_by_volume(anomaly_map, uncertainty, fg, [1, 2, 3])
+    region = fg.copy()
+    region[[0, 4, 5]] = False  # only the processed slices decide the level
+    assert level == pytest.approx(float(np.percentile(original[region], 75)))
+    np.testing.assert_allclose(anomaly_map, original / level, rtol=1e-6)
+    np.testing.assert_allclose(uncertainty, original * 0.5 / level, rtol=1e-6)

@@ -183,3 +183,16 @@ def test_one_outlier_voxel_changes_nothing_on_a_real_brats_case(shared_data, cas
     volume, geometry = read_volume(path)
     brain = np.argwhere(volume > np.percentile(volume, 99))
     _assert_outlier_changes_nothing(volume, geometry, tuple(brain[len(brain) // 2]), value)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64])
+def test_intensity_forward_is_the_clipped_linear_map_and_leaves_the_input(dtype):
+    from synomaly.preprocessing import Intensity
+
+    x = (np.arange(-50, 350, dtype=np.float64).reshape(4, 10, 10) * 3.5).astype(dtype)
+    before = x.copy()
+    intensity = Intensity(low=12.5, scale=700.0)
+    y = intensity.forward(x)
+    assert y.dtype == np.float32 and np.array_equal(x, before)
+    expected = np.clip(2.0 * (x.astype(np.float32) - 12.5) / 700.0 - 1.0, -1.0, 1.0)
+    np.testing.assert_array_equal(y, expected)

@@ -16,6 +16,7 @@ from .errors import DeviceError, InputError
 from .volume_io import Geometry, is_2d
 
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
+SLICES_PER_CHUNK = 16  # network outputs are brought back to the volume's grid this many slices at a time
 
 DEFAULT_INFERENCE = {
     "mode": "multi",          # "multi": multi-stage with fusion; "single": fixed noise levels, no fusion
@@ -234,7 +235,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     batch_size = settings.batch_size if settings.batch_size is not None else (32 if device.type == "cuda" else 2)
     shape = prepared.normalised.shape
     diffs = np.zeros((k,) + shape, dtype=np.float32)
-    preds = prepared.normalised.copy()
+    # The counterfactual starts as a float32 copy of the input and takes the network's estimates on the
+    # processed foreground through a reoriented view: no second volume of estimates.
+    counterfactual_volume = volume.astype(np.float32)
+    counterfactual_view = prepared.orientation.apply(counterfactual_volume)
     stages_per_slice: List[int] = []
     if indices:
         images, masks = prepared.network_slices(indices)
@@ -262,29 +266,44 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         # The difference is taken at the network's resolution and then upsampled: comparing the
         # full-resolution input with an upsampled prediction would flag every detail lost by resizing.
         residual = (images - counterfactual.float()) * masks
-        hw = shape[1:]
-        x0 = prepared.normalised[indices]
+        del images, masks, counterfactual
         n = len(indices)
-        estimates = []
-        for draw in range(k):
-            r = prepared.frame.from_network(residual[draw * n:(draw + 1) * n], hw, 0.0)
-            r = np.where(prepared.foreground[indices], r, 0.0)
-            estimates.append(np.clip(x0 - r, -1.0, 1.0))
-            diffs[draw][indices] = params["direction"] * r if params["signed"] else np.abs(r)
-        preds[indices] = np.mean(estimates, axis=0)
+        # Back to the volume's grid a few slices at a time, so that the full-size temporaries stay small.
+        for start in range(0, n, SLICES_PER_CHUNK):
+            part = indices[start:start + SLICES_PER_CHUNK]
+            outside = ~prepared.foreground[part]
+            x0 = prepared.normalised[part]
+            estimate = np.zeros(x0.shape, dtype=np.float32)
+            for draw in range(k):
+                first = draw * n + start
+                r = prepared.frame.from_network(residual[first:first + len(part)], shape[1:], 0.0)
+                r[outside] = 0.0
+                estimate += np.clip(x0 - r, -1.0, 1.0)
+                diffs[draw][part] = params["direction"] * r if params["signed"] else np.abs(r)
+            estimate /= k
+            counterfactual_view[part] = np.where(outside, counterfactual_view[part],
+                                                 prepared.intensity.inverse(estimate))
+        del residual
     timings["network_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     report_progress(0.92, "post-processing")
     fg = prepared.foreground
-    maps = [blur_map(np.clip(d, 0, None) if params["signed"] else d, params["blur_mm"], prepared.spacing_zyx) * fg
-            for d in diffs]
-    anomaly_map = np.mean(maps, axis=0).astype(np.float32)
+    maps = []
+    for d in diffs:
+        if params["signed"]:
+            np.clip(d, 0, None, out=d)
+        blurred = blur_map(d, params["blur_mm"], prepared.spacing_zyx)
+        blurred *= fg
+        maps.append(blurred)
+    del diffs
+    anomaly_map = maps[0] if k == 1 else np.mean(maps, axis=0).astype(np.float32)
     uncertainty = np.std(maps, axis=0).astype(np.float32) if k > 1 else None
+    del maps
     if float(params["rim_mm"]) > 0:
         anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
     if params["map_scale"] == "volume" and indices:
-        anomaly_map, uncertainty = scale_by_volume(anomaly_map, uncertainty, fg, indices)
+        scale_by_volume(anomaly_map, uncertainty, fg, indices)
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
@@ -292,10 +311,6 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     # input's grid, where the components' centres are reported.
     seg, comps = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)
     uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
-    processed = np.zeros(shape, dtype=bool)
-    processed[indices] = True
-    processed = orient.invert(processed & fg)
-    cf = np.where(processed, prepared.intensity.inverse(orient.invert(preds)), volume).astype(np.float32)
     timings["postprocess_s"] = time.perf_counter() - t0
     in_fg = orient.invert(fg)
     report = {
@@ -318,4 +333,4 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     if is_2d(volume.shape):
         report.update(area_report(seg, geometry))
     report_progress(1.0, "done")
-    return DetectionResult(anomaly_map, seg, cf, uncertainty, report, prepared)
+    return DetectionResult(anomaly_map, seg, counterfactual_volume, uncertainty, report, prepared)

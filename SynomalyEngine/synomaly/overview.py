@@ -51,16 +51,25 @@ def _spread(indices: np.ndarray, n: int) -> List[int]:
     return sorted({int(indices[r]) for r in ranks})
 
 
-def _background(volume: np.ndarray) -> float:
+def _finite_values(volume: np.ndarray) -> np.ndarray:
+    """The volume's finite values, flat, in its own type (a big volume is never copied to float64)."""
+    flat = volume.reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        flat = flat[np.isfinite(flat)]
+    return flat
+
+
+def _background(values: np.ndarray) -> float:
     """The 1st percentile, not the minimum: one extreme voxel must not decide what is background."""
     from .preprocessing import background_level
 
-    finite = volume[np.isfinite(volume)]
-    return background_level(finite) if finite.size else 0.0
+    return background_level(values) if values.size else 0.0
 
 
-def choose_slices(volume: np.ndarray, segmentation: np.ndarray, n_slices: int) -> List[int]:
-    """Axial (z) indices to show: spread over the segmented slices, else over the foreground.
+def choose_slices(volume: np.ndarray, segmentation: np.ndarray, n_slices: int,
+                  background: Optional[float] = None) -> List[int]:
+    """Axial (z) indices to show: spread over the segmented slices, else over the foreground (above
+    ``background``, by default the volume's own).
 
     Every chosen slice holds some segmentation when there is any, so the contours are visible.
     Fewer than ``n_slices`` come back when fewer distinct slices are available.
@@ -68,21 +77,22 @@ def choose_slices(volume: np.ndarray, segmentation: np.ndarray, n_slices: int) -
     seg_z = np.flatnonzero(np.any(segmentation, axis=(1, 2)))
     if seg_z.size:
         return _spread(seg_z, n_slices)
-    fg_z = np.flatnonzero(np.any(np.nan_to_num(volume, nan=-np.inf) > _background(volume), axis=(1, 2)))
+    if background is None:
+        background = _background(_finite_values(volume))
+    fg_z = np.flatnonzero(np.any(volume > background, axis=(1, 2)))  # NaN is never above it
     if fg_z.size == 0:
         fg_z = np.arange(volume.shape[0])
     return _spread(fg_z, n_slices)
 
 
-def _window(volume: np.ndarray):
+def _window(values: np.ndarray, background: float):
     """Robust 1-99 percentile grey window over the foreground (background would drag it to 0)."""
-    values = volume[np.isfinite(volume)]
     if values.size == 0:
         return 0.0, 1.0
-    foreground = values[values > _background(volume)]
+    foreground = values[values > background]
     if foreground.size:
         values = foreground
-    lo, hi = np.percentile(values, [1.0, 99.0])
+    lo, hi = np.percentile(values.astype(np.float64, copy=False), [1.0, 99.0])
     if hi <= lo:
         hi = lo + 1.0
     return float(lo), float(hi)
@@ -186,13 +196,17 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
         raise InputError(f"n_slices must be at least 1, not {n_slices}.")
 
     arrays, spacing_zyx = _axial(arrays, geometry)
-    vol = arrays["volume"].astype(np.float64)
+    vol = arrays["volume"]  # in its own type: slices are converted to float64 one at a time
     seg = arrays["segmentation"] > 0
     gt = arrays["ground_truth"] > 0 if ground_truth is not None else None
-    rows = [int(z) for z in slices] if slices is not None else choose_slices(vol, seg, int(n_slices))
+    values = _finite_values(vol)
+    background = _background(values)
+    rows = ([int(z) for z in slices] if slices is not None else
+            choose_slices(vol, seg, int(n_slices), background))
     if not rows or min(rows) < 0 or max(rows) >= vol.shape[0]:
         raise InputError(f"slices must be axial indices between 0 and {vol.shape[0] - 1}, not {rows}.")
-    lo, hi = _window(vol)
+    lo, hi = _window(values, background)
+    del values
     vmax = _map_max(arrays["anomaly_map"], map_max)
     h, w = _display_size(vol.shape[1:], spacing_zyx[1:])
 
@@ -201,7 +215,7 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
     canvas = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
     overview = Overview(canvas, rows, map_max=vmax)
     for row, z in enumerate(rows):
-        grey = _grey(_resize(np.nan_to_num(vol[z], nan=lo), (h, w), nearest=False), lo, hi)
+        grey = _grey(_resize(np.nan_to_num(vol[z].astype(np.float64), nan=lo), (h, w), nearest=False), lo, hi)
         contours = grey.copy()
         if gt is not None:
             _contour(contours, _resize(gt[z], (h, w), nearest=True) > 0, GROUND_TRUTH_RGB)

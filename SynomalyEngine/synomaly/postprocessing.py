@@ -26,15 +26,15 @@ def blur_map(anomaly_map: np.ndarray, sigma_mm: float, spacing_zyx: Sequence[flo
     """Gaussian blur with a physical sigma, so anisotropic volumes are smoothed alike in every direction."""
     from scipy import ndimage
 
-    out = anomaly_map.astype(np.float32)
-    if sigma_mm <= 0 or not out.any():
-        return out
+    source = np.asarray(anomaly_map, dtype=np.float32)  # no copy of a float32 map: the result is new anyway
+    if sigma_mm <= 0 or not source.any():
+        return source.copy()
     sigma = [sigma_mm / s for s in spacing_zyx]
     # Beyond the radius the truncated kernel is zero, and inside the margin "nearest" repeats zeros,
     # so blurring the grown box gives exactly the whole volume's result.
-    box = support_box(out, [int(TRUNCATE * s + 0.5) for s in sigma])
-    blurred = np.zeros_like(out)
-    blurred[box] = ndimage.gaussian_filter(out[box], sigma=sigma, mode="nearest", truncate=TRUNCATE)
+    box = support_box(source, [int(TRUNCATE * s + 0.5) for s in sigma])
+    blurred = np.zeros_like(source)
+    blurred[box] = ndimage.gaussian_filter(source[box], sigma=sigma, mode="nearest", truncate=TRUNCATE)
     return blurred
 
 
@@ -90,13 +90,16 @@ def inner_region(foreground: np.ndarray, rim_mm: float, spacing_zyx) -> np.ndarr
     return inner
 
 
-def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices):
-    """Map (and its uncertainty) in units of the volume's own typical level: the 75th percentile over the
-    processed foreground, robust while lesions cover under a quarter of it. Lets one threshold hold
-    across scanners whose healthy maps differ in scale."""
+def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices) -> float:
+    """Divide the map (and its uncertainty), in place, by the volume's own typical level, and return that
+    level: the 75th percentile over the processed foreground, robust while lesions cover under a quarter
+    of it. Lets one threshold hold across scanners whose healthy maps differ in scale."""
     region = np.zeros(foreground.shape, dtype=bool)
     region[list(indices)] = True
     region &= foreground
-    level = float(np.percentile(anomaly_map[region], 75)) if region.any() else 0.0
+    level = float(np.percentile(anomaly_map[region], 75, overwrite_input=True)) if region.any() else 0.0
     level = max(level, 1e-4)
-    return anomaly_map / level, (uncertainty / level if uncertainty is not None else None)
+    anomaly_map /= level
+    if uncertainty is not None:
+        uncertainty /= level
+    return level
