@@ -15,6 +15,19 @@ def test_precision_auto_follows_the_machine():
     assert resolve_precision(cpu, "bf16") == "bf16"
 
 
+@pytest.mark.parametrize("cap, allowed", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                          ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_a_onednn_cap_below_bf16_makes_auto_choose_fp32(monkeypatch, cap, allowed):
+    # oneDNN capped to AVX2 emulates bf16 (16x slower per convolution on this project's EPYC): auto must not pick it.
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    from synomaly.runtime import onednn_allows_bf16
+
+    assert onednn_allows_bf16() is allowed
+    if not allowed:
+        assert resolve_precision(torch.device("cpu"), "auto") == "fp32"
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(InputError, match="precision"):
         resolve_precision(torch.device("cpu"), "fp16")
