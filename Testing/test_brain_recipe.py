@@ -40,3 +40,23 @@ def test_a_packed_case_comes_back_within_the_quantisation_step():
     expected = np.array(geometry.origin) + np.array(geometry.direction).reshape(3, 3) @ corner
     np.testing.assert_allclose(back.geometry.origin, expected)
     assert back.geometry.spacing == geometry.spacing and back.geometry.direction == geometry.direction
+
+
+def test_less_work_variants_change_the_work_and_leave_the_model_as_it_was():
+    import do_less_work
+    from synomaly.model_file import load_model
+    from synomaly.phantom import make_phantom
+    from synomaly.training import TrainingCase
+    from synomaly.volume_io import Geometry
+
+    ph = make_phantom(shape=(24, 64, 64), seed=4, lesion=True)
+    case = TrainingCase("p", ph.volume, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                        ph.volume > 0, ph.lesion_mask > 0)
+    model = load_model("demo-phantom")
+    before = (dict(model.metadata["inference"]), dict(model.metadata["preprocessing"]))
+    figures = {name: do_less_work.run_variant(model, [case], do_less_work.VARIANTS[name], "cpu")[0]
+               for name in ("default", "one-stage", "foreground-0.10")}
+    assert (dict(model.metadata["inference"]), dict(model.metadata["preprocessing"])) == before
+    assert figures["one-stage"]["evaluations"] == figures["one-stage"]["slices"] < figures["default"]["evaluations"]
+    assert figures["foreground-0.10"]["slices"] < figures["default"]["slices"]
+    assert 0.0 <= figures["default"]["auprc"] <= 1.0 and 0.0 <= figures["default"]["fpr"] <= 1.0
