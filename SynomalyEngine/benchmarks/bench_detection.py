@@ -2,8 +2,9 @@
 
 Columns, all on the same volume and weights, interleaved: the research code's loop (fp32, one slice at a
 time, the difference map, fusion and stopping test in numpy on the host after every stage, stages forced);
-our previous path (fp32, contiguous layout, batch of 2 on CPU, per-slice convergence); today's default
-(precision chosen per machine: bf16 autocast where the CPU computes bf16 natively, channels-last on CPU).
+our previous path (fp32, contiguous layout, batch of 2 on CPU, per-slice convergence); today's default path
+at the same stages ("same work": the runtime's gain alone); and today's default with the model's own stage
+count (precision chosen per machine: bf16 autocast where the CPU computes bf16 natively, channels-last on CPU).
 Also: the network call alone per slice, the post-processing alone (previous vs now), and the peak resident
 memory of a whole ``synomaly detect`` process on a BraTS-sized and on a 512 x 512 x 300 volume.
 The CPU's name and capability are printed first: figures are only comparable on the same machine.
@@ -31,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--slices", type=int, default=None,
                    help="run the reference loop on N evenly spaced slices only and extrapolate its network time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and OpenMP (default: 1)")
-    p.add_argument("--stages", type=int, default=3, help="stages forced in both loops (default: 3)")
+    p.add_argument("--stages", type=int, default=3,
+                   help="at most this many stages in the reference loop (forced), the previous path and the same-work "
+                        "column (default: 3, the research method's); the default column uses the model's own")
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per network call in the engine (default: the engine's, 2 on CPU, 32 on CUDA)")
     p.add_argument("--repeats", type=int, default=3,
@@ -292,19 +295,22 @@ def main(argv=None):
 
         fp32 = DetectionSettings(device=str(device), stages=args.stages, batch_size=old_batch, seed=args.seed,
                                  precision="fp32")
-        default = DetectionSettings(device=str(device), stages=args.stages, batch_size=args.batch_size,
-                                    seed=args.seed, precision=args.precision)
+        same = DetectionSettings(device=str(device), stages=args.stages, batch_size=args.batch_size,
+                                 seed=args.seed, precision=args.precision)
+        default = DetectionSettings(device=str(device), batch_size=args.batch_size, seed=args.seed,
+                                    precision=args.precision)
         forced = functools.partial(multistage.StageSettings, tolerance=-1.0)
-        runs = {"reference": [], "previous": [], "default": []}
+        runs = {"reference": [], "previous": [], "same work": [], "default": []}
         for _ in range(max(1, args.repeats)):
             with patched(runtime, "prepare_network", plain_network):
                 with patched(multistage, "StageSettings", forced), patched(multistage, "run_stages", reference_stages):
                     runs["reference"].append(run_pipeline(case, model, fp32, os.path.join(tmp, "reference"),
                                                           slices=ref_slices))
                 runs["previous"].append(run_pipeline(case, model, fp32, os.path.join(tmp, "previous")))
+            runs["same work"].append(run_pipeline(case, model, same, os.path.join(tmp, "same")))
             runs["default"].append(run_pipeline(case, model, default, os.path.join(tmp, "default")))
-        (ref, ref_report), (prev, prev_report), (new, new_report) = (
-            median_phases(runs[k]) for k in ("reference", "previous", "default"))
+        (ref, ref_report), (prev, prev_report), (same_t, same_report), (new, new_report) = (
+            median_phases(runs[k]) for k in ("reference", "previous", "same work", "default"))
 
         # Post-processing alone, previous vs now, on the same raw map (the phase above also holds the
         # inverse reorientation and the counterfactual's intensity mapping).
@@ -323,7 +329,7 @@ def main(argv=None):
 
         sweep = {}
         for b in args.sweep:
-            sized = DetectionSettings(device=str(device), stages=args.stages, batch_size=b, seed=args.seed,
+            sized = DetectionSettings(device=str(device), batch_size=b, seed=args.seed,
                                       precision=args.precision)
             sweep[b] = median_phases([run_pipeline(case, model, sized, os.path.join(tmp, f"sweep{b}"))
                                       for _ in range(max(1, args.repeats))])[0]
@@ -348,25 +354,26 @@ def main(argv=None):
         ref["network"] = ref_network_measured * n_new / n_ref
 
     print()
-    print(f"{'phase (s)':<14}{'reference loop':>16}{'previous (fp32)':>17}{'default (' + precision + ')':>16}"
-          f"{'ref/default':>13}{'prev/default':>14}")
+    print(f"{'phase (s)':<14}{'reference loop':>16}{'previous (fp32)':>17}{'same work':>11}"
+          f"{'default (' + precision + ')':>16}{'ref/same':>10}{'ref/default':>13}")
     for phase in new:
         mark = "*" if phase == "network" and n_ref < n_new else " "
-        print(f"{phase:<14}{ref[phase]:>15.2f}{mark}{prev[phase]:>17.2f}{new[phase]:>16.2f}"
-              f"{ratio(ref[phase], new[phase]):>13}{ratio(prev[phase], new[phase]):>14}")
-    tr, tp, tn = sum(ref.values()), sum(prev.values()), sum(new.values())
-    print(f"{'total':<14}{tr:>15.2f}{'*' if n_ref < n_new else ' '}{tp:>17.2f}{tn:>16.2f}"
-          f"{ratio(tr, tn):>13}{ratio(tp, tn):>14}")
+        print(f"{phase:<14}{ref[phase]:>15.2f}{mark}{prev[phase]:>17.2f}{same_t[phase]:>11.2f}{new[phase]:>16.2f}"
+              f"{ratio(ref[phase], same_t[phase]):>10}{ratio(ref[phase], new[phase]):>13}")
+    tr, tp, ts, tn = sum(ref.values()), sum(prev.values()), sum(same_t.values()), sum(new.values())
+    print(f"{'total':<14}{tr:>15.2f}{'*' if n_ref < n_new else ' '}{tp:>17.2f}{ts:>11.2f}{tn:>16.2f}"
+          f"{ratio(tr, ts):>10}{ratio(tr, tn):>13}")
     print()
     print("reference loop: fp32, contiguous layout, one slice at a time, host round trip per stage, "
-          f"{args.stages} stages forced; previous: fp32, contiguous, batch {old_batch}, per-slice convergence; "
-          f"default: precision {precision}, channels-last on CPU, batch {default.batch_size or old_batch}, "
-          "per-slice convergence")
+          f"{args.stages} stages forced; previous: fp32, contiguous, batch {old_batch}, at most {args.stages} stages, "
+          f"per-slice convergence; same work: the default path at most {args.stages} stages; default: precision "
+          f"{precision}, channels-last on CPU, batch {default.batch_size or old_batch}, the model's stages "
+          f"(at most {new_report['settings']['max_stages']}), per-slice convergence")
     print(f"slices processed: {n_new}" + (f" (* reference network time extrapolated x{n_new / n_ref:.2f} from "
                                           f"{n_ref} evenly spaced slices: {ref_network_measured:.2f} s measured)"
                                           if n_ref < n_new else ""))
     print(f"mean stages: reference {ref_report['mean_stages']:.2f} (forced), previous {prev_report['mean_stages']:.2f},"
-          f" default {new_report['mean_stages']:.2f}")
+          f" same work {same_report['mean_stages']:.2f}, default {new_report['mean_stages']:.2f}")
     shown = ", ".join(f"{k}={v}" for k, v in new_report["settings"].items() if k in SHOWN)
     print(f"settings: {shown}")
     print(f"timings: median of {max(1, args.repeats)} interleaved runs per column")
