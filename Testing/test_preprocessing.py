@@ -196,3 +196,34 @@ def test_intensity_forward_is_the_clipped_linear_map_and_leaves_the_input(dtype)
     assert y.dtype == np.float32 and np.array_equal(x, before)
     expected = np.clip(2.0 * (x.astype(np.float32) - 12.5) / 700.0 - 1.0, -1.0, 1.0)
     np.testing.assert_array_equal(y, expected)
+
+
+def test_holes_filled_in_each_slice_box_equal_the_whole_slice_fill():
+    from scipy import ndimage
+
+    from synomaly.preprocessing import fill_holes_per_slice
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.binary_opening(rng.random((12, 40, 50)) > 0.55)
+    mask[3] = False                      # an empty slice
+    mask[4, :, :] = False
+    mask[4, 0:10, 0:12] = True           # a shape against the corner, with a hole
+    mask[4, 4:6, 4:6] = False
+    mask[5, :, :] = True                 # a full slice
+    expected = np.stack([ndimage.binary_fill_holes(m) for m in mask])
+    assert np.array_equal(fill_holes_per_slice(mask.copy()), expected)
+
+
+@pytest.mark.parametrize("kind", ["constant", "noisy", "nan-free ties"])
+def test_background_level_shortcut_equals_the_partition(kind):
+    from synomaly.preprocessing import background_level
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(100.0, 20.0, size=(30, 60, 60)).astype(np.float32)
+    if kind == "constant":
+        x[:, :, :20] = -3.5              # a third of the voxels: the constant background
+    elif kind == "nan-free ties":
+        x[0, 0, :5] = x.min() - 1.0      # a few ties at the minimum, under 1 %
+    sample = x.ravel()[:: max(1, x.size // 1_000_000)]
+    k = int(0.01 * (sample.size - 1))
+    assert background_level(x) == float(np.partition(sample, k)[k])

@@ -81,7 +81,26 @@ def background_level(array: np.ndarray) -> float:
     """
     sample = array.ravel()[:: max(1, array.size // 1_000_000)]
     k = int(0.01 * (sample.size - 1))
+    low = sample.min()
+    if np.count_nonzero(sample == low) > k:  # the constant fills the lowest percent: no partial sort needed
+        return float(low)
     return float(np.partition(sample, k)[k])
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Fill each axial slice's holes, in place, working on the slice's bounding box plus one pixel: the
+    same result as on the whole slice (outside the box everything is background joined to the border),
+    at a fraction of the cost on a head that fills part of the field of view."""
+    from scipy import ndimage
+
+    for z in range(mask.shape[0]):
+        ys = np.flatnonzero(mask[z].any(axis=1))
+        if ys.size == 0:
+            continue
+        xs = np.flatnonzero(mask[z].any(axis=0))
+        box = (z, slice(max(ys[0] - 1, 0), ys[-1] + 2), slice(max(xs[0] - 1, 0), xs[-1] + 2))
+        mask[box] = ndimage.binary_fill_holes(mask[box])
+    return mask
 
 
 def foreground_mask(array: np.ndarray) -> np.ndarray:
@@ -111,10 +130,7 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
         # Otsu's mask: the largest piece (the head); a masked volume: every piece but specks.
         mask = (np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum())) if constant_background
                 else labels == sizes.argmax())
-    for z in range(mask.shape[0]):
-        if mask[z].any():
-            mask[z] = ndimage.binary_fill_holes(mask[z])
-    return mask
+    return fill_holes_per_slice(mask)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def _coarse(volume: np.ndarray, geometry: Geometry):
 def _outline(volume: np.ndarray, background: float) -> np.ndarray:
     from scipy import ndimage
 
-    from .preprocessing import foreground_mask
+    from .preprocessing import fill_holes_per_slice, foreground_mask
 
     foreground = foreground_mask(volume)
     reference = float(np.median(volume[foreground])) if foreground.any() else float(volume.max())
@@ -88,10 +88,7 @@ def _outline(volume: np.ndarray, background: float) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         outline = labels == sizes.argmax()
-    for z in range(outline.shape[0]):
-        if outline[z].any():
-            outline[z] = ndimage.binary_fill_holes(outline[z])
-    return outline
+    return fill_holes_per_slice(outline)
 
 
 def skull_strip_features(volume: np.ndarray, geometry: Geometry) -> SkullStripFeatures:
