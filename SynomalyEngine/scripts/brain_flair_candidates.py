@@ -43,6 +43,7 @@ INFERENCE = {
     "rim4": {"rim_mm": 4.0},
     "volume-scale": {"map_scale": "volume"},
     "rim2-volume-scale": {"rim_mm": 2.0, "map_scale": "volume"},
+    "one-stage-volume-scale": {"max_stages": 1, "map_scale": "volume"},  # the shipped model's (89d4c8e92da8)
 }
 TARGETS = (0.002, 0.005, 0.01)
 
