@@ -13,8 +13,13 @@ import torch.nn.functional as F
 Direction = Union[int, Sequence[int]]
 
 
+def kernel_radius(sigma: float) -> int:
+    """Taps each side of the Gaussian kernel's centre: three sigmas, at least one."""
+    return max(1, int(math.ceil(3.0 * sigma)))
+
+
 def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
+    radius = kernel_radius(sigma)
     x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
@@ -24,7 +29,7 @@ def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.T
 def _blur_matrix(n: int, sigma: float, reflect: bool, device, dtype) -> torch.Tensor:
     """(n, n) matrix ``M`` with ``M @ v`` the Gaussian-blurred ``v``, edges reflected (or repeated)."""
     k = gaussian_kernel1d(sigma, dtype=torch.float64)
-    r = k.numel() // 2
+    r = kernel_radius(sigma)
     rows = torch.arange(n).view(-1, 1)
     taps = rows + torch.arange(-r, r + 1).view(1, -1)
     if reflect:
@@ -44,9 +49,8 @@ def gaussian_blur2d(x: torch.Tensor, sigma: float) -> torch.Tensor:
     about 13x faster on a CPU, where single-channel convolutions are slow (it set training's pace)."""
     if sigma <= 0:
         return x
-    r = max(1, int(math.ceil(3.0 * sigma)))
     h, w = x.shape[-2:]
-    reflect = min(h, w) > r
+    reflect = min(h, w) > kernel_radius(sigma)
     return _blur_matrix(h, float(sigma), reflect, x.device, x.dtype) @ x \
         @ _blur_matrix(w, float(sigma), reflect, x.device, x.dtype).T
 

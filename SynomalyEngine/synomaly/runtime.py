@@ -15,12 +15,17 @@ from .errors import InputError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def onednn_cap() -> Optional[str]:
+    """The instruction-set cap oneDNN was given (``ONEDNN_MAX_CPU_ISA``, or its older name), if any."""
+    import os
+
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+
+
 def onednn_allows_bf16() -> bool:
     """False where oneDNN is capped below the bf16 instruction sets (``ONEDNN_MAX_CPU_ISA=AVX2``, as used to
     stand in for an AVX2-only CPU, or by a user on a shared machine): bf16 would then be emulated."""
-    import os
-
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    cap = (onednn_cap() or "ALL").upper()
     return cap in ("ALL", "DEFAULT") or any(name in cap for name in ("BF16", "AMX", "FP16", "AVX10"))
 
 
@@ -83,9 +88,7 @@ def cpu_name() -> str:
 def describe_cpu() -> str:
     """``AMD EPYC ... (AVX512, native bf16: yes)``; a oneDNN cap is named, so that a capped run is never
     mistaken for a CPU that lacks the instructions."""
-    import os
-
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = onednn_cap()
     capped = f", oneDNN capped at {cap}" if cap else ""
     return f"{cpu_name()} ({capability}{capped}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"
