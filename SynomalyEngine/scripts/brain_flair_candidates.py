@@ -109,6 +109,11 @@ def dice_fpr(seg, gt, fg):
     return dice(seg & fg, gt), float((seg & healthy).sum() / max(int(healthy.sum()), 1))
 
 
+def case_means(rows):
+    """The mean of every figure over per-case rows (each a dict with its ``case`` name)."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "case"}
+
+
 def measure(model, fit_cases, split, selection_cases, device):
     """Everything ``select`` reports for one model with its current inference settings."""
     from synomaly.baseline import baseline_segmentation, calibrate_threshold
@@ -140,7 +145,7 @@ def measure(model, fit_cases, split, selection_cases, device):
                 bseg = baseline_segmentation(base, calibrate_threshold(hb, q), fg).astype(bool)
                 row[f"baseline_dice_{where}@{q}"], row[f"baseline_fpr_{where}@{q}"] = dice_fpr(bseg, gt, fg)
         rows.append(row)
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "case"}
+    mean = case_means(rows)
     # The held-out-block target that gives the selection patients' threshold: how calibration transfers.
     transfer = {str(q): float(np.mean(h_in > calibrate_threshold(h_out, q))) for q in TARGETS}
     return {"mean": mean, "cases": rows, "transfer_target": transfer, "seconds": round(time.time() - t0, 1),

@@ -15,7 +15,7 @@ import json
 import time
 
 import numpy as np
-from brain_flair_candidates import INFERENCE, dice_fpr, log, volume_scores
+from brain_flair_candidates import INFERENCE, case_means, dice_fpr, log, volume_scores
 from brain_flair_recipe import load_cases, split_patients, training_rows
 
 
@@ -57,7 +57,7 @@ def main():
             bseg = baseline_segmentation(base_map, t_base, fg).astype(bool)
             row[f"baseline_dice@{q}"], row[f"baseline_fpr@{q}"] = dice_fpr(bseg, gt, fg)
         per_case.append(row)
-    mean = {k: float(np.mean([r[k] for r in per_case])) for k in per_case[0] if k != "case"}
+    mean = case_means(per_case)
     for q in args.targets:
         log(f"target {q:.3f}: threshold {thresholds[q][0]:.4f}; selection patients Dice {mean[f'dice@{q}']:.3f} "
             f"FPR {mean[f'fpr@{q}']:.4f} | baseline Dice {mean[f'baseline_dice@{q}']:.3f} "

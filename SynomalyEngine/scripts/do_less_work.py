@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-import numpy as np
+from brain_flair_candidates import case_means, dice_fpr
 from brain_flair_recipe import load_cases, split_patients, training_rows
 
 VARIANTS = {
@@ -33,7 +33,7 @@ def run_variant(model, cases, change, device):
     """Per-case figures for one variant (the model's metadata and the stage test changed for its duration)."""
     import synomaly.multistage as multistage
     from synomaly.detection import DetectionSettings, detect
-    from synomaly.metrics import auprc, dice
+    from synomaly.metrics import auprc
 
     inference, preprocessing = dict(model.metadata["inference"]), dict(model.metadata["preprocessing"])
     original_run_stages = multistage.run_stages
@@ -52,13 +52,11 @@ def run_variant(model, cases, change, device):
             result = detect(case.image, case.geometry, model, case.mask,
                             DetectionSettings(device=device, skull_check=False))
             fg = result.prepared.orientation.invert(result.prepared.foreground)
-            gt = case.labels
-            seg = result.segmentation > 0
-            healthy = fg & ~gt
+            dice, fpr = dice_fpr(result.segmentation > 0, case.labels, fg)
             r = result.report
-            rows.append({"case": case.name, "auprc": auprc(result.anomaly_map, gt, fg), "dice": dice(seg & fg, gt),
-                         "fpr": float((seg & healthy).sum() / max(int(healthy.sum()), 1)),
-                         "slices": r["slices_processed"], "evaluations": r["slices_processed"] * r["mean_stages"],
+            evaluations = r["slices_processed"] * r["mean_stages"]
+            rows.append({"case": case.name, "auprc": auprc(result.anomaly_map, case.labels, fg), "dice": dice,
+                         "fpr": fpr, "slices": r["slices_processed"], "evaluations": evaluations,
                          "network_s": r["timings_s"]["network_s"]})
     finally:
         model.metadata["inference"], model.metadata["preprocessing"] = inference, preprocessing
@@ -85,7 +83,7 @@ def main(argv=None):
     for name in args.variants:
         t0 = time.time()
         rows = run_variant(model, cases, VARIANTS[name], args.device)
-        mean = {k: float(np.mean([row[k] for row in rows])) for k in rows[0] if k != "case"}
+        mean = case_means(rows)
         results[name] = {"mean": mean, "cases": rows, "seconds": round(time.time() - t0, 1)}
         base = results.get("default", {}).get("mean")
         delta = (f"AUPRC {mean['auprc'] - base['auprc']:+.4f}, Dice {mean['dice'] - base['dice']:+.4f}, "
