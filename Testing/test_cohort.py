@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -314,3 +315,37 @@ def test_sigterm_stops_like_ctrl_c_and_the_summary_shows_what_is_pending(cohort,
     assert [(r["name"], r["status"]) for r in rows(out / "summary.csv")] == [
         ("pat0_flair", "pending"), ("pat1_flair", "pending")]
     assert not list(out.glob("pat*")) and hidden(out) == []
+
+
+def test_runs_that_find_the_same_dead_lock_at_once_keep_each_others_outputs(tmp_path, monkeypatch):
+    """Two runs judge a killed run's lock dead at the same moment; the first clears it, takes the lock
+    and moves its report into place before the second acts: the second must neither remove that
+    report (a name the dead run was moving too) nor take the lock from under the first."""
+    from synomaly import output_set
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".case.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                      "started": "then", "committing": ["case_report.json"]}))
+    (tmp_path / "case_report.json").write_text("half of the dead run's set")
+    first = OutputSet(tmp_path, "case")
+    real_alive, calls = output_set._alive, []
+
+    def alive_while_the_first_run_goes_ahead(pid, host, lock):
+        calls.append(pid)
+        if len(calls) == 1:  # the second run has read the dead lock; the first one overtakes it
+            assert not real_alive(pid, host, lock)
+            first.acquire()
+            first.stage(tmp_path / "case_report.json").write_text("the first run's report")
+            first.commit()
+            return False
+        return real_alive(pid, host, lock)
+
+    monkeypatch.setattr(output_set, "_alive", alive_while_the_first_run_goes_ahead)
+    try:
+        with pytest.raises(OutputError, match=f"process {os.getpid()}"):
+            OutputSet(tmp_path, "case").acquire()
+        assert (tmp_path / "case_report.json").read_text() == "the first run's report"
+        assert json.loads((tmp_path / ".case.lock").read_text())["pid"] == os.getpid() and first.held
+    finally:
+        first.release()
+    assert hidden(tmp_path) == []

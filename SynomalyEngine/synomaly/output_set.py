@@ -6,7 +6,9 @@ folder refuses instead of mixing two sets. Files are written into a hidden stagi
 (``.NAME.partial``) and moved into place at the end, the report last, with Ctrl-C held back for
 those few renames. A run killed outright (SIGKILL, a crash) leaves its lock and staging folder
 behind; the next run finds the lock's process gone and removes both, and any file the dead run
-had begun to move, so nothing half-written blocks it. A process on another machine (runs sharing a
+had begun to move, so nothing half-written blocks it. Of several runs that find the same dead lock at
+once only one can rename it away, and it removes the dead run's files only once the lock is its own,
+so none removes what another has just written. A process on another machine (runs sharing a
 folder on a cluster) cannot be asked whether it lives: a held lock is touched every ``HEARTBEAT_S``,
 and one untouched for ``STALE_AFTER_S`` by the folder's clock is a dead run's.
 """
@@ -21,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from .errors import OutputError
 
@@ -145,11 +147,24 @@ class OutputSet:
 
     # the lock
 
+    def _read_lock(self, path: Path) -> Tuple[Optional[dict], tuple, float]:
+        """The owner named in a lock file (None when unreadable), what tells this very file from any
+        later lock (inode, modification time, content) and its modification time."""
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read()
+        try:
+            owner = json.loads(data.decode("utf-8"))
+        except ValueError:
+            owner = None
+        if not (isinstance(owner, dict) and isinstance(owner.get("pid"), int)):
+            owner = None
+        return owner, (stat.st_ino, stat.st_mtime_ns, data), stat.st_mtime
+
     def _owner(self) -> Optional[dict]:
         try:
-            owner = json.loads(self.lock.read_text(encoding="utf-8"))
-            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
-        except (OSError, ValueError):
+            return self._read_lock(self.lock)[0]
+        except OSError:
             return None
 
     def _write_lock(self, committing: Iterable[str] = ()) -> None:
@@ -169,40 +184,81 @@ class OutputSet:
         raise OutputError(f"another synomaly run ({who}) is writing {self.name} outputs in {self.folder}; wait for "
                           f"it to finish or use another -o folder (if no run is active, delete {self.lock}).")
 
-    def _clear_stale(self, owner: Optional[dict]) -> None:
-        """Remove what a dead run left: its staging folder, the files it was moving, its lock."""
+    def _claim_dead_lock(self) -> Optional[Tuple[Optional[dict], Path]]:
+        """Take a dead run's lock out of the way: renamed to a name of this process's, which only one
+        of several runs that found it dead at once can do, and checked to be the very file judged dead
+        (a live run may have taken the lock in between). Returns its owner and new path, or None to
+        try again; refuses when the lock's run lives."""
+        try:
+            owner, identity, mtime = self._read_lock(self.lock)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self._refuse(None)
+        if owner is None:
+            if time.time() - mtime < UNREADABLE_LOCK_GRACE_S:
+                self._refuse(None)
+        elif _alive(owner["pid"], str(owner.get("host", "")), self.lock):
+            self._refuse(owner)
+        claimed = self.folder / f".{self.name}.lock.{os.getpid()}-{threading.get_ident()}.dead"
+        try:
+            os.rename(self.lock, claimed)
+        except FileNotFoundError:  # another run claimed it first
+            return None
+        try:
+            same = self._read_lock(claimed)[1] == identity
+        except FileNotFoundError:
+            return None
+        if not same:  # the lock of a run that started meanwhile: put it back
+            try:
+                os.link(claimed, self.lock)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not self.lock.exists():
+                    os.replace(claimed, self.lock)
+            with contextlib.suppress(FileNotFoundError):
+                claimed.unlink()
+            return None
+        return owner, claimed
+
+    def _clear_dead_run(self, owner: Optional[dict], claimed: Path) -> None:
+        """With the lock held: remove the files a dead run was moving into place, and its old lock."""
         moved = []
         for name in (owner or {}).get("committing", []):
             path = self.folder / Path(name).name
             if path.is_file():
                 path.unlink()
                 moved.append(path.name)
-        shutil.rmtree(self.staging, ignore_errors=True)
         if moved:
             log.warning(f"removed {', '.join(moved)} in {self.folder}: the incomplete outputs of an interrupted "
                         f"run (process {owner['pid']})")
         with contextlib.suppress(FileNotFoundError):
-            self.lock.unlink()
+            claimed.unlink()
+
+    def _create_lock(self) -> int:
+        try:
+            return os.open(str(self.lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise self._unwritable(exc) from None
 
     def acquire(self) -> "OutputSet":
         for _ in range(3):
+            dead = None
             try:
-                fd = os.open(str(self.lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = self._create_lock()
             except FileExistsError:
-                owner = self._owner()
-                if owner is None:
-                    try:
-                        age = time.time() - self.lock.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if age < UNREADABLE_LOCK_GRACE_S:
-                        self._refuse(None)
-                elif _alive(owner["pid"], str(owner.get("host", "")), self.lock):
-                    self._refuse(owner)
-                self._clear_stale(owner)
-                continue
-            except OSError as exc:
-                raise self._unwritable(exc) from None
+                dead = self._claim_dead_lock()
+                if dead is None:
+                    continue
+                try:
+                    fd = self._create_lock()
+                except FileExistsError:  # another run took the freed lock first: the set is its now
+                    with contextlib.suppress(FileNotFoundError):
+                        dead[1].unlink()
+                    continue
             os.close(fd)
             self.held = True
             try:
@@ -210,6 +266,8 @@ class OutputSet:
             except OSError as exc:
                 self.release()
                 raise self._unwritable(exc) from None
+            if dead is not None:
+                self._clear_dead_run(*dead)
             shutil.rmtree(self.staging, ignore_errors=True)
             try:
                 self.staging.mkdir()
