@@ -68,7 +68,9 @@ vessel's lumen (required: the model looks at a disc around it). The panel then s
 3D presets refuse 2D images.</p>
 <p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
 of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
-checkpoint that <i>Resume</i> continues. The new model joins the model list.</p>
+checkpoint that <i>Resume</i> continues. The new model joins the model list. Presets that need a mask
+(liver-ct, carotid-us) take each loaded volume's from the segmentation made on it (a 'liver' or 'lumen'
+segment, or a single one).</p>
 <p><b>Python console:</b><br>
 <code>logic = slicer.util.getModuleLogic("{module}")</code><br>
 <code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>

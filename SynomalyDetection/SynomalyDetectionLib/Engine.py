@@ -8,7 +8,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,12 @@ class Engine:
     def missing_mask_message(self, preset: str) -> Optional[str]:
         """The panel's words when a model of this preset gets no mask; None when it needs none."""
         return engine_module("presets").missing_mask_message(preset, "slicer")
+
+    def training_mask(self, preset: str) -> Tuple[str, Optional[str]]:
+        """What every training volume of this preset needs a mask of ("" when none) and the words
+        when one has none."""
+        presets = engine_module("presets")
+        return presets.mask_role(preset), presets.missing_mask_message(preset, "slicer-train")
 
     def model_preset(self, model) -> str:
         """The preset a model (name or path) was trained with, from its header (no weights, no torch);

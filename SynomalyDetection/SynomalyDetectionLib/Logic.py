@@ -41,11 +41,12 @@ class DetectionRequest:
 
 @dataclass
 class HealthyVolume:
-    """A healthy case copied out of a volume node."""
+    """A healthy case copied out of a volume node, with its mask on the volume's grid where it has one."""
 
     name: str
     array: np.ndarray
     geometry: object
+    mask: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -228,7 +229,8 @@ class SynomalyLogic:
 
     def prepare_training(self, healthy, name: str, preset: str = "brain-flair", steps: Optional[int] = None,
                          device: str = "auto", resume: bool = False, **settings) -> TrainingRequest:
-        """``healthy``: a folder or file path, a list of them, or a list of scalar volume nodes."""
+        """``healthy``: a folder or file path, a list of them, or a list of scalar volume nodes or of
+        ``(volume node, mask node)`` pairs (the mask a segmentation or label map)."""
         output = self.user_models_dir / model_file_name(name)
         values = dict(settings, preset=preset, device=device, name=name)
         if steps:
@@ -242,6 +244,9 @@ class SynomalyLogic:
         return TrainingRequest(self._healthy_cases(healthy, preset), output, values, resume)
 
     def _healthy_cases(self, healthy, preset: str) -> list:
+        """Paths as they are; volume nodes (or ``(volume, mask)`` pairs) copied out. A preset that needs a
+        mask (liver-ct: the liver) takes each volume's from the pair, or else from the segmentation made on
+        that volume (``MrmlBridge.training_mask_node``); none found is an error naming the volumes."""
         InputError = errors().InputError
         if isinstance(healthy, (str, Path)):
             healthy = [healthy]
@@ -253,14 +258,26 @@ class SynomalyLogic:
             if missing:
                 raise InputError(f"Not found: {', '.join(missing)}.")
             return [Path(p).resolve() for p in healthy]
-        cases = []
-        for node in healthy:
+        role, mask_needed = self.engine.training_mask(preset)
+        cases, unmasked = [], []
+        for item in healthy:
+            node, mask_node = tuple(item) if isinstance(item, (tuple, list)) else (item, None)
             if isinstance(node, (str, Path)):
                 raise InputError("Give either paths or volume nodes as healthy cases, not both.")
             MrmlBridge.check_input_volume(node)
             MrmlBridge.check_dimensions(node, preset)
+            MrmlBridge.check_mask(mask_node)
+            if mask_node is None and role:
+                mask_node = MrmlBridge.training_mask_node(node, role)
+            if mask_node is None and mask_needed:
+                unmasked.append(node.GetName())
+                continue
             geometry = self.engine.geometry_from_ijk_to_ras(MrmlBridge.ijk_to_ras(node))
-            cases.append(HealthyVolume(node.GetName(), MrmlBridge.volume_to_array(node), geometry))
+            mask = MrmlBridge.mask_to_array(mask_node, node, role) if mask_node is not None else None
+            cases.append(HealthyVolume(node.GetName(), MrmlBridge.volume_to_array(node), geometry, mask))
+        if unmasked:
+            shown = ", ".join(f"'{name}'" for name in unmasked[:5]) + (", ..." if len(unmasked) > 5 else "")
+            raise InputError(f"No {role} mask for {len(unmasked)} of {len(healthy)} volumes ({shown}): {mask_needed}")
         return cases
 
     def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None) -> WorkerJob:
@@ -275,6 +292,10 @@ class SynomalyLogic:
                     image = f"case-{index:03d}.nrrd"
                     volume_io.write_volume(folder / image, case.array, case.geometry)
                     healthy.append({"name": case.name, "image": image})
+                    if case.mask is not None:
+                        healthy[-1]["mask"] = f"case-{index:03d}-mask.nrrd"
+                        volume_io.write_volume(folder / healthy[-1]["mask"], case.mask.astype(np.uint8),
+                                               case.geometry)
                 else:
                     healthy.append(str(case))
             try:

@@ -223,6 +223,32 @@ def _sh_item(sh, node) -> int:
     return sh.GetItemByDataNode(node) or sh.CreateItem(sh.GetSceneItemID(), node)
 
 
+def training_mask_node(volume_node, role: str):
+    """The segmentation made on ``volume_node`` that shows ``role`` (e.g. the liver): one whose source
+    volume (reference geometry) is this volume, with a segment of that name or a single segment; never
+    a detection's output. None when there is none; an InputError when several could be it."""
+    scene = volume_node.GetScene()
+    geometry_role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    named, single = [], []
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for node in (nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())):
+        if node.GetNodeReference(geometry_role) is not volume_node or node.GetAttribute(INPUT_ATTRIBUTE):
+            continue
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName().strip().lower()
+                 for i in range(segmentation.GetNumberOfSegments())]
+        if role.lower() in names:
+            named.append(node)
+        elif len(names) == 1:
+            single.append(node)
+    found = named or single
+    if len(found) > 1:
+        raise errors().InputError(f"Several segmentations made on '{volume_node.GetName()}' could be its {role} mask "
+                                  f"({', '.join(n.GetName() for n in found)}); keep one, or name the {role} segment "
+                                  f"'{role}' in the one to use.")
+    return found[0] if found else None
+
+
 def place_beside(node, reference) -> None:
     """Put ``node`` under the same subject-hierarchy parent (patient, study or folder) as ``reference``."""
     sh = subject_hierarchy(node.GetScene())

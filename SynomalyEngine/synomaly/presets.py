@@ -56,7 +56,7 @@ def missing_mask_message(preset_name: str, where: str = "detect") -> Optional[st
     """What to say when a preset that needs an organ mask gets none; None when a mask is optional.
 
     ``where``: "detect" (the command line and the Python API), "train" (every training case needs one),
-    "slicer" (the module's panel)."""
+    "slicer" (the module's panel), "slicer-train" (training from volumes loaded in Slicer)."""
     preset = PRESETS.get(preset_name)
     if preset is not None and preset.disc_margin_px > 0:
         return _missing_lumen_message(preset, where)
@@ -70,6 +70,11 @@ def missing_mask_message(preset_name: str, where: str = "detect") -> Optional[st
                 f"the {organ} only. Pair every training image with its {organ} mask: in a CSV list with the columns image,mask, "
                 f"or by a file name holding 'mask' (pat1_ct_{organ}mask.nii.gz beside pat1_ct.nii.gz); masks come "
                 f"e.g. from {preset.mask_source}.")
+    if where == "slicer-train":
+        return (f"the {preset.name} preset needs a {organ} mask for every training volume: its training blobs are placed "
+                f"inside the {organ} only. Segment the {organ} on each volume (e.g. with {preset.mask_source_slicer}): "
+                f"a segmentation made on the volume, with a '{organ}' segment or a single one, is taken as its mask. "
+                "Or train from a folder or CSV list that pairs every image with its mask.")
     if where == "slicer":
         return (f"The {preset.name} model needs a {organ} mask: pick a segmentation with a '{organ}' segment, or a "
                 f"{organ} label map, as the Mask (e.g. from {preset.mask_source_slicer}). Its training blobs were "
@@ -85,9 +90,23 @@ def _missing_lumen_message(preset: Preset, where: str) -> str:
     if where == "train":
         return (f"the {preset.name} preset needs the vessel's lumen mask for every image: the training blobs are "
                 "placed in a disc around it. Give a CSV list with the columns image,mask[,group].")
+    if where == "slicer-train":
+        return (f"the {preset.name} preset needs the vessel's lumen mask for every training image: its training "
+                "blobs are placed in a disc around it. Segment the lumen on each image: a segmentation made on the "
+                "image, with a 'lumen' segment or a single one, is taken as its mask. Or train from a CSV list with "
+                "the columns image,mask[,group].")
     if where == "slicer":
         return f"The {why[4:]}: pick the lumen's segmentation or label map as the Mask."
     return f"{why}; give it with --mask (a lumen label image on the image's grid)."
+
+
+def mask_role(preset_name: str) -> str:
+    """What a preset's required mask shows ("liver", "lumen"), the name a segment of it is expected to
+    have; "" when the preset needs no mask."""
+    preset = PRESETS.get(preset_name)
+    if preset is None:
+        return ""
+    return "lumen" if preset.disc_margin_px > 0 else preset.organ
 
 
 def get_preset(name: str) -> Preset:

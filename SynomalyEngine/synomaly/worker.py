@@ -8,8 +8,8 @@ Request (JSON)::
 
     {"kind": "detection", "input": "input.nrrd", "mask": "mask.nrrd" or null, "model": NAME_OR_PATH,
      "settings": {DetectionSettings fields}, "parent_pid": PID or null}
-    {"kind": "training", "healthy": [PATH or {"name": NAME, "image": PATH}, ...], "output": MODEL_PATH,
-     "settings": {TrainingSettings fields}, "resume": false, "parent_pid": PID or null}
+    {"kind": "training", "healthy": [PATH or {"name": NAME, "image": PATH, "mask": PATH or absent}, ...],
+     "output": MODEL_PATH, "settings": {TrainingSettings fields}, "resume": false, "parent_pid": PID or null}
 
 While it runs, the worker appends one JSON line per progress call to ``progress.jsonl``:
 ``{"progress": [the engine's progress arguments]}``. It stops when the file ``cancel`` appears in the
@@ -129,7 +129,8 @@ def run_training(request: dict, folder: Path, progress: Callable, cancel: Callab
     for item in request["healthy"]:
         if isinstance(item, dict):
             image, geometry = read_volume(folder / item["image"])
-            healthy.append(TrainingCase(item["name"], image, geometry))
+            mask = read_volume(folder / item["mask"])[0] > 0 if item.get("mask") else None
+            healthy.append(TrainingCase(item["name"], image, geometry, mask))
         else:
             healthy.append(Path(item))
     model = train(healthy, Path(request["output"]), settings, progress=progress, cancel=cancel,
