@@ -2,10 +2,9 @@
 
     python SynomalyEngine/scripts/train_liver_model.py runs/liver-ct.safetensors --steps 1000 [--resume]
 
-The same as ``synomaly train runs/liver-train.csv --preset liver-ct --res-blocks 1 -o runs/liver-ct.safetensors``
-with the CSV this script writes, except for ``min_slice_foreground`` (1 % of the slice instead of 5 %: the
-liver is small in a whole-abdomen slice), which the command line does not set. Checkpoints every 50 steps
-in runs/liver-ct.run/.
+The same as ``synomaly train runs/liver-train.csv --preset liver-ct --res-blocks 1 --min-slice-foreground 0.01
+-o runs/liver-ct.safetensors`` with the CSV this script writes (1 % of the slice instead of the default 5 %: the
+liver is small in a whole-abdomen slice). Checkpoints every 50 steps in runs/liver-ct.run/.
 """
 import argparse
 import time
