@@ -30,6 +30,9 @@ CANDIDATES = {
     "mask-small": {"lesion_slices": "mask"},
     "mask-deep": {"lesion_slices": "mask", "num_res_blocks": 2},
     "mask-wide": {"lesion_slices": "mask", "base_channels": 64},
+    # Tumour-free slices only (the masked tumour slices lost clearly), deeper or wider than the default.
+    "skip-deep": {"lesion_slices": "skip", "num_res_blocks": 2},
+    "skip-wide": {"lesion_slices": "skip", "base_channels": 64},
 }
 INFERENCE = {
     "default": {},
