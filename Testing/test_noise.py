@@ -104,3 +104,18 @@ def test_blur_by_matrices_equals_the_padded_convolution(shape, sigma):
     y = F.conv2d(F.pad(y, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1)).reshape(shape)
     assert torch.allclose(gaussian_blur2d(x, sigma), y, atol=1e-6)
+
+
+def test_neighbouring_slices_share_their_blobs_but_not_their_gaussian_noise():
+    """2.5D training: the synthetic lesion spans the slice and its neighbours, as a real one does."""
+    shape = (6, 3, 48, 48)
+    noise = synomaly_noise(shape, threshold=150.0, generator=torch.Generator().manual_seed(3))
+    gaussian = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    offsets = noise - gaussian
+    assert (offsets.abs() > 0.1).any()
+    assert torch.allclose(offsets[:, 0], offsets[:, 1], atol=1e-6)
+    assert torch.allclose(offsets[:, 2], offsets[:, 1], atol=1e-6)
+    assert not torch.allclose(gaussian[:, 0], gaussian[:, 1])
+    one = synomaly_noise((6, 1, 48, 48), threshold=150.0, generator=torch.Generator().manual_seed(3))
+    single = torch.randn((6, 1, 48, 48), generator=torch.Generator().manual_seed(3))
+    assert (one - single).abs().max() > 0.1  # one channel: blobs from that channel, as before

@@ -227,3 +227,22 @@ def test_background_level_shortcut_equals_the_partition(kind):
     sample = x.ravel()[:: max(1, x.size // 1_000_000)]
     k = int(0.01 * (sample.size - 1))
     assert background_level(x) == float(np.partition(sample, k)[k])
+
+
+def test_context_slices_stack_each_slice_between_its_neighbours_repeating_the_ends():
+    import torch
+
+    volume = np.zeros((6, 40, 40), np.float32)
+    volume[:, 8:32, 8:32] = np.arange(1, 7, dtype=np.float32).reshape(6, 1, 1) * 10  # slice z holds 10 (z + 1)
+    volume += np.random.default_rng(0).random(volume.shape).astype(np.float32)  # an image, not a label map
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    plain = prepare_volume(volume, geometry, PreprocessConfig(image_size=16, min_foreground_fraction=0.0))
+    context = prepare_volume(volume, geometry, PreprocessConfig(image_size=16, min_foreground_fraction=0.0,
+                                                                context_slices=1))
+    images, masks = context.network_slices([0, 3, 5])
+    alone, alone_masks = plain.network_slices([0, 3, 5])
+    assert images.shape == (3, 3, 16, 16) and masks.shape == (3, 1, 16, 16)
+    assert torch.equal(images[:, 1:2], alone) and torch.equal(masks, alone_masks)
+    assert torch.equal(images[:, 0], plain.network_slices([0, 2, 4])[0][:, 0])  # z - 1, the first slice repeated
+    assert torch.equal(images[:, 2], plain.network_slices([1, 4, 5])[0][:, 0])  # z + 1, the last slice repeated
+    assert len({float(v) for v in images[1, :, 8, 8]}) == 3

@@ -281,6 +281,8 @@ def test_bad_csv_lists_are_refused(tmp_path, text, words):
     ({"lesion_slices": "use"}, ["lesion_slices", "use"]),
     ({"lesion_margin_mm": -1.0}, ["lesion margin"]),
     ({"precision": "fp16"}, ["precision", "fp16"]),
+    ({"context_slices": -1}, ["context slices"]),
+    ({"context_slices": 1, "preset": "carotid-us"}, ["context slices need volumes", "carotid-us"]),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, healthy_dir, change, words):
     settings = TrainingSettings(**{**TINY, "steps": 3, **change})
@@ -460,3 +462,39 @@ def test_healthy_volume_scores_take_every_unlabelled_foreground_voxel():
     assert ours.size == base.size == int(healthy.sum())
     np.testing.assert_allclose(np.sort(ours), np.sort(result.anomaly_map[healthy]), rtol=1e-6)
     np.testing.assert_allclose(np.sort(base), np.sort(baseline_for(prepared)[healthy]), rtol=1e-6)
+
+
+def test_a_2_5d_model_sees_the_neighbouring_slices_and_detects_with_them(healthy_dir, tmp_path):
+    """context_slices=1: three input channels (the slice between its neighbours), recorded in the model
+    file, and detection hands each slice its neighbours: changing only the next slice changes the
+    network's estimate of this one, which a 2D model would not notice."""
+    out = tmp_path / "ctx.safetensors"
+    train([healthy_dir], out, TrainingSettings(steps=3, context_slices=1, **TINY))
+    model = load_model(str(out))
+    assert model.network.config.in_channels == 3 and model.metadata["preprocessing"]["context_slices"] == 1
+    assert model.metadata["training"]["settings"]["context_slices"] == 1
+
+    from synomaly.multistage import StageSettings, run_stages
+    from synomaly.preprocessing import PreprocessConfig, prepare_volume
+
+    phantom = make_phantom(shape=(16, 64, 64), seed=7, lesion=False)
+    prepared = prepare_volume(phantom.volume, phantom.geometry,
+                              PreprocessConfig.from_dict(model.metadata["preprocessing"]))
+    z = prepared.slices[len(prepared.slices) // 2]
+    images, masks = prepared.network_slices([z])
+    assert images.shape[1] == 3 and masks.shape[1] == 1
+    changed = images.clone()
+    changed[:, 2] = -changed[:, 2]
+    settings = StageSettings(noise_level=200, max_stages=1)
+    estimates = [run_stages(model.network.eval(), schedule_of(model), x, masks, settings,
+                            generator=torch.Generator().manual_seed(0)).counterfactual for x in (images, changed)]
+    assert estimates[0].shape == (1, 1, 32, 32)
+    assert not torch.allclose(estimates[0], estimates[1])
+    result = detect(phantom.volume, phantom.geometry, model, settings=DetectionSettings(device="cpu", stages=2, ensemble=2))
+    assert result.anomaly_map.shape == phantom.volume.shape and np.isfinite(result.anomaly_map).all()
+
+
+def schedule_of(model):
+    from synomaly.schedule import DiffusionSchedule
+
+    return DiffusionSchedule(**model.metadata["schedule"])

@@ -33,6 +33,7 @@ CANDIDATES = {
     # Tumour-free slices only (the masked tumour slices lost clearly), deeper or wider than the default.
     "skip-deep": {"lesion_slices": "skip", "num_res_blocks": 2},
     "skip-wide": {"lesion_slices": "skip", "base_channels": 64},
+    "skip-25d": {"lesion_slices": "skip", "context_slices": 1},  # 2.5D: each slice with one neighbour each side
 }
 INFERENCE = {
     "default": {},

@@ -290,7 +290,7 @@ def cmd_train(args) -> int:
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr, lesion_slices=args.lesion_slices,
                                 lesion_margin_mm=args.lesion_margin_mm, precision=args.precision,
-                                min_slice_foreground=args.min_slice_foreground)
+                                min_slice_foreground=args.min_slice_foreground, context_slices=args.context_slices)
     team = Team.from_environment()
     if args.nproc is not None:
         if team.distributed:
@@ -587,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-channels", type=int, default=32,
                    help="network width: 8, 16 or a multiple of 32 (default: 32)")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level (default: 1)")
+    p.add_argument("--context-slices", type=int, default=0,
+                   help="2.5D: neighbouring slices each side the network also sees, as channels (default: 0, 2D)")
     p.add_argument("--checkpoint-every", type=int, default=100,
                    help="steps between checkpoints (default: 100); Ctrl-C also saves one")
     p.add_argument("--target-fpr", type=float, default=0.01,

@@ -198,7 +198,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     needs ``mask``. Raises InputError, DeviceError, Cancelled."""
     import torch
 
-    from .multistage import MonotoneProgress, StageSettings, run_single_stage, run_stages
+    from .multistage import MonotoneProgress, StageSettings, middle, run_single_stage, run_stages
     from .postprocessing import blur_map, inner_region, scale_by_volume, segment
     from .preprocessing import PreprocessConfig, prepare_volume
     from .presets import missing_mask_message
@@ -265,7 +265,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
                 stages_per_slice = [len(params["single_noise_levels"])] * images.shape[0]
         # The difference is taken at the network's resolution and then upsampled: comparing the
         # full-resolution input with an upsampled prediction would flag every detail lost by resizing.
-        residual = (images - counterfactual.float()) * masks
+        residual = (middle(images) - counterfactual.float()) * masks
         del images, masks, counterfactual
         n = len(indices)
         # Back to the volume's grid a few slices at a time, so that the full-size temporaries stay small.

@@ -65,13 +65,20 @@ def difference_map(x0: torch.Tensor, pred: torch.Tensor, foreground: torch.Tenso
     return diff * keep.to(diff.device)
 
 
+def middle(x: torch.Tensor) -> torch.Tensor:
+    """The slice itself of a (N, 1 + 2k, S, S) stack of it and its neighbours (2.5D input), as (N, 1, S, S)."""
+    mid = x.shape[1] // 2
+    return x[:, mid:mid + 1]
+
+
 @torch.no_grad()
 def one_step_counterfactual(network, schedule, x: torch.Tensor, t: int, generator=None) -> torch.Tensor:
+    """Noise every channel of ``x`` to level ``t`` and estimate the clean middle slice: (N, 1, S, S)."""
     noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu").to(x.device)
     timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     x_t = schedule.q_sample(x, timesteps, noise)
     eps = network(x_t, timesteps)
-    return schedule.predict_x0(x_t, timesteps, eps.float())
+    return schedule.predict_x0(middle(x_t), timesteps, eps.float())
 
 
 @dataclass
@@ -86,13 +93,17 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
                cancel: Optional[Callable[[], bool]] = None) -> StageResult:
     """Run the stages over all slices; a slice leaves the active set once its map stops changing.
 
+    ``x0``: (N, 1 + 2k, S, S), each slice with its neighbours (2.5D); the counterfactual and the fusion
+    are the middle slice's, and later stages see the neighbours as they were given.
     Slices stay on ``x0``'s device between stages (no host round trip). ``progress(done, total, msg)``
     counts network slice-evaluations: ``done`` so far, ``total`` the estimate of all that will be
     needed (see ``estimated_evaluations``), which shrinks as slices converge.
     """
     n = x0.shape[0]
     cache = x0.clone()
-    pred = x0.clone()
+    given = middle(x0)
+    pred = given.clone()
+    mid = x0.shape[1] // 2
     prev_count = torch.zeros(n, device=x0.device)
     active = torch.ones(n, dtype=torch.bool, device=x0.device)
     stages = [0] * n
@@ -108,10 +119,10 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
             b = idx[start:start + batch_size]
             p = one_step_counterfactual(network, schedule, cache[b], settings.noise_level, generator)
             pred[b] = p
-            m = difference_map(x0[b], p, foreground[b], settings)
+            m = difference_map(given[b], p, foreground[b], settings)
             weights = m if settings.soft_fusion else (m > 0).float()
             weights = weights.clamp(0, 1)
-            cache[b] = p * weights + x0[b] * (1 - weights)
+            cache[b, mid:mid + 1] = p * weights + given[b] * (1 - weights)
             count = (m > 0).flatten(1).sum(1).float()
             change = (prev_count[b] - count).abs() / prev_count[b].clamp_min(500)
             prev_count[b] = count
@@ -157,18 +168,20 @@ class MonotoneProgress:
 def run_single_stage(network, schedule, x0, noise_levels, batch_size=16, generator=None,
                      progress: Optional[Callable[[int, int, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-    """Comparison mode: one noise level, or a fixed list applied in sequence, without fusion."""
+    """Comparison mode: one noise level, or a fixed list applied in sequence, without fusion; returns
+    the middle slices' counterfactuals (N, 1, S, S)."""
     out = x0.clone()
+    mid = x0.shape[1] // 2
     n = x0.shape[0]
     total, done = n * len(noise_levels), 0
     for level, t in enumerate(noise_levels, start=1):
         for start in range(0, n, batch_size):
             if cancel is not None and cancel():
                 raise Cancelled("detection cancelled")
-            out[start:start + batch_size] = one_step_counterfactual(
+            out[start:start + batch_size, mid:mid + 1] = one_step_counterfactual(
                 network, schedule, out[start:start + batch_size], int(t), generator)
             done += out[start:start + batch_size].shape[0]
             if progress is not None:
                 progress(done, total, f"noise level {level}/{len(noise_levels)}: {min(start + batch_size, n)}/{n} "
                                       "slices")
-    return out
+    return middle(out)

@@ -79,11 +79,13 @@ def synomaly_noise(shape, sigma: float = 3.0, threshold: float = 175.0, offset: 
                    generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
     """Gaussian noise plus blob offsets ``direction * (u + offset)`` inside the blobs (SPEC, Synomaly noise).
 
-    ``organ_mask`` (B, 1 or C, H, W), when given, confines the blobs to the anatomy.
+    ``organ_mask`` (B, 1 or C, H, W), when given, confines the blobs to the anatomy. With several channels
+    (a slice and its neighbours, 2.5D) the blobs are the middle channel's in every channel: a synthetic
+    lesion spans the neighbouring slices as a real one does, while the Gaussian part differs per channel.
     """
-    b = shape[0]
+    b, mid = shape[0], shape[1] // 2
     g = torch.randn(shape, generator=generator).to(device)
-    mask = blob_mask(g, sigma, threshold)
+    mask = blob_mask(g[:, mid:mid + 1], sigma, threshold)
     if organ_mask is not None:
         mask = mask & (organ_mask.to(device) > 0)
     u = torch.rand(b, generator=generator).to(device)

@@ -28,6 +28,8 @@ class PreprocessConfig:
     # > 0 (carotid): the mask is a lumen and the foreground the disc around it (``vessel_disc``).
     disc_margin_px: float = 0.0
     disc_margin_mm: float = 0.0
+    # 2.5D: this many neighbouring slices each side go to the network as extra channels (edges repeated).
+    context_slices: int = 0
 
     @property
     def lumen_mask(self) -> bool:
@@ -293,11 +295,18 @@ class PreparedVolume:
     frame: SliceFrame
     spacing_zyx: Tuple[float, float, float]
     slices: List[int]        # axial indices with enough foreground to process
+    context_slices: int = 0  # neighbours each side stacked as channels (2.5D); 0: the slice alone
 
     def network_slices(self, indices=None):
-        """(N, 1, S, S) images and foreground masks for the given axial indices (default: all processed)."""
+        """(N, 1 + 2k, S, S) images (slices z - k ... z + k, the volume's end slices repeated beyond it) and
+        (N, 1, S, S) foreground masks of the slices themselves, for the given axial indices (default: all
+        processed)."""
+        import torch
+
         idx = self.slices if indices is None else list(indices)
-        images = self.frame.to_network(self.normalised[idx], fill=-1.0)
+        k, last = self.context_slices, self.normalised.shape[0] - 1
+        images = torch.cat([self.frame.to_network(self.normalised[[min(max(z + d, 0), last) for z in idx]], fill=-1.0)
+                            for d in range(-k, k + 1)], dim=1)
         masks = self.frame.to_network(self.foreground[idx].astype(np.float32), fill=0.0, mode="nearest") > 0.5
         return images, masks
 
@@ -335,4 +344,4 @@ def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConf
     crop_area = (frame.y1 - frame.y0) * (frame.x1 - frame.x0)
     fractions = fg[:, frame.y0:frame.y1, frame.x0:frame.x1].sum(axis=(1, 2)) / crop_area
     slices = [int(z) for z in np.where(fractions >= config.min_foreground_fraction)[0]]
-    return PreparedVolume(normalised, fg, orientation, intensity, frame, spacing, slices)
+    return PreparedVolume(normalised, fg, orientation, intensity, frame, spacing, slices, config.context_slices)

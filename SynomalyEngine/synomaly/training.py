@@ -67,6 +67,8 @@ class TrainingSettings:
     name: str = ""
     description: str = ""
     inference: Dict = field(default_factory=dict)
+    # 2.5D: the network also sees this many neighbouring slices each side, as channels (0: 2D).
+    context_slices: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -77,7 +79,7 @@ class TrainingSettings:
     def network_config(self):
         from .network import UNetConfig
 
-        return UNetConfig(in_channels=1, out_channels=1, base_channels=self.base_channels,
+        return UNetConfig(in_channels=1 + 2 * self.context_slices, out_channels=1, base_channels=self.base_channels,
                           channel_mult=tuple(self.channel_mult), num_res_blocks=self.num_res_blocks,
                           attention_resolutions=tuple(self.attention_resolutions), image_size=self.image_size)
 
@@ -96,8 +98,11 @@ class TrainingSettings:
             _check_choice(getattr(self, key), key, allowed)
         for key, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("preview_every", 1),
                              ("num_steps", 2), ("max_timestep", 1), ("num_res_blocks", 1), ("base_channels", 1),
-                             ("image_size", 1), ("seed", 0)):
+                             ("image_size", 1), ("seed", 0), ("context_slices", 0)):
             _check_whole(getattr(self, key), _LABELS.get(key, key.replace("_", " ")), minimum)
+        if self.context_slices > 0 and PRESETS[self.preset].two_d:
+            raise InputError(f"context slices need volumes: the {self.preset} preset works on 2D images, which have "
+                             "no neighbouring slices; leave context slices at 0.")
         if self.max_timestep > self.num_steps:
             raise InputError(f"max timestep {self.max_timestep} exceeds the schedule's {self.num_steps} steps.")
         if self.seed >= 2 ** 63:
@@ -123,7 +128,8 @@ class TrainingSettings:
 
 
 _LABELS = {"lr": "learning rate", "checkpoint_every": "checkpoint interval", "preview_every": "preview interval",
-           "num_steps": "number of diffusion steps", "num_res_blocks": "residual blocks per level"}
+           "num_steps": "number of diffusion steps", "num_res_blocks": "residual blocks per level",
+           "context_slices": "context slices"}
 
 
 def _check_choice(value, name: str, allowed: Sequence[str]) -> None:
@@ -479,6 +485,7 @@ def _write_preview(path: Path, network, schedule, images, device) -> None:
     import torch
     from PIL import Image
 
+    from .multistage import middle
     from .volume_io import atomic_write_bytes
 
     with torch.no_grad():
@@ -486,7 +493,8 @@ def _write_preview(path: Path, network, schedule, images, device) -> None:
         t = torch.full((x.shape[0],), 200, device=device, dtype=torch.long)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)
         x_t = schedule.q_sample(x, t, noise)
-        pred = schedule.predict_x0(x_t, t, network(x_t, t).float())
+        pred = schedule.predict_x0(middle(x_t), t, network(x_t, t).float())
+        x, x_t = middle(x), middle(x_t)
     rows = [torch.cat([a, b.clamp(-1, 1), c], dim=-1) for a, b, c in zip(x[:, 0], x_t[:, 0], pred[:, 0])]
     grid = ((torch.cat(rows, dim=-2).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -611,6 +619,7 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         from .network import UNet, count_parameters
         from .noise import make_noise
         from .presets import get_preset, missing_mask_message
+        from .multistage import middle
         from .preprocessing import PreprocessConfig
         from .schedule import DiffusionSchedule
 
@@ -647,7 +656,8 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
             raise InputError(f"{len(unmasked)} of {len(cases)} training cases have no mask "
                              f"({', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''}): {mask_needed}")
         preprocess = PreprocessConfig(intensity=preset.intensity, window=preset.window, image_size=settings.image_size,
-                                      disc_margin_px=preset.disc_margin_px, disc_margin_mm=preset.disc_margin_mm)
+                                      disc_margin_px=preset.disc_margin_px, disc_margin_mm=preset.disc_margin_mm,
+                                      context_slices=settings.context_slices)
         report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
         data = extract_slices(cases, settings, preprocess)
     with team.together():
@@ -702,14 +712,15 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             eps = module(x_t, t)
         eps = eps.float()
-        error = (eps - noise).abs() if settings.loss == "l1" else (eps - noise) ** 2
+        target = middle(noise)  # with neighbouring slices as channels, the network answers for the middle one
+        error = (eps - target).abs() if settings.loss == "l1" else (eps - target) ** 2
         if keep is None:
             loss = error.mean()
         else:  # grown lesions count for nothing: the network is never taught what a lesion's noise looks like
             weights = keep[share].to(device, dtype=error.dtype)
             loss = (error * weights).sum() / weights.sum().clamp(min=1.0)
         if settings.loss == "hybrid":
-            loss = loss + schedule.vlb_term(x, x_t, t, eps).mean() * 1e-3
+            loss = loss + schedule.vlb_term(middle(x), middle(x_t), t, eps).mean() * 1e-3
         optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()  # gradients averaged over processes: those of the whole batch's mean loss
         torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
