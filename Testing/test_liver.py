@@ -264,17 +264,6 @@ def mrml():
     return scene_helpers
 
 
-def segmentation_node(mrml, volume_node, segments):
-    """A segmentation with one segment per (name, boolean array on the volume's grid)."""
-    slicer = mrml.slicer
-    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    for name, array in segments:
-        segment_id = node.GetSegmentation().AddEmptySegment(name, name)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(array.astype(np.uint8), node, segment_id, volume_node)
-    return node
-
-
 def test_slicer_logic_asks_a_liver_model_for_a_mask_in_the_panels_words(mrml, ct_case, liver_model, tmp_path):
     from SynomalyDetectionLib import Parameters, SynomalyLogic
 
@@ -303,15 +292,15 @@ def test_slicer_logic_asks_a_liver_model_for_a_mask_in_the_panels_words(mrml, ct
 
     spleen = np.zeros_like(liver)
     spleen[:, 5:15, 40:55] = True
-    body = segmentation_node(mrml, node, [("spleen", spleen), ("Liver", liver)])
+    body = mrml.add_segmentation(node, [("spleen", spleen), ("Liver", liver)])
     assert logic.detection_blocker(Parameters(input_volume=node, model=liver_id, mask=body)) == ""
     request = logic.prepare_detection(node, body, liver_id)
     assert np.array_equal(request.mask, liver), "of a whole-body segmentation, the liver segment alone"
     assert np.array_equal(logic.prepare_detection(node, body, brain_id).mask, liver | spleen)
-    unnamed = segmentation_node(mrml, node, [("Segment_1", liver), ("Segment_2", spleen)])
+    unnamed = mrml.add_segmentation(node, [("Segment_1", liver), ("Segment_2", spleen)])
     with pytest.raises(InputError, match="none is named 'liver'"):
         logic.prepare_detection(node, unnamed, liver_id)
-    single = segmentation_node(mrml, node, [("Segment_1", liver)])
+    single = mrml.add_segmentation(node, [("Segment_1", liver)])
     assert np.array_equal(logic.prepare_detection(node, single, liver_id).mask, liver)
 
 
@@ -324,7 +313,7 @@ def test_slicer_logic_detects_inside_the_liver_segment_on_the_input_grid(mrml, c
     before = slicer.util.arrayFromVolume(node).copy()
     spleen = np.zeros_like(liver)
     spleen[:, 5:15, 40:55] = True
-    body = segmentation_node(mrml, node, [("liver", liver), ("spleen", spleen)])
+    body = mrml.add_segmentation(node, [("liver", liver), ("spleen", spleen)])
     outputs = SynomalyLogic(user_models_dir=tmp_path).detect(node, body, model=str(liver_model), device="cpu")
     assert np.array_equal(slicer.util.arrayFromVolume(node), before)
     for output in (outputs.counterfactual, outputs.anomaly_map):

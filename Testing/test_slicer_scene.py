@@ -72,6 +72,17 @@ def add_volume(array, matrix=None, name="case", class_name="vtkMRMLScalarVolumeN
     return node
 
 
+def add_segmentation(volume_node, segments, name="segmentation"):
+    """A segmentation made on ``volume_node`` (its source volume), one segment per (name, boolean array on
+    the volume's grid)."""
+    node = volume_node.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    for segment, array in segments:
+        segment_id = node.GetSegmentation().AddEmptySegment(segment, segment)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(array.astype(np.uint8), node, segment_id, volume_node)
+    return node
+
+
 @pytest.fixture
 def scene():
     return new_scene()

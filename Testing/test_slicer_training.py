@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from test_slicer_detection import jobs_dir  # noqa: F401 (autouse: job folders in tmp_path)
-from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, slicer  # noqa: F401
+from test_slicer_scene import add_segmentation, add_volume, new_scene, node_ids, oblique_matrix, slicer  # noqa: F401
 
 from SynomalyDetectionLib import MrmlBridge, Parameters, SynomalyLogic
 from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
@@ -167,16 +167,6 @@ def test_real_engine_trains_from_volume_nodes_and_the_model_detects(scene, tmp_p
 
 # --- presets that need a mask: each loaded volume's from the segmentation made on it ---------------
 
-def segmentation_on(volume, segments, name):
-    """A segmentation made on ``volume`` (its source volume), one segment per (name, boolean array)."""
-    node = volume.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    for segment, array in segments:
-        segment_id = node.GetSegmentation().AddEmptySegment(segment, segment)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(array.astype(np.uint8), node, segment_id, volume)
-    return node
-
-
 def box(shape, z, y, x):
     mask = np.zeros(shape, bool)
     mask[z, y, x] = True
@@ -186,7 +176,7 @@ def box(shape, z, y, x):
 def test_a_liver_model_from_loaded_volumes_without_masks_is_refused_naming_them(scene, tmp_path, jobs_dir):
     nodes = healthy_nodes(3)
     shape = slicer.util.arrayFromVolume(nodes[0]).shape
-    segmentation_on(nodes[1], [("liver", box(shape, slice(2, 8), slice(10, 30), slice(10, 30)))], "CT 1 segments")
+    add_segmentation(nodes[1], [("liver", box(shape, slice(2, 8), slice(10, 30), slice(10, 30)))], "CT 1 segments")
     logic = SynomalyLogic(user_models_dir=tmp_path / "models")
     with pytest.raises(InputError) as error:
         logic.train(nodes, "liver-site", preset="liver-ct", steps=2, device="cpu")
@@ -201,15 +191,15 @@ def test_each_volume_takes_the_liver_segment_made_on_it_and_never_a_detection_ou
     shape = slicer.util.arrayFromVolume(nodes[0]).shape
     liver = [box(shape, slice(2, 8), slice(10, 30 + i), slice(12, 34)) for i in range(3)]
     # A whole-body segmentation (the liver among other organs), a single unnamed segment, a label map pair.
-    segmentation_on(nodes[0], [("spleen", box(shape, slice(0, 4), slice(0, 8), slice(0, 8))), ("Liver", liver[0])],
+    add_segmentation(nodes[0], [("spleen", box(shape, slice(0, 4), slice(0, 8), slice(0, 8))), ("Liver", liver[0])],
                     "CT 0 total")
-    segmentation_on(nodes[1], [("Segment_1", liver[1])], "CT 1 drawn")
+    add_segmentation(nodes[1], [("Segment_1", liver[1])], "CT 1 drawn")
     label = add_volume(liver[2].astype(np.uint8), MrmlBridge.ijk_to_ras(nodes[2]), name="CT 2 liver",
                        class_name="vtkMRMLLabelMapVolumeNode")
     # What detection made on a volume (its anomalies) is never taken as a mask, even with one segment.
-    output = segmentation_on(nodes[1], [("Anomaly", liver[0])], "CT 1 anomalies")
+    output = add_segmentation(nodes[1], [("Anomaly", liver[0])], "CT 1 anomalies")
     output.SetAttribute(MrmlBridge.INPUT_ATTRIBUTE, nodes[1].GetID())
-    segmentation_on(nodes[2], [("Anomaly", liver[0])], "CT 2 anomalies").SetAttribute(
+    add_segmentation(nodes[2], [("Anomaly", liver[0])], "CT 2 anomalies").SetAttribute(
         MrmlBridge.INPUT_ATTRIBUTE, nodes[2].GetID())
 
     logic = SynomalyLogic(user_models_dir=tmp_path / "models")
@@ -218,7 +208,7 @@ def test_each_volume_takes_the_liver_segment_made_on_it_and_never_a_detection_ou
         assert np.array_equal(case.mask, expected), case.name
 
     # Two segmentations that could both be a volume's mask: which one is not guessed.
-    segmentation_on(nodes[1], [("Segment_1", liver[0])], "CT 1 drawn again")
+    add_segmentation(nodes[1], [("Segment_1", liver[0])], "CT 1 drawn again")
     with pytest.raises(InputError, match="Several segmentations made on 'healthy-1'.*CT 1 drawn, CT 1 drawn again"):
         logic.prepare_training(nodes[:2], "liver-site", preset="liver-ct")
 
@@ -229,7 +219,7 @@ def test_a_liver_model_trains_from_loaded_volumes_with_their_masks(scene, tmp_pa
     nodes = healthy_nodes(3)
     shape = slicer.util.arrayFromVolume(nodes[0]).shape
     for index, node in enumerate(nodes):
-        segmentation_on(node, [("liver", box(shape, slice(1, 9), slice(8, 40), slice(8, 40)))], f"CT {index}")
+        add_segmentation(node, [("liver", box(shape, slice(1, 9), slice(8, 40), slice(8, 40)))], f"CT {index}")
     logic = SynomalyLogic(user_models_dir=tmp_path / "models")
     entry = logic.train(nodes, "tiny-liver", preset="liver-ct", steps=2, device="cpu", **TINY)
     assert entry.preset == "liver-ct" and Path(entry.identifier).is_file()
