@@ -5,7 +5,7 @@
 #   bash SynomalyEngine/scripts/brain_flair_gpu.sh OUT_DIR [PACK] [TRAIN_SECONDS] [SELECT_SECONDS] [STEPS]
 #
 # PACK: pack_brain_cases.py's file, for a machine without ../shared/data. A candidate stops at the last
-# milestone (STEPS, default "2000 6000") that fits in TRAIN_SECONDS; selection stops after SELECT_SECONDS
+# milestone (STEPS, default "1000 3000 6000") that fits in TRAIN_SECONDS; selection stops after SELECT_SECONDS
 # with what it measured so far (selection-*.json). JOBS ("candidate part" pairs) and INFERENCE (names of
 # brain_flair_candidates.INFERENCE) choose what runs; the defaults are the tumour-free candidates on the
 # fitting patients, the default one also on all 28 (the final model, should it win), measured as the
@@ -16,7 +16,7 @@ out=$1
 pack=${2:-}
 train_s=${3:-7200}
 select_s=${4:-3600}
-steps=${5:-2000 6000}
+steps=${5:-1000 3000 6000}
 jobs=${JOBS:-skip-small fit,skip-small all,skip-deep fit,skip-wide fit}
 inference=${INFERENCE:-one-stage-volume-scale}
 here=$(cd "$(dirname "$0")" && pwd)
