@@ -143,3 +143,23 @@ def test_report_of_a_2d_image_gives_areas():
     assert "Anomalous area: 250 pixels in 2 component(s)" in text and "#2: 50 pixels" in text
     report.update(pixel_spacing_known=True, anomalous_area_mm2=2.5)
     assert "Anomalous area: 2.5 mm^2" in format_report(report) and "#1: 2.0 mm^2" in format_report(report)
+
+
+def test_carotid_training_from_loaded_images_takes_each_ones_lumen_segment(scene, tmp_path, jobs_dir):
+    from test_slicer_scene import add_segmentation
+
+    first, _, _ = colour_png_node(tmp_path, "us1")
+    second, _, _ = colour_png_node(tmp_path, "us2")
+    _, lumen = grey_stored_as_rgb()
+    wall = np.zeros_like(lumen)
+    wall[30:40, 10:20] = True
+    add_segmentation(first, [("wall", wall[None]), ("Lumen", lumen[None])], "us1 segments")
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    with pytest.raises(InputError, match=r"No lumen mask for 1 of 2 volumes \('us2'\).*Segment the lumen"):
+        logic.prepare_training([first, second], "site-us", preset="carotid-us")
+    add_segmentation(second, [("Segment_1", lumen[None])], "us2 lumen")
+    cases = logic.prepare_training([first, second], "site-us", preset="carotid-us").healthy
+    assert [c.name for c in cases] == ["us1", "us2"]
+    for case in cases:
+        assert case.mask.shape == case.array.shape and np.array_equal(case.mask[0], lumen)
+    assert not list(jobs_dir.iterdir())
