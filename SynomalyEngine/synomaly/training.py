@@ -616,10 +616,10 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 
         from .detection import DEFAULT_INFERENCE
         from .distributed import check_share
+        from .multistage import middle
         from .network import UNet, count_parameters
         from .noise import make_noise
         from .presets import get_preset, missing_mask_message
-        from .multistage import middle
         from .preprocessing import PreprocessConfig
         from .schedule import DiffusionSchedule
 
