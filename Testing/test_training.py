@@ -324,6 +324,19 @@ def test_resume_accepts_changes_that_keep_the_network_and_refuses_others(healthy
     assert torch.load(checkpoint, weights_only=True)["step"] == 5
 
 
+def test_a_checkpoint_of_an_older_engine_resumes_its_new_settings_at_their_defaults(healthy_dir, tmp_path):
+    """A run saved before a setting existed (here context_slices, added with 2.5D input) continues after an
+    upgrade; one that differs from the new setting's default is still refused."""
+    out = tmp_path / "old.safetensors"
+    saved = _cancelled_run(healthy_dir, out, 3)
+    del saved["settings"]["context_slices"]
+    torch.save(saved, run_dir_for(out) / "checkpoint.pt")
+    with pytest.raises(InputError, match=r"context_slices \(saved 0, now 1\)"):
+        train([healthy_dir], out, TrainingSettings(steps=5, context_slices=1, **TINY), resume=True)
+    train([healthy_dir], out, TrainingSettings(steps=5, **TINY), resume=True)
+    assert torch.load(run_dir_for(out) / "checkpoint.pt", weights_only=True)["step"] == 5
+
+
 def test_corrupt_or_foreign_checkpoints_are_refused_without_running_code(healthy_dir, tmp_path):
     import pickle
 

@@ -531,7 +531,10 @@ def read_checkpoint(path: Path, settings: TrainingSettings, device) -> Dict:
             or not isinstance(state["step"], int) or not isinstance(state["losses"], list) \
             or not 0 <= state["step"] == len(state["losses"]):
         raise InputError(f"{path}: not a Synomaly training checkpoint; {fresh}.")
-    saved, now = state["settings"], settings.to_dict()
+    now = settings.to_dict()
+    # A setting the saved run does not name came after the engine that wrote it: that run had its default.
+    saved = {**{k: v for k, v in TrainingSettings().to_dict().items() if k not in state["settings"]},
+             **state["settings"]}
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         raise InputError("cannot resume: " + ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})"
