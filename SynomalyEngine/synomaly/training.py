@@ -533,8 +533,7 @@ def read_checkpoint(path: Path, settings: TrainingSettings, device) -> Dict:
         raise InputError(f"{path}: not a Synomaly training checkpoint; {fresh}.")
     now = settings.to_dict()
     # A setting the saved run does not name came after the engine that wrote it: that run had its default.
-    saved = {**{k: v for k, v in TrainingSettings().to_dict().items() if k not in state["settings"]},
-             **state["settings"]}
+    saved = {**TrainingSettings().to_dict(), **state["settings"]}
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         raise InputError("cannot resume: " + ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})"
