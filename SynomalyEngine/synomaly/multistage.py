@@ -66,7 +66,8 @@ def difference_map(x0: torch.Tensor, pred: torch.Tensor, foreground: torch.Tenso
 
 
 def middle(x: torch.Tensor) -> torch.Tensor:
-    """The slice itself of a (N, 1 + 2k, S, S) stack of it and its neighbours (2.5D input), as (N, 1, S, S)."""
+    """The slice itself of a (N, 1 + 2k, S, S) stack of it and its neighbours (2.5D input), as (N, 1, S, S):
+    a view, so that writing into it writes the stack."""
     mid = x.shape[1] // 2
     return x[:, mid:mid + 1]
 
@@ -103,7 +104,6 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
     cache = x0.clone()
     given = middle(x0)
     pred = given.clone()
-    mid = x0.shape[1] // 2
     prev_count = torch.zeros(n, device=x0.device)
     active = torch.ones(n, dtype=torch.bool, device=x0.device)
     stages = [0] * n
@@ -122,7 +122,7 @@ def run_stages(network, schedule, x0: torch.Tensor, foreground: torch.Tensor, se
             m = difference_map(given[b], p, foreground[b], settings)
             weights = m if settings.soft_fusion else (m > 0).float()
             weights = weights.clamp(0, 1)
-            cache[b, mid:mid + 1] = p * weights + given[b] * (1 - weights)
+            middle(cache)[b] = p * weights + given[b] * (1 - weights)
             count = (m > 0).flatten(1).sum(1).float()
             change = (prev_count[b] - count).abs() / prev_count[b].clamp_min(500)
             prev_count[b] = count
@@ -171,14 +171,13 @@ def run_single_stage(network, schedule, x0, noise_levels, batch_size=16, generat
     """Comparison mode: one noise level, or a fixed list applied in sequence, without fusion; returns
     the middle slices' counterfactuals (N, 1, S, S)."""
     out = x0.clone()
-    mid = x0.shape[1] // 2
     n = x0.shape[0]
     total, done = n * len(noise_levels), 0
     for level, t in enumerate(noise_levels, start=1):
         for start in range(0, n, batch_size):
             if cancel is not None and cancel():
                 raise Cancelled("detection cancelled")
-            out[start:start + batch_size, mid:mid + 1] = one_step_counterfactual(
+            middle(out)[start:start + batch_size] = one_step_counterfactual(
                 network, schedule, out[start:start + batch_size], int(t), generator)
             done += out[start:start + batch_size].shape[0]
             if progress is not None:
