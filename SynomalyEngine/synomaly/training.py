@@ -233,8 +233,9 @@ def pair_files(files: Sequence[Path], where: str) -> List[Tuple[Path, Optional[P
     return pairs
 
 
-def _read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path],
+def read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path],
                group: Optional[str] = None) -> TrainingCase:
+    """One case from its files; a mask or label image must have the image's size."""
     image, geometry = read_volume(image_path)
     extras = {}
     for role, path in (("mask", mask_path), ("labels", labels_path)):
@@ -256,8 +257,8 @@ def _cases_from_folder(folder: Path) -> List[TrainingCase]:
     """One image (+ partners): a case named after the folder. Several: a case per image, named after it."""
     pairs = pair_files(_image_files(folder), str(folder))
     if len(pairs) == 1:
-        return [_read_case(folder.name, *pairs[0])]
-    return [_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs]
+        return [read_case(folder.name, *pairs[0])]
+    return [read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs]
 
 
 def _cases_from_csv(path: Path) -> List[TrainingCase]:
@@ -284,7 +285,7 @@ def _cases_from_csv(path: Path) -> List[TrainingCase]:
         if not values["image"]:
             raise InputError(f"{path}, line {number}: no image.")
         files = csv_row_files(path, number, values, ("image", "mask", "label"))
-        cases.append(_read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
+        cases.append(read_case(values.get("name") or image_stem(files["image"]), files["image"], files.get("mask"),
                                 files.get("label"), values.get("group") or None))
     return cases
 
@@ -324,7 +325,7 @@ def find_cases(paths: Sequence) -> List[TrainingCase]:
             raise InputError(f"{path}: not an image file, folder or CSV list.")
     for folder, files in listed.items():
         pairs = pair_files(list(dict.fromkeys(files)), "listed files in " + str(folder))
-        cases.extend(_read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs)
+        cases.extend(read_case(image_stem(image), image, mask, labels) for image, mask, labels in pairs)
     if not cases:
         raise InputError("no training volumes found in " + ", ".join(str(p) for p in paths) + "; give image "
                          "files, folders of them, folders of case folders or a CSV list.")

@@ -121,16 +121,14 @@ def run_detection(request: dict, folder: Path, progress: Callable, cancel: Calla
 
 
 def run_training(request: dict, folder: Path, progress: Callable, cancel: Callable) -> dict:
-    from .training import TrainingCase, TrainingSettings, train
-    from .volume_io import read_volume
+    from .training import TrainingSettings, read_case, train
 
     settings = settings_from_dict(TrainingSettings, request.get("settings") or {})
     healthy = []
     for item in request["healthy"]:
         if isinstance(item, dict):
-            image, geometry = read_volume(folder / item["image"])
-            mask = read_volume(folder / item["mask"])[0] > 0 if item.get("mask") else None
-            healthy.append(TrainingCase(item["name"], image, geometry, mask))
+            mask = folder / item["mask"] if item.get("mask") else None
+            healthy.append(read_case(item["name"], folder / item["image"], mask, None))
         else:
             healthy.append(Path(item))
     model = train(healthy, Path(request["output"]), settings, progress=progress, cancel=cancel,
