@@ -146,16 +146,22 @@ def _resampled(image, target, shape) -> np.ndarray:
     return _oriented_image_to_array(resampled, shape)
 
 
+def segments_named(segmentation, name: str) -> List[str]:
+    """The IDs of the segments called ``name``, in any case and with spaces around it ignored."""
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return [i for i in ids if segmentation.GetSegment(i).GetName().strip().lower() == name.lower()]
+
+
 def organ_segments(mask_node, organ: str) -> Optional[List[str]]:
     """The IDs of the segments named ``organ`` (any case) when the segmentation has several, so that a
     whole-body segmentation (TotalSegmentator's) gives its liver; None: use every segment."""
     segmentation = mask_node.GetSegmentation()
-    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-    if not organ or len(ids) <= 1:
+    count = segmentation.GetNumberOfSegments()
+    if not organ or count <= 1:
         return None
-    named = [i for i in ids if segmentation.GetSegment(i).GetName().strip().lower() == organ.lower()]
+    named = segments_named(segmentation, organ)
     if not named:
-        raise errors().InputError(f"The mask '{mask_node.GetName()}' has {len(ids)} segments and none is named "
+        raise errors().InputError(f"The mask '{mask_node.GetName()}' has {count} segments and none is named "
                                   f"'{organ}'; the model needs the {organ} alone: rename the {organ} segment to "
                                   f"'{organ}', or pick a segmentation that holds only the {organ}.")
     return named
@@ -235,11 +241,9 @@ def training_mask_node(volume_node, role: str):
         if node.GetNodeReference(geometry_role) is not volume_node or node.GetAttribute(INPUT_ATTRIBUTE):
             continue
         segmentation = node.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName().strip().lower()
-                 for i in range(segmentation.GetNumberOfSegments())]
-        if role.lower() in names:
+        if segments_named(segmentation, role):  # the rule organ_segments then picks the segment by
             named.append(node)
-        elif len(names) == 1:
+        elif segmentation.GetNumberOfSegments() == 1:
             single.append(node)
     found = named or single
     if len(found) > 1:
