@@ -481,6 +481,7 @@ def test_no_library_message_reaches_the_terminal(phantom_case, tmp_path):
     ("--threshold", "-0.1", ["threshold", "at least 0"]),
     ("--min-component-mm3", "-5", ["minimum component size", "at least 0"]),
     ("--min-component-mm3", "nan", ["minimum component size", "finite"]),
+    ("--blur-mm", "-1", ["blur (mm)", "at least 0"]),
     ("--batch-size", "0", ["batch size", "at least 1"]),
     ("--seed", "-1", ["seed", "0 to"]),
     ("--seed", str(2 ** 64), ["seed", "0 to"]),
@@ -500,6 +501,7 @@ def test_detection_settings_check_themselves():
     from synomaly.errors import InputError
 
     for bad in ({"batch_size": 0}, {"threshold": float("nan")}, {"min_component_mm3": -1.0}, {"seed": -3},
+                {"blur_mm": float("inf")},
                 {"stages": 1.5}, {"ensemble": True}, {"mode": "triple"}):
         with pytest.raises(InputError):
             DetectionSettings(**bad)

@@ -28,7 +28,26 @@ def maps():
     for name, change in (("plain", {}), ("rim", {"rim_mm": 4.0}), ("scaled", {"map_scale": "volume"})):
         model.metadata["inference"] = {**model.metadata["inference"], "rim_mm": 0.0, "map_scale": "none", **change}
         out[name] = detect(phantom.volume, phantom.geometry, model, settings=DetectionSettings(device="cpu"))
+    model.metadata["inference"] = {**model.metadata["inference"], "map_scale": "none"}
+    out["geometry"] = phantom.geometry
+    for name, blur in (("unblurred", 0.0), ("blur3", 3.0)):
+        out[name] = detect(phantom.volume, phantom.geometry, model,
+                           settings=DetectionSettings(device="cpu", blur_mm=blur))
     return out
+
+
+def test_blur_setting_overrides_the_models_blur(maps):
+    """The map with blur_mm is the unblurred difference blurred by that sigma; the model's own blur is another."""
+    from synomaly.postprocessing import blur_map
+
+    unblurred, blur3, plain = maps["unblurred"], maps["blur3"], maps["plain"]
+    assert plain.report["settings"]["blur_mm"] != 3.0 and blur3.report["settings"]["blur_mm"] == 3.0
+    prepared = unblurred.prepared
+    fg = prepared.orientation.invert(prepared.foreground)
+    spacing_zyx = maps["geometry"].spacing[::-1]  # of the input's array axes
+    expected = blur_map(unblurred.anomaly_map, 3.0, spacing_zyx) * fg
+    np.testing.assert_allclose(blur3.anomaly_map, expected, rtol=1e-4, atol=1e-6)
+    assert unblurred.anomaly_map.max() > plain.anomaly_map.max() > blur3.anomaly_map.max()
 
 
 def test_rim_option_zeroes_the_map_near_the_border_only(maps):

@@ -47,7 +47,14 @@ INFERENCE = {
     "rim4": {"rim_mm": 4.0},
     "volume-scale": {"map_scale": "volume"},
     "rim2-volume-scale": {"rim_mm": 2.0, "map_scale": "volume"},
-    "one-stage-volume-scale": {"max_stages": 1, "map_scale": "volume"},  # the shipped model's (89d4c8e92da8)
+    "one-stage-volume-scale": {"max_stages": 1, "map_scale": "volume"},  # 89d4c8e92da8's
+    # The same with a wider blur of the map (sigma in mm; 1.5 above).
+    "one-stage-volume-scale-blur2.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 2.5},
+    "one-stage-volume-scale-blur3.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 3.5},
+    "one-stage-volume-scale-blur4.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 4.5},
+    # The shipped model's (88aaad56ea16 with components from 20 mm^3): 10 mm spheres all found (small_lesions.py).
+    "one-stage-volume-scale-blur3.5-min20": {"max_stages": 1, "map_scale": "volume", "blur_mm": 3.5,
+                                             "min_component_mm3": 20.0},
 }
 TARGETS = (0.002, 0.005, 0.01)
 

@@ -8,7 +8,7 @@ on): the largest target whose healthy false-positive rate there stays within --m
 the model, with the inference settings named by --inference (brain_flair_candidates.INFERENCE).
 Development cases are never read.
 
-    python SynomalyEngine/scripts/calibrate_brain_model.py MODEL OUT --inference volume-scale
+    python SynomalyEngine/scripts/calibrate_brain_model.py MODEL OUT --inference one-stage-volume-scale-blur3.5-min20
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ def main():
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("--inference", default="default", choices=sorted(INFERENCE))
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.002, 0.005, 0.01])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.015, 0.02, 0.03])
     parser.add_argument("--max-fpr", type=float, default=0.01)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--pack", default=None)

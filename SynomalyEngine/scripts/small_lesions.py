@@ -23,6 +23,7 @@ VARIANTS = {
     "min20": {"min_component_mm3": 20.0},
     "min5": {"min_component_mm3": 5.0},
     "min20-blur0.75": {"min_component_mm3": 20.0, "blur_mm": 0.75},
+    "min20-blur1.5": {"min_component_mm3": 20.0, "blur_mm": 1.5},
 }
 
 
@@ -86,17 +87,12 @@ def main():
         image, placed = implant(case, rng, args.per_size)
         result = detect(image, case.geometry, model, case.mask,
                         DetectionSettings(device=args.device, maps_only=True, skull_check=False))
-        raw_blur = float(model.metadata["inference"].get("blur_mm", 1.5))
         voxel = float(np.prod(case.geometry.spacing))
-        # maps_only gives the blurred map; a variant with another blur re-blurs the unblurred difference,
-        # which detect does not return, so those variants run detect again with that blur.
         for name in args.variants:
-            params = dict(model.metadata["inference"], **VARIANTS[name])
-            if params.get("blur_mm", raw_blur) != raw_blur:
-                model.metadata["inference"]["blur_mm"] = params["blur_mm"]
+            params = dict(result.report["settings"], **VARIANTS[name])
+            if params["blur_mm"] != result.report["settings"]["blur_mm"]:  # the map itself changes: detect again
                 anomaly_map = detect(image, case.geometry, model, case.mask, DetectionSettings(
-                    device=args.device, maps_only=True, skull_check=False)).anomaly_map
-                model.metadata["inference"]["blur_mm"] = raw_blur
+                    device=args.device, maps_only=True, skull_check=False, blur_mm=params["blur_mm"])).anomaly_map
             else:
                 anomaly_map = result.anomaly_map
             seg = segment(anomaly_map, model.threshold, float(params["min_component_mm3"]), voxel)[0].astype(bool)

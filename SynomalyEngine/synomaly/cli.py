@@ -199,8 +199,8 @@ def cmd_detect(args) -> int:
     items = take_shard(found.items, *shard) if shard else found.items
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
-                                 min_component_mm3=args.min_component_mm3, mode=args.mode, seed=args.seed,
-                                 precision=args.precision, skull_check=not args.no_skull_check,
+                                 min_component_mm3=args.min_component_mm3, blur_mm=args.blur_mm, mode=args.mode,
+                                 seed=args.seed, precision=args.precision, skull_check=not args.no_skull_check,
                                  skull_strip=args.skull_strip)
     all_paths = [output_paths(out_dir, item.name, output_format(item.path, args.format)) for item in items]
     check_writable(out_dir)
@@ -551,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "skull-stripped (brain model); for those who know better")
     _detection_options(p)
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
+    p.add_argument("--blur-mm", type=float, default=None, help="Gaussian sigma of the anomaly map in mm (default: the "
+                   "model's); less keeps lesions of a few mm, with more false positives (see the model card)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per network call (default: 2 on CPU, 32 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")

@@ -48,6 +48,7 @@ class DetectionSettings:
     ensemble: Optional[int] = None
     batch_size: Optional[int] = None  # None: 2 on CPU (small, cache-sized batches measured fastest), 32 on CUDA
     min_component_mm3: Optional[float] = None
+    blur_mm: Optional[float] = None  # Gaussian sigma of the map; less keeps lesions of a few mm (the threshold was set for the model's)
     mode: Optional[str] = None
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
@@ -87,6 +88,7 @@ class DetectionSettings:
         whole("seed", self.seed, 0, MAX_SEED)
         non_negative("threshold", self.threshold)
         non_negative("minimum component size (mm3)", self.min_component_mm3)
+        non_negative("blur (mm)", self.blur_mm)
         if self.mode is not None and self.mode not in ("multi", "single"):
             raise InputError(f"mode must be 'multi' or 'single', got {self.mode!r}.")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -133,6 +135,8 @@ def inference_params(model, settings: DetectionSettings) -> Dict:
         params["single_noise_levels"] = [int(settings.noise_level)]
     if settings.min_component_mm3 is not None:
         params["min_component_mm3"] = float(settings.min_component_mm3)
+    if settings.blur_mm is not None:
+        params["blur_mm"] = float(settings.blur_mm)
     if settings.mode is not None:
         params["mode"] = settings.mode
     if settings.ensemble is not None:
