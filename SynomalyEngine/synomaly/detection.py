@@ -48,7 +48,7 @@ class DetectionSettings:
     ensemble: Optional[int] = None
     batch_size: Optional[int] = None  # None: 2 on CPU (small, cache-sized batches measured fastest), 32 on CUDA
     min_component_mm3: Optional[float] = None
-    blur_mm: Optional[float] = None  # Gaussian sigma of the map (mm); less keeps lesions of a few mm, more false positives
+    blur_mm: Optional[float] = None  # Gaussian sigma of the map (mm); less keeps small lesions, more false positives
     mode: Optional[str] = None
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
