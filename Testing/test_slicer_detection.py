@@ -413,6 +413,20 @@ def test_unknown_setting_is_an_input_error(scene, logic):
         logic.detect(node, stagez=3)
 
 
+def test_console_settings_reach_the_worker_as_given(scene, logic):
+    """A console call's engine settings (here the map's blur, for small lesions) go to the worker's job
+    unchanged, and a bad one is refused before any job starts."""
+    from synomaly.detection import DetectionSettings
+    from synomaly.worker import settings_from_dict
+
+    node = add_volume(lesion_volume(), name="flair")
+    request = logic.prepare_detection(node, blur_mm=0.75, min_component_mm3=20.0)
+    settings = settings_from_dict(DetectionSettings, request.settings)
+    assert (settings.blur_mm, settings.min_component_mm3) == (0.75, 20.0)
+    with pytest.raises(InputError, match=r"blur \(mm\)"):
+        logic.detect(node, blur_mm=-1.0)
+
+
 def test_engine_result_that_cannot_be_written_leaves_no_nodes(scene, logic):
     node = add_volume(lesion_volume(), name="flair")
     before = node_ids(scene)
