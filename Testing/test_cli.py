@@ -516,6 +516,15 @@ def test_first_line_shows_the_threshold_in_use(phantom_case, tmp_path):
     assert report["threshold"] == 0.25 and report["threshold_source"] == "user"
 
 
+def test_a_blur_of_ones_own_says_the_threshold_was_set_for_the_models(phantom_case, tmp_path):
+    """Less blur (for small lesions) keeps the model's threshold, calibrated for its own blur: the run says so."""
+    result = ok(run_detect(phantom_case["flair"], "-o", tmp_path, "--blur-mm", "0.5", "--stages", "1", "-q"))
+    first = result.stdout.splitlines()[0]
+    assert "at 0.5 mm expect more false positives" in first and "the model's calibrated one" in first, first
+    report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])))
+    assert report["settings"]["blur_mm"] == 0.5 and report["threshold_source"] == "model calibration"
+
+
 # --- outputs as a set: interrupted and concurrent runs ---------------------------------------------
 
 # Runs the CLI in a real process whose first finished volume write is followed by ACTION: a signal it

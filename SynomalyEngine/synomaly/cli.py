@@ -175,10 +175,16 @@ def _write_png_outputs(output_set, paths: dict, result, geometry, volume, notes)
 
 def _threshold_line(model, settings, device) -> str:
     """The first line of a run: the model and the threshold this run actually uses."""
+    from .detection import DetectionSettings, inference_params
+
     if settings.threshold is not None:
         threshold = f"threshold {settings.threshold:.4f} (yours; the model's calibrated one is {model.threshold:.4f})"
     else:
         threshold = f"threshold {model.threshold:.4f} (the model's calibrated one)"
+        model_blur = float(inference_params(model, DetectionSettings()).get("blur_mm"))
+        if settings.blur_mm is not None and settings.blur_mm != model_blur:
+            threshold += (f", calibrated for the model's {model_blur:g} mm blur: at {settings.blur_mm:g} mm expect "
+                          f"{'more' if settings.blur_mm < model_blur else 'fewer'} false positives")
     return f"model: {model.name} ({model.model_id}), {threshold}, device {device}"
 
 
