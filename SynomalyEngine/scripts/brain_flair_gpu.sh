@@ -18,7 +18,7 @@ train_s=${3:-7200}
 select_s=${4:-3600}
 steps=${5:-1000 3000 6000}
 jobs=${JOBS:-skip-small fit,skip-small all,skip-deep fit,skip-wide fit}
-inference=${INFERENCE:-one-stage-volume-scale}
+inference=${INFERENCE:-one-stage-volume-scale-blur3.5-min20}
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
