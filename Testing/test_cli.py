@@ -886,3 +886,13 @@ def test_evaluate_reads_a_case_list_by_use(phantom_case, tmp_path):
     assert_refused(run_cli("evaluate", "-o", tmp_path / "none", "--model", "demo-phantom"), "--cases-csv")
     assert_refused(run_cli("evaluate", "--cases-csv", listing, "--use", "test", "-o", tmp_path / "none2",
                            "--model", "demo-phantom"), "no case with use 'test'")
+
+
+def test_evaluate_takes_the_small_lesion_settings(phantom_case, tmp_path):
+    """The settings that find small lesions (less blur, smaller components) can be evaluated on one's own cases."""
+    out = tmp_path / "evaluation"
+    ok(run_cli("evaluate", phantom_case["flair"].parent, "-o", out, "--model", "demo-phantom", "--max-slices", "4",
+               "--stages", "1", "--blur-mm", "0.5", "--min-component-mm3", "5", "-q"))
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert saved["settings"]["inference"]["blur_mm"] == 0.5
+    assert saved["settings"]["inference"]["min_component_mm3"] == 5.0

@@ -450,7 +450,8 @@ def cmd_evaluate(args) -> int:
 
     settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
                                  threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
-                                 precision=args.precision)
+                                 precision=args.precision, min_component_mm3=args.min_component_mm3,
+                                 blur_mm=args.blur_mm)
     if not args.cases and not args.cases_csv:
         raise InputError("give the cases to evaluate: case folders, CSV lists, or --cases-csv LIST.")
     cases = find_eval_cases(args.cases) if args.cases else []
@@ -524,6 +525,9 @@ def _detection_options(p):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network precision: auto (default) = bf16 on CUDA and on CPUs with native bf16 "
                         "(AVX512-BF16, AMX), fp32 elsewhere")
+    p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
+    p.add_argument("--blur-mm", type=float, default=None, help="Gaussian sigma of the anomaly map in mm (default: the "
+                   "model's); less keeps lesions of a few mm, with more false positives (see the model card)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -556,9 +560,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-skull-check", action="store_true", help="do not refuse input that does not look "
                    "skull-stripped (brain model); for those who know better")
     _detection_options(p)
-    p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
-    p.add_argument("--blur-mm", type=float, default=None, help="Gaussian sigma of the anomaly map in mm (default: the "
-                   "model's); less keeps lesions of a few mm, with more false positives (see the model card)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per network call (default: 2 on CPU, 32 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
