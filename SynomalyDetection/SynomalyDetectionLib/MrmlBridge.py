@@ -241,7 +241,7 @@ def training_mask_node(volume_node, role: str):
         if node.GetNodeReference(geometry_role) is not volume_node or node.GetAttribute(INPUT_ATTRIBUTE):
             continue
         segmentation = node.GetSegmentation()
-        if segments_named(segmentation, role):  # the rule organ_segments then picks the segment by
+        if segments_named(segmentation, role):  # organ_segments picks the segment by the same rule
             named.append(node)
         elif segmentation.GetNumberOfSegments() == 1:
             single.append(node)

@@ -181,7 +181,7 @@ def _threshold_line(model, settings, device) -> str:
         threshold = f"threshold {settings.threshold:.4f} (yours; the model's calibrated one is {model.threshold:.4f})"
     else:
         threshold = f"threshold {model.threshold:.4f} (the model's calibrated one)"
-        model_blur = float(inference_params(model, DetectionSettings()).get("blur_mm"))
+        model_blur = float(inference_params(model, DetectionSettings())["blur_mm"])
         if settings.blur_mm is not None and settings.blur_mm != model_blur:
             threshold += (f", calibrated for the model's {model_blur:g} mm blur: at {settings.blur_mm:g} mm expect "
                           f"{'more' if settings.blur_mm < model_blur else 'fewer'} false positives")
@@ -192,7 +192,7 @@ def cmd_detect(args) -> int:
     from contextlib import ExitStack
 
     from .cohort import CohortLog, find_inputs, merge_summary, parse_shard, sigterm_interrupts, take_shard
-    from .detection import DetectionSettings, detect, resolve_device
+    from .detection import detect, resolve_device
     from .model_file import load_model
     from .output_set import OutputFolder, OutputSet
     from .volume_io import read_volume
@@ -203,11 +203,8 @@ def cmd_detect(args) -> int:
     # A cohort (see ``cohort``): outputs that exist are skipped, not refused, and a summary is kept.
     cohort = found.cohort or shard is not None
     items = take_shard(found.items, *shard) if shard else found.items
-    settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
-                                 threshold=args.threshold, ensemble=args.ensemble, batch_size=args.batch_size,
-                                 min_component_mm3=args.min_component_mm3, blur_mm=args.blur_mm, mode=args.mode,
-                                 seed=args.seed, precision=args.precision, skull_check=not args.no_skull_check,
-                                 skull_strip=args.skull_strip)
+    settings = _detection_settings(args, batch_size=args.batch_size, seed=args.seed,
+                                   skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
     all_paths = [output_paths(out_dir, item.name, output_format(item.path, args.format)) for item in items]
     check_writable(out_dir)
     failures = 0
@@ -444,14 +441,10 @@ folder and the model. A run may resume with another process count."""
 
 
 def cmd_evaluate(args) -> int:
-    from .detection import DetectionSettings
     from .evaluation import _unique_names, cases_from_list, evaluate, find_eval_cases, format_table
     from .model_file import load_model
 
-    settings = DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
-                                 threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
-                                 precision=args.precision, min_component_mm3=args.min_component_mm3,
-                                 blur_mm=args.blur_mm)
+    settings = _detection_settings(args)
     if not args.cases and not args.cases_csv:
         raise InputError("give the cases to evaluate: case folders, CSV lists, or --cases-csv LIST.")
     cases = find_eval_cases(args.cases) if args.cases else []
@@ -509,6 +502,16 @@ class _KeepLines(argparse.HelpFormatter):
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
+
+
+def _detection_settings(args, **more):
+    """The DetectionSettings of ``_detection_options`` (shared by detect and evaluate), with a command's own."""
+    from .detection import DetectionSettings
+
+    return DetectionSettings(device=args.device, stages=args.stages, noise_level=args.noise_level,
+                             threshold=args.threshold, ensemble=args.ensemble, mode=args.mode,
+                             precision=args.precision, min_component_mm3=args.min_component_mm3,
+                             blur_mm=args.blur_mm, **more)
 
 
 def _detection_options(p):
