@@ -55,3 +55,15 @@ def test_training_on_cuda_writes_a_model_the_cpu_can_use(tmp_path, precision):
     assert model.metadata["training"]["device"].startswith("cuda")
     result = detect(cases[0].image, cases[0].geometry, model, settings=DetectionSettings(device="cpu"))
     assert np.isfinite(result.anomaly_map).all()
+
+
+def test_blur_on_cuda_is_scipys_filter():
+    """Detection blurs its map on the GPU when it runs there: the same filter as on the CPU."""
+    from synomaly.postprocessing import blur_map
+
+    rng = np.random.default_rng(0)
+    arr = np.zeros((40, 60, 50), dtype=np.float32)
+    arr[5:30, 0:20, 10:45] = rng.random((25, 20, 35), dtype=np.float32)
+    expected = blur_map(arr, 3.5, (1.0, 0.9, 0.9))
+    got = blur_map(arr, 3.5, (1.0, 0.9, 0.9), torch.device("cuda"))
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -67,3 +67,15 @@ def test_diagonal_neighbours_are_one_component():
     score[1, 1, 1] = score[2, 2, 2] = score[3, 3, 3] = 1.0
     seg, comps = segment(score, 0.5, 0.0, 1.0)
     assert len(comps) == 1 and comps[0]["voxels"] == 3
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 0.7, 0.7)])
+def test_blur_on_a_torch_device_is_scipys_filter(spacing):
+    """Detection on a GPU blurs with matrix products on the device; here on the CPU's torch, same code."""
+    torch = pytest.importorskip("torch")
+    arr = sparse_map()
+    arr[0, 0:3, 45:50] = 1.0  # touches the border: "nearest" edges in the matrices too
+    expected = blur_map(arr, 1.5, spacing)
+    got = blur_map(arr, 1.5, spacing, torch.device("cpu"))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -293,11 +293,12 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     t0 = time.perf_counter()
     report_progress(0.92, "post-processing")
     fg = prepared.foreground
+    blur_device = device if device.type == "cuda" else None  # scipy's one core would be the GPU run's slowest step
     maps = []
     for d in diffs:
         if params["signed"]:
             np.clip(d, 0, None, out=d)
-        blurred = blur_map(d, params["blur_mm"], prepared.spacing_zyx)
+        blurred = blur_map(d, params["blur_mm"], prepared.spacing_zyx, blur_device)
         blurred *= fg
         maps.append(blurred)
     del diffs
