@@ -762,6 +762,28 @@ def test_train_resume_continues_a_finished_run(trained):
     assert read_metadata(model)["training"]["steps"] == 9
 
 
+def test_train_compile_trains_as_the_eager_run_and_resumes_without_it(trained, tmp_path):
+    """--compile changes how the step runs, not what it computes: the same draws and, up to rounding,
+    the same losses as the fixture's eager run; its checkpoint resumes without compiling."""
+    from synomaly.model_file import read_metadata
+
+    model = tmp_path / "compiled.safetensors"
+    result = ok(run_cli("train", trained["healthy"], "-o", model, "--compile", *[a for a in TRAIN_ARGS if a != "-q"]))
+    assert "compiling the network" in result.stdout + result.stderr
+    assert read_metadata(model)["training"]["settings"]["compile"] is True
+
+    def losses(run_dir):
+        rows = (run_dir / "loss.csv").read_text(encoding="utf-8").strip().splitlines()[1:]
+        return [float(row.split(",")[1]) for row in rows]
+
+    eager = losses(trained["model"].parent / "tiny.run")[:6]
+    np.testing.assert_allclose(losses(tmp_path / "compiled.run"), eager, rtol=1e-3)
+    args = list(TRAIN_ARGS)
+    args[args.index("--steps") + 1] = "8"
+    ok(run_cli("train", trained["healthy"], "-o", model, "--resume", *args))
+    assert len(losses(tmp_path / "compiled.run")) == 8
+
+
 @pytest.fixture(scope="module")
 def flat_healthy(tmp_path_factory):
     """Two healthy phantoms as one flat folder of image files: pat<i>_flair with pat<i>_brainmask and pat<i>_seg."""

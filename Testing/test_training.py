@@ -283,6 +283,7 @@ def test_bad_csv_lists_are_refused(tmp_path, text, words):
     ({"precision": "fp16"}, ["precision", "fp16"]),
     ({"context_slices": -1}, ["context slices"]),
     ({"context_slices": 1, "preset": "carotid-us"}, ["context slices need volumes", "carotid-us"]),
+    ({"compile": "yes"}, ["compile", "'yes'"]),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, healthy_dir, change, words):
     settings = TrainingSettings(**{**TINY, "steps": 3, **change})

@@ -293,7 +293,8 @@ def cmd_train(args) -> int:
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr, lesion_slices=args.lesion_slices,
                                 lesion_margin_mm=args.lesion_margin_mm, precision=args.precision,
-                                min_slice_foreground=args.min_slice_foreground, context_slices=args.context_slices)
+                                min_slice_foreground=args.min_slice_foreground, context_slices=args.context_slices,
+                                compile=args.compile)
     team = Team.from_environment()
     if args.nproc is not None:
         if team.distributed:
@@ -304,7 +305,8 @@ def cmd_train(args) -> int:
             return launch_training(args, settings)
     check_writable(output.parent)
     quiet = args.quiet or not team.main  # in a team, process 0 speaks for all
-    # A bar on a terminal; in a log (stderr not a terminal) a line for the first step and each checkpoint.
+    # A bar on a terminal; in a log (stderr not a terminal) a line for each stage, the first step and each
+    # checkpoint.
     log = not quiet and not sys.stderr.isatty()
     bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not quiet), file=sys.stderr)
     logged = []
@@ -319,6 +321,8 @@ def cmd_train(args) -> int:
             logged.append(step)
             print(f"training: step {step}/{total}, loss {loss:.4f}{', checkpoint saved' if saved else ''}",
                   file=sys.stderr, flush=True)
+        elif log and not message.startswith("step"):  # the stages too, so a log shows what a pause is
+            print(f"training: {message}", file=sys.stderr, flush=True)
 
     try:
         with StopRequests(keep=team.distributed) as stop:
@@ -614,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU; or force either")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network first (a minute or two): on a GPU the training step runs up "
+                        "to about 1.7x faster; no gain on a CPU")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name (default: the file name)")

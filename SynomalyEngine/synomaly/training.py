@@ -60,6 +60,9 @@ class TrainingSettings:
     lesion_slices: str = "skip"
     lesion_margin_mm: float = 5.0
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or force either
+    # torch.compile the training step's network (fused elementwise work): on an H100 the bf16 step of the
+    # default network ran 1.75x faster after about a minute of compiling; no gain measured on a CPU.
+    compile: bool = False
     validation_fraction: float = 0.15
     target_fpr: float = 0.01
     device: str = "auto"
@@ -100,6 +103,8 @@ class TrainingSettings:
                              ("num_steps", 2), ("max_timestep", 1), ("num_res_blocks", 1), ("base_channels", 1),
                              ("image_size", 1), ("seed", 0), ("context_slices", 0)):
             _check_whole(getattr(self, key), _LABELS.get(key, key.replace("_", " ")), minimum)
+        if not isinstance(self.compile, bool):
+            raise InputError(f"compile must be True or False, got {self.compile!r}.")
         if self.context_slices > 0 and PRESETS[self.preset].two_d:
             raise InputError(f"context slices need volumes: the {self.preset} preset works on 2D images, which have "
                              "no neighbouring slices; leave context slices at 0.")
@@ -503,13 +508,31 @@ def _write_preview(path: Path, network, schedule, images, device) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def compiled(module, batch_shape, device, amp: bool):
+    """``torch.compile(module)``, compiled now, on a zero batch of the training shape (forward and backward
+    graphs are built at the first call): a compiler that is missing or fails is one InputError before any
+    step, not a traceback mid-run."""
+    import torch
+
+    fast = torch.compile(module)
+    try:
+        x = torch.zeros(batch_shape, device=device)
+        t = torch.zeros(batch_shape[0], dtype=torch.long, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            fast(x, t)
+    except Exception as exc:  # the compiler's errors are many kinds (missing C++ compiler, Triton, lowering)
+        raise InputError(f"torch.compile could not build the network ({last_line(exc)}); train without "
+                         "compiling (leave out --compile): the same training, slower on a GPU.") from None
+    return fast
+
+
 def run_dir_for(output: Path) -> Path:
     return output.with_name(output.name.split(".")[0] + ".run")
 
 
 # Settings a resumed run may change: they do not alter the network or what it has learnt so far.
 RESUMABLE_CHANGES = ("steps", "target_fpr", "checkpoint_every", "preview_every", "device", "name", "description",
-                     "inference", "precision")
+                     "inference", "precision", "compile")
 CHECKPOINT_KEYS = ("network", "ema", "optimizer", "generator", "step", "losses", "elapsed_s", "settings")
 
 
@@ -696,6 +719,10 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
     module = team.wrap(network)
     share, weight = team.share(settings.batch_size)
     module.train()
+    if settings.compile:
+        report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
+        module = compiled(module, (len(range(settings.batch_size)[share]),) + tuple(data.images.shape[1:]), device,
+                          amp)
     ema_params, net_params = list(ema.parameters()), [p.detach() for p in network.parameters()]
     t_start = time.perf_counter()
     for step in range(start, settings.steps):
