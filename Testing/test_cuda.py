@@ -53,6 +53,7 @@ def test_training_on_cuda_writes_a_model_the_cpu_can_use(tmp_path, precision):
     assert np.isfinite(losses[-1])
     model = load_model(path)
     assert model.metadata["training"]["device"].startswith("cuda")
+    assert model.metadata["training"]["precision"] == precision
     result = detect(cases[0].image, cases[0].geometry, model, settings=DetectionSettings(device="cpu"))
     assert np.isfinite(result.anomaly_map).all()
 

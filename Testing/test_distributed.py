@@ -181,7 +181,14 @@ def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
     assert result.returncode == 2 and error_lines(result.stderr) == [
         "synomaly: error: 5 training processes but a batch size of 4: each process trains on its share of every "
         "batch; give a batch size of at least 5, or start fewer processes."], result.stderr
+    compile_alone = ["synomaly: error: --compile trains in one process only (not tried with several, where DDP "
+                     "splits the graph); leave out --compile, or --nproc and torchrun."]
+    result = subprocess.run([sys.executable, "-m", "synomaly", *map(str, args), "--nproc", "2", "--compile"],
+                            capture_output=True, text=True, env=env(), timeout=120)
+    assert result.returncode == 2 and error_lines(result.stderr) == compile_alone, result.stderr
     # Started by torchrun itself: every process finds it, process 0 alone says so.
+    result = torchrun(2, "-m", "synomaly", *args, "--compile")
+    assert result.returncode != 0 and error_lines(result.stderr) == compile_alone, result.stderr
     result = torchrun(2, "-m", "synomaly", *args, "--batch-size", "1")
     assert result.returncode != 0
     assert error_lines(result.stderr) == [

@@ -4,15 +4,26 @@ import pytest
 import torch
 
 from synomaly.errors import InputError
-from synomaly.runtime import cpu_has_native_bf16, describe_cpu, resolve_precision
+from synomaly.runtime import (BF16_TRAINING_BATCH, cpu_has_native_bf16, describe_cpu, resolve_precision,
+                              resolve_training_precision)
 
 
 def test_precision_auto_follows_the_machine():
     cpu = torch.device("cpu")
     assert resolve_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision(torch.device("cuda"), "auto") == "bf16"
+    assert resolve_precision(torch.device("cuda"), "auto") == "fp32", "bf16 measured no faster on a GPU"
     assert resolve_precision(cpu, "fp32") == "fp32"
     assert resolve_precision(cpu, "bf16") == "bf16"
+
+
+def test_training_precision_auto_is_bf16_only_where_it_measured_faster():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_training_precision(cuda, "auto", 32, compiled=False) == "fp32"
+    assert resolve_training_precision(cuda, "auto", BF16_TRAINING_BATCH, compiled=False) == "bf16"
+    assert resolve_training_precision(cuda, "auto", 8, compiled=True) == "bf16"
+    assert resolve_training_precision(cpu, "auto", 1024, compiled=True) == "fp32"
+    assert resolve_training_precision(cpu, "bf16", 8, compiled=False) == "bf16"
+    assert resolve_training_precision(cuda, "fp32", 1024, compiled=True) == "fp32"
 
 
 @pytest.mark.parametrize("cap, allowed", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),

@@ -59,6 +59,7 @@ def test_short_training_lowers_the_loss_and_writes_a_complete_model(trained):
         assert key in meta
     assert meta["noise"] == {"kind": "synomaly", "sigma": 3.0, "threshold": 175.0, "offset": 0.5, "direction": 1}
     assert meta["training"]["data"]["train_slices"] > 20
+    assert meta["training"]["precision"] == "fp32", "auto trains in fp32 on a CPU"
     run = run_dir_for(path)
     assert (run / "checkpoint.pt").exists() and (run / "loss.csv").exists()
     assert len(list((run / "previews").glob("*.png"))) >= 1
@@ -443,6 +444,7 @@ def test_training_on_lesion_slices_runs_and_records_what_it_used(tmp_path):
     model = load_model(out)
     saved = model.metadata["training"]
     assert saved["settings"]["lesion_slices"] == "mask" and saved["settings"]["precision"] == "bf16"
+    assert saved["precision"] == "bf16", "a forced precision is the one trained in"
     assert saved["data"]["lesion_slices"] > 0
     assert np.isfinite(losses[-1])
 

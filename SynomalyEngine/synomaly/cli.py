@@ -302,11 +302,15 @@ def cmd_train(args) -> int:
         if args.nproc < 1:
             raise InputError(f"--nproc must be a whole number of at least 1, got {args.nproc}.")
         if args.nproc > 1:
+            if settings.compile:
+                from .training import COMPILE_ALONE
+
+                raise InputError(COMPILE_ALONE)
             return launch_training(args, settings)
     check_writable(output.parent)
     quiet = args.quiet or not team.main  # in a team, process 0 speaks for all
-    # A bar on a terminal; in a log (stderr not a terminal) a line for each stage, the first step and each
-    # checkpoint.
+    # A bar on a terminal; in a log (stderr not a terminal) a line for the long stages, the first step and
+    # each checkpoint.
     log = not quiet and not sys.stderr.isatty()
     bar = tqdm(total=settings.steps, desc="training", disable=_bar_disabled(not quiet), file=sys.stderr)
     logged = []
@@ -321,7 +325,8 @@ def cmd_train(args) -> int:
             logged.append(step)
             print(f"training: step {step}/{total}, loss {loss:.4f}{', checkpoint saved' if saved else ''}",
                   file=sys.stderr, flush=True)
-        elif log and not message.startswith("step"):  # the stages too, so a log shows what a pause is
+        elif log and not message.startswith(("step", "extracting")):  # the long stages (compiling,
+            # calibrating), so a log says what a pause is; not the data's reading, whose refusals stay one line
             print(f"training: {message}", file=sys.stderr, flush=True)
 
     try:
@@ -530,8 +535,8 @@ def _detection_options(p):
                    help="noise draws to average (default: the model's); >1 also writes an uncertainty map")
     p.add_argument("--mode", choices=("multi", "single"), default=None, help="multi-stage (default) or single-stage")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="network precision: auto (default) = bf16 on CUDA and on CPUs with native bf16 "
-                        "(AVX512-BF16, AMX), fp32 elsewhere")
+                   help="network precision: auto (default) = bf16 on CPUs with native bf16 (AVX512-BF16, AMX), "
+                        "fp32 elsewhere, CUDA included (bf16 measured no faster there)")
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
     p.add_argument("--blur-mm", type=float, default=None, help="Gaussian sigma of the anomaly map in mm (default: the "
                    "model's); less keeps lesions of a few mm, with more false positives (see the model card)")
@@ -617,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-slice-foreground", type=float, default=0.05,
                    help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU; or force either")
+                   help="auto (default): bf16 autocast on CUDA with --compile or from 256 slices per step (where it "
+                        "was measured faster), fp32 elsewhere; or force either")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network first (a minute or two): on a GPU the training step runs up "
                         "to about 1.7x faster; no gain on a CPU")

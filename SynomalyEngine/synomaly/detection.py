@@ -51,7 +51,7 @@ class DetectionSettings:
     blur_mm: Optional[float] = None  # Gaussian sigma of the map (mm); less keeps small lesions, more false positives
     mode: Optional[str] = None
     seed: int = 0
-    precision: str = "auto"  # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32; or force either
+    precision: str = "auto"  # "auto": bf16 on CPUs with native bf16, else fp32 (CUDA too); or force either
     maps_only: bool = False  # no threshold, no segmentation: for calibration, which needs the maps alone
     # Models whose preset needs skull-stripped input (brain) refuse a volume that does not look
     # skull-stripped unless a mask is given (``skullstrip.check_skull_stripped``); False skips the check.

@@ -59,7 +59,7 @@ class TrainingSettings:
     # more healthy tissue at the levels where lesions occur.
     lesion_slices: str = "skip"
     lesion_margin_mm: float = 5.0
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or force either
+    precision: str = "auto"  # "auto": runtime.resolve_training_precision (fp32 but where bf16 measured faster)
     # torch.compile the training step's network (fused elementwise work): on an H100 the bf16 step of the
     # default network ran 1.75x faster after about a minute of compiling; no gain measured on a CPU.
     compile: bool = False
@@ -508,6 +508,10 @@ def _write_preview(path: Path, network, schedule, images, device) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+COMPILE_ALONE = ("--compile trains in one process only (not tried with several, where DDP splits the graph); "
+                 "leave out --compile, or --nproc and torchrun.")
+
+
 def compiled(module, batch_shape, device, amp: bool):
     """``torch.compile(module)``, compiled now, on a zero batch of the training shape (forward and backward
     graphs are built at the first call): a compiler that is missing or fails is one InputError before any
@@ -633,6 +637,8 @@ def train(healthy, output, settings: Optional[TrainingSettings] = None,
 def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, resume: bool, overwrite: bool) -> Path:
     report = progress or (lambda step, total, loss, msg: None)
     with team.together():  # every process checks and reads alike; an error in one stops all before any write
+        if settings.compile and team.world_size > 1:
+            raise InputError(COMPILE_ALONE)
         output = check_run(output, settings, resume, overwrite)
         run_dir = run_dir_for(output)
         checkpoint_path = run_dir / "checkpoint.pt"
@@ -647,6 +653,7 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         from .noise import make_noise
         from .presets import get_preset, missing_mask_message
         from .preprocessing import PreprocessConfig
+        from .runtime import resolve_training_precision
         from .schedule import DiffusionSchedule
 
         device = team.resolve_device(settings.device)
@@ -715,9 +722,11 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 
     n = data.images.shape[0]
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
-    amp = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
     module = team.wrap(network)
     share, weight = team.share(settings.batch_size)
+    precision = resolve_training_precision(device, settings.precision, len(range(settings.batch_size)[share]),
+                                           settings.compile)
+    amp = precision == "bf16"
     module.train()
     if settings.compile:
         report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
@@ -787,7 +796,8 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         "inference": inference,
         "threshold": 0.0,
         "training": {"settings": settings.to_dict(), "data": data.summary, "steps": settings.steps,
-                     "wall_time_s": round(wall, 1), "device": str(device), "world_size": team.world_size,
+                     "wall_time_s": round(wall, 1), "device": str(device), "precision": precision,
+                     "world_size": team.world_size,
                      "parameters": count_parameters(network),
                      "final_loss": float(np.mean(losses[-50:])) if losses else None},
     }
