@@ -724,14 +724,13 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
     module = team.wrap(network)
     share, weight = team.share(settings.batch_size)
-    precision = resolve_training_precision(device, settings.precision, len(range(settings.batch_size)[share]),
-                                           settings.compile)
+    per_process = len(range(settings.batch_size)[share])
+    precision = resolve_training_precision(device, settings.precision, per_process, settings.compile)
     amp = precision == "bf16"
     module.train()
     if settings.compile:
         report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
-        module = compiled(module, (len(range(settings.batch_size)[share]),) + tuple(data.images.shape[1:]), device,
-                          amp)
+        module = compiled(module, (per_process,) + tuple(data.images.shape[1:]), device, amp)
     ema_params, net_params = list(ema.parameters()), [p.detach() for p in network.parameters()]
     t_start = time.perf_counter()
     for step in range(start, settings.steps):
