@@ -784,6 +784,19 @@ def test_train_compile_trains_as_the_eager_run_and_resumes_without_it(trained, t
     assert len(losses(tmp_path / "compiled.run")) == 8
 
 
+def test_train_compile_without_a_working_compiler_is_refused_before_writing(trained, tmp_path, monkeypatch):
+    """A real failure: inductor needs a C++ compiler on a CPU; a fresh cache keeps it from reusing earlier work."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    out = tmp_path / "models"
+    out.mkdir()
+    result = run_cli("train", trained["healthy"], "-o", out / "m.safetensors", "--compile", *TRAIN_ARGS)
+    line = assert_refused(result, "torch.compile could not build the network", "No working C++ compiler",
+                          "leave out --compile")
+    assert "TORCHDYNAMO_VERBOSE" not in line
+    assert not any(out.iterdir()), "no run folder, no model"
+
+
 @pytest.fixture(scope="module")
 def flat_healthy(tmp_path_factory):
     """Two healthy phantoms as one flat folder of image files: pat<i>_flair with pat<i>_brainmask and pat<i>_seg."""

@@ -525,8 +525,10 @@ def compiled(module, batch_shape, device, amp: bool):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             fast(x, t)
     except Exception as exc:  # the compiler's errors are many kinds (missing C++ compiler, Triton, lowering)
-        raise InputError(f"torch.compile could not build the network ({last_line(exc)}); train without "
-                         "compiling (leave out --compile): the same training, slower on a GPU.") from None
+        # Their first line says what failed; the last ones tell how to get torch's own trace.
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise InputError(f"torch.compile could not build the network ({reason}); train without compiling "
+                         "(leave out --compile): the same training, slower on a GPU.") from None
     return fast
 
 
@@ -693,6 +695,14 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
                                       context_slices=settings.context_slices)
         report(0, settings.steps, float("nan"), f"extracting slices from {len(cases)} volumes")
         data = extract_slices(cases, settings, preprocess)
+        share, weight = team.share(settings.batch_size)
+        per_process = len(range(settings.batch_size)[share])
+        precision = resolve_training_precision(device, settings.precision, per_process, settings.compile)
+        amp = precision == "bf16"
+        network.train()
+        if settings.compile:  # before the run folder is made: a compiler that fails leaves nothing behind
+            report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
+            fast_network = compiled(network, (per_process,) + tuple(data.images.shape[1:]), device, amp)
     with team.together():
         if team.main:
             try:
@@ -722,15 +732,8 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
 
     n = data.images.shape[0]
     preview_images = data.images[torch.linspace(0, n - 1, min(4, n)).long()]
-    module = team.wrap(network)
-    share, weight = team.share(settings.batch_size)
-    per_process = len(range(settings.batch_size)[share])
-    precision = resolve_training_precision(device, settings.precision, per_process, settings.compile)
-    amp = precision == "bf16"
+    module = fast_network if settings.compile else team.wrap(network)  # compile is for one process alone
     module.train()
-    if settings.compile:
-        report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
-        module = compiled(module, (per_process,) + tuple(data.images.shape[1:]), device, amp)
     ema_params, net_params = list(ema.parameters()), [p.detach() for p in network.parameters()]
     t_start = time.perf_counter()
     for step in range(start, settings.steps):
