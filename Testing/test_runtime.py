@@ -21,7 +21,7 @@ def test_training_precision_auto_is_bf16_only_where_it_measured_faster():
     assert resolve_training_precision(cuda, "auto", 32, compiled=False) == "fp32"
     assert resolve_training_precision(cuda, "auto", BF16_TRAINING_BATCH, compiled=False) == "bf16"
     assert resolve_training_precision(cuda, "auto", 8, compiled=True) == "bf16"
-    assert resolve_training_precision(cpu, "auto", 1024, compiled=True) == "fp32"
+    assert resolve_training_precision(cpu, "auto", 8, compiled=False) == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_training_precision(cpu, "bf16", 8, compiled=False) == "bf16"
     assert resolve_training_precision(cuda, "fp32", 1024, compiled=True) == "fp32"
 
@@ -37,6 +37,7 @@ def test_a_onednn_cap_below_bf16_makes_auto_choose_fp32(monkeypatch, cap, allowe
     assert onednn_allows_bf16() is allowed
     if not allowed:
         assert resolve_precision(torch.device("cpu"), "auto") == "fp32"
+        assert resolve_training_precision(torch.device("cpu"), "auto", 8, compiled=False) == "fp32"
 
 
 def test_unknown_precision_is_refused():

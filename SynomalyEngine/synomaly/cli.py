@@ -622,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-slice-foreground", type=float, default=0.05,
                    help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto (default): bf16 autocast on CUDA with --compile or from 256 slices per step (where it "
-                        "was measured faster), fp32 elsewhere; or force either")
+                   help="auto (default): bf16 autocast where it was measured faster (CPUs with native bf16; CUDA "
+                        "with --compile or from 256 slices per step), fp32 elsewhere; or force either")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network first (a minute or two): on a GPU the training step runs up "
                         "to about 1.7x faster; no gain on a CPU")
