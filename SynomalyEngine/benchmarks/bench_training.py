@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--res-blocks", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument("--compile", action="store_true",
+                   help="also time each with torch.compile (train --compile); its compiling is in the warm-up")
     return p.parse_args(argv)
 
 
@@ -39,6 +41,7 @@ def network_step_rate(settings, device, steps, warmup):
     torch.manual_seed(0)
     network = UNet(settings.network_config()).to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    forward = torch.compile(network) if settings.compile else network
     size = settings.image_size
     x = torch.randn(settings.batch_size, 1, size, size, device=device)
     t = torch.randint(0, 1000, (settings.batch_size,), device=device)
@@ -48,7 +51,7 @@ def network_step_rate(settings, device, steps, warmup):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-            eps = network(x, t)
+            eps = forward(x, t)
         loss = ((eps.float() - x) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,27 +86,33 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="synomaly-bench-train-") as tmp:
         for batch_size in args.batch_size:
             rates = {}
-            for precision in args.precisions:
-                marks = {}
+            for compile_ in ([False, True] if args.compile else [False]):
+                for precision in args.precisions:
+                    marks = {}
 
-                def progress(step, _total, _loss, message):
-                    if step in (args.warmup, timed_end) and message.startswith("step"):
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        marks[step] = time.perf_counter()
+                    def progress(step, _total, _loss, message):
+                        if step in (args.warmup, timed_end) and message.startswith("step"):
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                            marks[step] = time.perf_counter()
 
-                settings = TrainingSettings(steps=total, batch_size=batch_size, base_channels=args.base_channels,
-                                            num_res_blocks=args.res_blocks, device=str(device), precision=precision,
-                                            checkpoint_every=10 ** 6, preview_every=10 ** 6, validation_fraction=0.15)
-                train(cases, os.path.join(tmp, f"{precision}-{batch_size}.safetensors"), settings, progress=progress)
-                seconds = marks[timed_end] - marks[args.warmup]
-                rates[precision] = args.steps * batch_size / seconds
-                alone = network_step_rate(settings, device, args.steps, args.warmup)
-                print(f"batch {batch_size}, {precision}: {rates[precision]:.0f} samples/s "
-                      f"({1e3 * seconds / args.steps:.1f} ms per step, {args.steps} steps timed after {args.warmup}); "
-                      f"network step alone {alone:.0f} samples/s", flush=True)
-            if "fp32" in rates and "bf16" in rates:
-                print(f"batch {batch_size}: bf16 autocast / fp32: {rates['bf16'] / rates['fp32']:.2f}x", flush=True)
+                    settings = TrainingSettings(steps=total, batch_size=batch_size, base_channels=args.base_channels,
+                                                num_res_blocks=args.res_blocks, device=str(device),
+                                                precision=precision, compile=compile_, checkpoint_every=10 ** 6,
+                                                preview_every=10 ** 6, validation_fraction=0.15)
+                    name = f"{precision}{' compiled' if compile_ else ''}"
+                    train(cases, os.path.join(tmp, f"{precision}-{compile_}-{batch_size}.safetensors"), settings,
+                          progress=progress)
+                    seconds = marks[timed_end] - marks[args.warmup]
+                    rates[name] = args.steps * batch_size / seconds
+                    alone = network_step_rate(settings, device, args.steps, args.warmup)
+                    print(f"batch {batch_size}, {name}: {rates[name]:.0f} samples/s "
+                          f"({1e3 * seconds / args.steps:.1f} ms per step, {args.steps} steps timed after "
+                          f"{args.warmup}); network step alone {alone:.0f} samples/s", flush=True)
+            if "fp32" in rates:
+                print(f"batch {batch_size}, over fp32: " + ", ".join(
+                    f"{name} {rate / rates['fp32']:.2f}x" for name, rate in rates.items() if name != "fp32"),
+                    flush=True)
     return 0
 
 
