@@ -18,18 +18,19 @@ def kernel_radius(sigma: float) -> int:
     return max(1, int(math.ceil(3.0 * sigma)))
 
 
-def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    radius = kernel_radius(sigma)
+def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32, radius: Optional[int] = None) -> torch.Tensor:
+    radius = kernel_radius(sigma) if radius is None else radius
     x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
 
 
 @functools.lru_cache(maxsize=32)
-def _blur_matrix(n: int, sigma: float, reflect: bool, device, dtype) -> torch.Tensor:
-    """(n, n) matrix ``M`` with ``M @ v`` the Gaussian-blurred ``v``, edges reflected (or repeated)."""
-    k = gaussian_kernel1d(sigma, dtype=torch.float64)
-    r = kernel_radius(sigma)
+def blur_matrix(n: int, sigma: float, reflect: bool, device, dtype, radius: Optional[int] = None) -> torch.Tensor:
+    """(n, n) matrix ``M`` with ``M @ v`` the Gaussian-blurred ``v``, edges reflected (or repeated), the
+    kernel ``radius`` taps each side (default ``kernel_radius``; post-processing passes scipy's)."""
+    r = kernel_radius(sigma) if radius is None else radius
+    k = gaussian_kernel1d(sigma, dtype=torch.float64, radius=r)
     rows = torch.arange(n).view(-1, 1)
     taps = rows + torch.arange(-r, r + 1).view(1, -1)
     if reflect:
@@ -51,8 +52,8 @@ def gaussian_blur2d(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return x
     h, w = x.shape[-2:]
     reflect = min(h, w) > kernel_radius(sigma)
-    return _blur_matrix(h, float(sigma), reflect, x.device, x.dtype) @ x \
-        @ _blur_matrix(w, float(sigma), reflect, x.device, x.dtype).T
+    return blur_matrix(h, float(sigma), reflect, x.device, x.dtype) @ x \
+        @ blur_matrix(w, float(sigma), reflect, x.device, x.dtype).T
 
 
 def blob_mask(g: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:

@@ -44,30 +44,19 @@ def blur_map(anomaly_map: np.ndarray, sigma_mm: float, spacing_zyx: Sequence[flo
     return blurred
 
 
-def nearest_blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """(n, n) matrix ``M`` with ``M @ v`` equal to ``ndimage.gaussian_filter1d(v, sigma, mode="nearest",
-    truncate=TRUNCATE)``: scipy's kernel, edge samples repeated."""
-    radius = int(TRUNCATE * sigma + 0.5)
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
-    rows = np.repeat(np.arange(n), offsets.size)
-    taps = np.clip(np.arange(n)[:, None] + offsets[None, :], 0, n - 1).ravel()
-    matrix = np.zeros((n, n))
-    np.add.at(matrix, (rows, taps), np.tile(kernel, n))
-    return matrix
-
-
 def _blur_with_torch(box: np.ndarray, sigma: Sequence[float], device) -> np.ndarray:
-    """The separable blur as one matrix product per axis on ``device`` (float32, TF32 off)."""
+    """The separable blur as one matrix product per axis on ``device`` (float32, TF32 off): the matrices
+    repeat edge samples and take scipy's kernel radius, so this is ``ndimage.gaussian_filter``'s result."""
     import torch
+
+    from .noise import blur_matrix
 
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 keeps 10 mantissa bits: not scipy's filter
     try:
         t = torch.from_numpy(np.ascontiguousarray(box)).to(device)
         for axis, s in enumerate(sigma):
-            m = torch.from_numpy(nearest_blur_matrix(t.shape[axis], s).astype(np.float32)).to(device)
+            m = blur_matrix(t.shape[axis], float(s), False, t.device, torch.float32, int(TRUNCATE * s + 0.5))
             t = torch.movedim(torch.tensordot(m, t, dims=([1], [axis])), 0, axis)
         return t.cpu().numpy()
     finally:

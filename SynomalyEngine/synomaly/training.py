@@ -699,9 +699,9 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
         per_process = len(range(settings.batch_size)[share])
         precision = resolve_training_precision(device, settings.precision, per_process, settings.compile)
         amp = precision == "bf16"
-        network.train()
         if settings.compile:  # before the run folder is made: a compiler that fails leaves nothing behind
             report(start, settings.steps, float("nan"), "compiling the network (a minute or two)")
+            network.train()  # compiled in the mode it trains in
             fast_network = compiled(network, (per_process,) + tuple(data.images.shape[1:]), device, amp)
     with team.together():
         if team.main:
