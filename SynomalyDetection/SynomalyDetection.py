@@ -555,7 +555,7 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
             widget.parent.deleteLater()
 
     def _phantom(self, name="phantom"):
-        phantom = engine_module("phantom").make_phantom(seed=engine_module("demo").DEMO_SEED)
+        phantom = engine_module("evaluation.phantom").make_phantom(seed=engine_module("commands.demo").DEMO_SEED)
         return phantom, slicer.util.addVolumeFromArray(phantom.volume, phantom.geometry.ijk_to_ras(), name=name)
 
     def test_detection_on_phantom(self):
@@ -565,7 +565,7 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"Skipped: missing {missing_dependencies().describe()}; "
                               "open the module and click Detect to install them.")
             return
-        model_file = engine_module("model_file")
+        model_file = engine_module("files.model_file")
         if model_file.DEMO_MODEL not in [m.name for m in model_file.list_models()]:
             self.delayDisplay(f"Skipped: the bundled model '{model_file.DEMO_MODEL}' is missing.")
             return

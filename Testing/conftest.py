@@ -20,7 +20,7 @@ def phantom_case(tmp_path_factory):
 
     Tests must not modify these files (several tests check that inputs stay untouched).
     """
-    from synomaly.phantom import write_phantom_case
+    from synomaly.evaluation.phantom import write_phantom_case
 
     return write_phantom_case(tmp_path_factory.mktemp("phantom") / "case", seed=5, lesion=True)
 

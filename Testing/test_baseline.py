@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synomaly import metrics as M
-from synomaly.baseline import (baseline_score_map, baseline_segmentation, calibrate_baseline_threshold,
-                               calibrate_threshold)
+from synomaly.evaluation import metrics as M
+from synomaly.inference.baseline import (baseline_score_map, baseline_segmentation, calibrate_baseline_threshold,
+                                         calibrate_threshold)
 from synomaly.errors import InputError
 
 

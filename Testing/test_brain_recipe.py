@@ -20,9 +20,9 @@ def test_the_split_is_by_patient_seeded_and_never_touches_development_cases(shar
 
 
 def test_a_packed_case_comes_back_within_the_quantisation_step():
-    from synomaly.phantom import make_phantom
-    from synomaly.training import TrainingCase
-    from synomaly.volume_io import Geometry
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.training.cases import TrainingCase
+    from synomaly.files.geometry import Geometry
 
     ph = make_phantom(shape=(20, 48, 48), seed=2, lesion=True)
     geometry = Geometry((0.9, 1.1, 2.0), (-10.0, 5.0, 3.0), (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
@@ -43,10 +43,10 @@ def test_a_packed_case_comes_back_within_the_quantisation_step():
 
 def test_less_work_variants_change_the_work_and_leave_the_model_as_it_was():
     import do_less_work
-    from synomaly.model_file import load_model
-    from synomaly.phantom import make_phantom
-    from synomaly.training import TrainingCase
-    from synomaly.volume_io import Geometry
+    from synomaly.files.model_file import load_model
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.training.cases import TrainingCase
+    from synomaly.files.geometry import Geometry
 
     ph = make_phantom(shape=(24, 64, 64), seed=4, lesion=True)
     case = TrainingCase("p", ph.volume, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),

@@ -12,11 +12,12 @@ import pytest
 import SimpleITK as sitk
 
 from synomaly.errors import InputError, OutputError
-from synomaly.plaque import PlaqueSettings, insert_plaque
-from synomaly.preprocessing import PreprocessConfig, prepare_volume
-from synomaly.presets import PRESETS
-from synomaly.vessel_disc import vessel_disc
-from synomaly.volume_io import Geometry, is_2d, read_volume, write_volume
+from synomaly.evaluation.plaque import PlaqueSettings, insert_plaque
+from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+from synomaly.method.presets import PRESETS
+from synomaly.inference.vessel_disc import vessel_disc
+from synomaly.files.geometry import Geometry
+from synomaly.files.volume_io import is_2d, read_volume, write_volume
 from test_cli import assert_refused, ok, run_cli, snapshot
 
 CAROTID = PRESETS["carotid-us"]
@@ -192,7 +193,7 @@ def carotid_run(tmp_path_factory, shared_data):
 
 
 def test_png_through_training_and_detection_keeps_format_and_geometry(carotid_run, tmp_path):
-    from synomaly.model_file import read_metadata
+    from synomaly.files.model_file import read_metadata
 
     meta = read_metadata(carotid_run["model"])
     assert meta["preset"] == "carotid-us" and meta["preprocessing"]["disc_margin_px"] == CAROTID.disc_margin_px
@@ -305,10 +306,10 @@ def test_training_images_of_one_acquisition_are_refused_before_training(tmp_path
 def test_bundled_carotid_model_ranks_inserted_plaques_above_the_baseline(shared_data):
     """The shipped model on acquisitions it never saw (its card's test split): its map ranks the pixels of
     inserted plaques above the rest of the disc better than the grey-level baseline does."""
-    from synomaly.baseline import baseline_for
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.metrics import auprc
-    from synomaly.model_file import load_model
+    from synomaly.inference.baseline import baseline_for
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.evaluation.metrics import auprc
+    from synomaly.files.model_file import load_model
 
     images = carotid_images(shared_data)
     acquisitions = sorted({p.name.split("_slice_")[0] for p in images})

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synomaly.phantom import make_phantom, write_phantom_case
+from synomaly.evaluation.phantom import make_phantom, write_phantom_case
 
 OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
 REPORT_KEYS = {"anomalous_volume_ml", "n_components", "components", "max_score", "mean_score", "threshold",
@@ -497,7 +497,7 @@ def test_bad_detect_options_are_refused_before_any_work(phantom_case, tmp_path, 
 
 def test_detection_settings_check_themselves():
     """The Slicer logic builds the same settings object, so it meets the same checks."""
-    from synomaly.detection import DetectionSettings
+    from synomaly.inference.detection import DetectionSettings
     from synomaly.errors import InputError
 
     for bad in ({"batch_size": 0}, {"threshold": float("nan")}, {"min_component_mm3": -1.0}, {"seed": -3},
@@ -532,9 +532,10 @@ def test_a_blur_of_ones_own_says_the_threshold_was_set_for_the_models(phantom_ca
 AT_FIRST_WRITE = """
 import os, signal, sys, time
 from pathlib import Path
-from synomaly import cli, volume_io
+from synomaly.commands import cli
+from synomaly.files import outputs
 action, flag = sys.argv[1], Path(sys.argv[2])
-real_write = volume_io.write_volume
+real_write = outputs.write_volume
 def write_volume(path, *args, **kwargs):
     real_write(path, *args, **kwargs)
     if action == "pause":
@@ -544,7 +545,7 @@ def write_volume(path, *args, **kwargs):
     else:
         os.kill(os.getpid(), getattr(signal, action))
         time.sleep(60)
-volume_io.write_volume = write_volume
+outputs.write_volume = write_volume
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -699,7 +700,7 @@ def test_progress_bar_moves_forward_with_time_left(phantom_case, tmp_path, comma
 
 def test_report_names_input_engine_and_model(phantom_case, tmp_path):
     import synomaly
-    from synomaly.model_file import load_model
+    from synomaly.files.model_file import load_model
 
     ok(run_detect(phantom_case["flair"], "--mask", phantom_case["brainmask"], "-o", tmp_path, "--stages", "1",
                   "-q"))
@@ -729,7 +730,7 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_a_model_detect_uses(trained, phantom_case, tmp_path):
-    from synomaly.model_file import read_metadata
+    from synomaly.files.model_file import read_metadata
 
     model = trained["model"]
     meta = read_metadata(model)
@@ -757,7 +758,7 @@ def test_train_resume_continues_a_finished_run(trained):
     ok(run_cli("train", trained["healthy"], "-o", model, "--resume", *args))
     losses = (run_dir / "loss.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(losses) == 1 + 9, "the resumed run trained steps 7-9 after the saved 6"
-    from synomaly.model_file import read_metadata
+    from synomaly.files.model_file import read_metadata
 
     assert read_metadata(model)["training"]["steps"] == 9
 
@@ -765,7 +766,7 @@ def test_train_resume_continues_a_finished_run(trained):
 def test_train_compile_trains_as_the_eager_run_and_resumes_without_it(trained, tmp_path):
     """--compile changes how the step runs, not what it computes: the same draws and, up to rounding,
     the same losses as the fixture's eager run; its checkpoint resumes without compiling."""
-    from synomaly.model_file import read_metadata
+    from synomaly.files.model_file import read_metadata
 
     model = tmp_path / "compiled.safetensors"
     result = ok(run_cli("train", trained["healthy"], "-o", model, "--compile", *[a for a in TRAIN_ARGS if a != "-q"]))
@@ -809,7 +810,7 @@ def flat_healthy(tmp_path_factory):
 
 
 def test_train_on_a_folder_of_image_files_into_a_new_folder(flat_healthy, tmp_path):
-    from synomaly.model_file import load_model
+    from synomaly.files.model_file import load_model
 
     before = snapshot(flat_healthy)
     model = tmp_path / "new" / "deeper" / "flat.safetensors"
@@ -837,7 +838,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(flat_healthy, tmp_path,
 
     import torch
 
-    from synomaly.model_file import load_model
+    from synomaly.files.model_file import load_model
 
     model = tmp_path / "m.safetensors"
     run_dir = tmp_path / "m.run"
@@ -891,7 +892,8 @@ def test_bad_training_settings_are_refused_before_any_work(flat_healthy, tmp_pat
 
 def test_train_overwrite_replaces_the_run_and_a_corrupt_checkpoint_is_refused(flat_healthy, tmp_path):
     """Resume's other refusals (changed settings, foreign files) are tested on the engine in test_training."""
-    from synomaly.training import TrainingSettings, train
+    from synomaly.training.loop import train
+    from synomaly.training.settings import TrainingSettings
 
     model = tmp_path / "m.safetensors"
     run_dir = tmp_path / "m.run"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from synomaly.cohort import CohortInput, find_inputs, merge_summary, parse_shard, take_shard
+from synomaly.commands.cohort import CohortInput, find_inputs, merge_summary, parse_shard, take_shard
 from synomaly.errors import InputError, OutputError
-from synomaly.output_set import OutputSet
-from synomaly.phantom import write_phantom_case
+from synomaly.files.output_set import OutputSet
+from synomaly.evaluation.phantom import write_phantom_case
 
 SHAPE = (16, 64, 64)
 
@@ -190,7 +190,7 @@ def test_summary_waits_for_its_lock_and_says_what_to_do_when_it_cannot(tmp_path)
 # --- locks of runs on other machines ----------------------------------------------------------------
 
 def test_a_lock_of_another_machine_is_stale_once_it_is_no_longer_refreshed(tmp_path, monkeypatch):
-    from synomaly import output_set
+    from synomaly.files import output_set
 
     lock = tmp_path / ".case.lock"
     lock.write_text(json.dumps({"pid": 1, "host": "another-node", "started": "then", "committing": []}))
@@ -217,14 +217,15 @@ def test_a_lock_of_another_machine_is_stale_once_it_is_no_longer_refreshed(tmp_p
 # Detection that SIGKILLs itself at its 4th volume write: in the second input, the first one finished.
 KILLED_IN_SECOND_INPUT = """
 import os, signal, sys
-from synomaly import cli, volume_io
-real_write, count = volume_io.write_volume, [0]
+from synomaly.commands import cli
+from synomaly.files import outputs
+real_write, count = outputs.write_volume, [0]
 def write_volume(*args, **kwargs):
     count[0] += 1
     if count[0] == 4:
         os.kill(os.getpid(), signal.SIGKILL)
     real_write(*args, **kwargs)
-volume_io.write_volume = write_volume
+outputs.write_volume = write_volume
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -321,7 +322,7 @@ def test_runs_that_find_the_same_dead_lock_at_once_keep_each_others_outputs(tmp_
     """Two runs judge a killed run's lock dead at the same moment; the first clears it, takes the lock
     and moves its report into place before the second acts: the second must neither remove that
     report (a name the dead run was moving too) nor take the lock from under the first."""
-    from synomaly import output_set
+    from synomaly.files import output_set
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / ".case.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),

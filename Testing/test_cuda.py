@@ -10,10 +10,10 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_detection_on_cuda_matches_the_cpu():
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.metrics import auprc, dice
-    from synomaly.model_file import load_model
-    from synomaly.phantom import make_phantom
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.evaluation.metrics import auprc, dice
+    from synomaly.files.model_file import load_model
+    from synomaly.evaluation.phantom import make_phantom
 
     phantom = make_phantom(seed=3)
     model = load_model("demo-phantom")
@@ -37,10 +37,12 @@ def test_detection_on_cuda_matches_the_cpu():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_writes_a_model_the_cpu_can_use(tmp_path, precision):
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.model_file import load_model
-    from synomaly.phantom import make_phantom
-    from synomaly.training import TrainingCase, TrainingSettings, train
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.files.model_file import load_model
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.training.cases import TrainingCase
+    from synomaly.training.loop import train
+    from synomaly.training.settings import TrainingSettings
 
     cases = []
     for seed in range(2):
@@ -60,7 +62,7 @@ def test_training_on_cuda_writes_a_model_the_cpu_can_use(tmp_path, precision):
 
 def test_blur_on_cuda_is_scipys_filter():
     """Detection blurs its map on the GPU when it runs there: the same filter as on the CPU."""
-    from synomaly.postprocessing import blur_map
+    from synomaly.inference.postprocessing import blur_map
 
     rng = np.random.default_rng(0)
     arr = np.zeros((40, 60, 50), dtype=np.float32)

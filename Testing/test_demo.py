@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from synomaly.model_file import BUNDLED_DIR, DEMO_MODEL, read_metadata
+from synomaly.files.model_file import BUNDLED_DIR, DEMO_MODEL, read_metadata
 
 
 def _array(path):

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from synomaly.model_file import read_metadata
-from synomaly.phantom import write_phantom_case
-from synomaly.training import TrainingSettings, run_dir_for, train
+from synomaly.files.model_file import read_metadata
+from synomaly.evaluation.phantom import write_phantom_case
+from synomaly.training.checkpoints import run_dir_for
+from synomaly.training.loop import train
+from synomaly.training.settings import TrainingSettings
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -55,8 +57,8 @@ def error_lines(stderr: str):
 # The Python API under torchrun; each process reports the batch sizes its network trained on.
 SHARES_SCRIPT = """
 import json, os, sys
-from synomaly import network
-from synomaly.training import TrainingSettings, train
+from synomaly.method import network
+from synomaly import TrainingSettings, train
 
 sizes, forward = set(), network.UNet.forward
 def sized_forward(self, x, t):
@@ -209,7 +211,7 @@ def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
 def test_a_team_process_is_told_by_world_size_without_raising(monkeypatch, value, team):
     # The entry point skips the exit-time teardown (where gloo can abort a finished process) only in a team;
     # a malformed WORLD_SIZE is the CLI's to report, not a crash at exit.
-    from synomaly.distributed import in_team_process
+    from synomaly.training.distributed import in_team_process
 
     if value is None:
         monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from synomaly.errors import InputError
-from synomaly.evaluation import (ORACLE_LABEL, EvalCase, case_metrics, crop_axial, evaluate, find_eval_cases,
-                                 format_table, summarise)
-from synomaly.phantom import write_phantom_case
-from synomaly.volume_io import Geometry
+from synomaly.evaluation.cases import EvalCase, find_eval_cases
+from synomaly.evaluation.evaluate import case_metrics, crop_axial, evaluate
+from synomaly.evaluation.report import ORACLE_LABEL, format_table, summarise
+from synomaly.evaluation.phantom import write_phantom_case
+from synomaly.files.geometry import Geometry
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PHANTOM_SHAPE = (32, 64, 64)
@@ -43,8 +44,9 @@ def _single_thread():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A small model trained for a few seconds on healthy phantoms: wiring, not accuracy."""
-    from synomaly.model_file import load_model
-    from synomaly.training import TrainingSettings, train
+    from synomaly.files.model_file import load_model
+    from synomaly.training.loop import train
+    from synomaly.training.settings import TrainingSettings
 
     root = tmp_path_factory.mktemp("healthy")
     for seed in range(3):
@@ -266,7 +268,7 @@ def _check_ranges(method: dict, ours: bool):
 def test_evaluate_writes_json_markdown_and_panels(tiny_model, lesion_cases, tmp_path):
     from skimage.io import imread
 
-    from synomaly.detection import DetectionSettings
+    from synomaly.inference.detection import DetectionSettings
 
     calls = []
     out = tmp_path / "eval"
@@ -312,8 +314,8 @@ def test_evaluate_writes_json_markdown_and_panels(tiny_model, lesion_cases, tmp_
 
 
 def test_baseline_without_calibrated_threshold_reports_only_threshold_free(tiny_model, lesion_cases, tmp_path):
-    from synomaly.detection import DetectionSettings
-    from synomaly.model_file import SynomalyModel
+    from synomaly.inference.detection import DetectionSettings
+    from synomaly.files.model_file import SynomalyModel
 
     metadata = copy.deepcopy(tiny_model.metadata)
     del metadata["calibration"]["baseline_threshold"]
@@ -331,8 +333,8 @@ def test_baseline_without_calibrated_threshold_reports_only_threshold_free(tiny_
 
 
 def test_real_brats_case_on_a_few_slices(tiny_model, tmp_path):
-    from synomaly.detection import DetectionSettings
-    from synomaly.model_file import BUNDLED_DIR, load_model
+    from synomaly.inference.detection import DetectionSettings
+    from synomaly.files.model_file import BUNDLED_DIR, load_model
 
     case_dir = DATA / "brats2015" / "pat0001"
     if not (case_dir / "flair.nii.gz").exists():
@@ -355,7 +357,7 @@ def test_real_brats_case_on_a_few_slices(tiny_model, tmp_path):
 
 
 def test_cases_csv_lists_pick_their_use(lesion_cases, tmp_path):
-    from synomaly.evaluation import cases_from_list
+    from synomaly.evaluation.cases import cases_from_list
 
     listing = tmp_path / "cases.csv"
     rel = os.path.relpath(lesion_cases, tmp_path)

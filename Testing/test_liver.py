@@ -17,11 +17,12 @@ import SimpleITK as sitk
 
 from test_cli import OUTPUT_KINDS, ok, run_cli
 
-from synomaly.baseline import baseline_for, baseline_score_map, lesion_direction
+from synomaly.inference.baseline import baseline_for, baseline_score_map, lesion_direction
 from synomaly.errors import InputError
-from synomaly.presets import PRESETS, get_preset, missing_mask_message
-from synomaly.preprocessing import PreprocessConfig, prepare_volume
-from synomaly.volume_io import Geometry, read_volume, write_volume
+from synomaly.method.presets import PRESETS, get_preset, missing_mask_message
+from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+from synomaly.files.geometry import Geometry
+from synomaly.files.volume_io import read_volume, write_volume
 
 # An oblique, anisotropic grid (ITK/LPS): outputs must come back on exactly this grid.
 _C, _S = float(np.cos(0.1)), float(np.sin(0.1))
@@ -60,9 +61,9 @@ def ct_case(tmp_path_factory):
 def tiny_model_file(folder: Path, preset: str, name: str) -> Path:
     """An untrained, very small model in the real file format, with the preset's intensity handling."""
     torch = pytest.importorskip("torch")
-    from synomaly.model_file import save_model
-    from synomaly.network import UNet, UNetConfig
-    from synomaly.schedule import DiffusionSchedule
+    from synomaly.files.model_file import save_model
+    from synomaly.method.network import UNet, UNetConfig
+    from synomaly.method.schedule import DiffusionSchedule
 
     p = get_preset(preset)
     torch.manual_seed(0)
@@ -105,8 +106,8 @@ def test_liver_preset_is_the_published_one_and_names_its_organ():
 
 
 def test_detection_without_a_mask_is_refused_by_the_api(ct_case, liver_model):
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.model_file import load_model
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.files.model_file import load_model
 
     paths, ct, liver, _ = ct_case
     before = ct.copy()
@@ -214,7 +215,7 @@ def test_a_512_slice_anisotropic_ct_is_cropped_to_the_liver_before_resizing(live
 def test_short_liver_training_on_ircad17_then_detection_in_each_input_geometry(liver_data, tmp_path):
     """Train through the command line on ircad17's tumour-free slices (CSV image,mask,label), then detect on
     lits117 (1 mm, 128^3) and the 3 mm TotalSegmentator CT (flipped axes) with their liver masks."""
-    from synomaly.model_file import read_metadata
+    from synomaly.files.model_file import read_metadata
 
     listing = tmp_path / "train.csv"
     with open(listing, "w", newline="") as f:
@@ -326,9 +327,9 @@ def test_slicer_logic_detects_inside_the_liver_segment_on_the_input_grid(mrml, c
 def test_bundled_liver_model_finds_lits117_tumours_on_a_block_of_slices(liver_data):
     """The shipped model (see models/liver-ct.md) on a block of tumour slices of the patient it never saw;
     measured on the block's inner slices (the map is blurred in 3D, so a block's edge slices are weaker)."""
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.metrics import auprc, dice
-    from synomaly.model_file import BUNDLED_DIR, load_model
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.evaluation.metrics import auprc, dice
+    from synomaly.files.model_file import BUNDLED_DIR, load_model
 
     if not (BUNDLED_DIR / "liver-ct.safetensors").exists():
         pytest.skip("the liver-ct model is not bundled")

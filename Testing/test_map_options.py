@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from synomaly.detection import DetectionSettings, detect
-from synomaly.postprocessing import inner_region, scale_by_volume
-from synomaly.model_file import load_model
-from synomaly.phantom import make_phantom
+from synomaly.inference.detection import DetectionSettings, detect
+from synomaly.inference.postprocessing import inner_region, scale_by_volume
+from synomaly.files.model_file import load_model
+from synomaly.evaluation.phantom import make_phantom
 
 
 def test_inner_region_keeps_what_lies_beyond_the_rim_in_millimetres():
@@ -38,7 +38,7 @@ def maps():
 
 def test_blur_setting_overrides_the_models_blur(maps):
     """The map with blur_mm is the unblurred difference blurred by that sigma; the model's own blur is another."""
-    from synomaly.postprocessing import blur_map
+    from synomaly.inference.postprocessing import blur_map
 
     unblurred, blur3, plain = maps["unblurred"], maps["blur3"], maps["plain"]
     assert plain.report["settings"]["blur_mm"] != 3.0 and blur3.report["settings"]["blur_mm"] == 3.0

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from synomaly import metrics as M
+from synomaly.evaluation import metrics as M
 from synomaly.errors import InputError
-from synomaly.volume_io import Geometry
+from synomaly.files.geometry import Geometry
 
 
 def _ap_bruteforce(scores, gt):

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from synomaly.model_file import BUNDLED_DIR, load_model
+from synomaly.files.model_file import BUNDLED_DIR, load_model
 
 CARDS = sorted(BUNDLED_DIR.glob("*.md"))
 

@@ -3,9 +3,9 @@ always predicts the same healthy image): fusion keeps the input where the map is
 converge on their own, and ensembles/single-stage mode run."""
 import torch
 
-from synomaly.multistage import (MonotoneProgress, StageSettings, difference_map, run_single_stage,
-                                 run_stages)
-from synomaly.schedule import DiffusionSchedule
+from synomaly.inference.multistage import (MonotoneProgress, StageSettings, difference_map, run_single_stage,
+                                           run_stages)
+from synomaly.method.schedule import DiffusionSchedule
 
 
 class HealthyImageDenoiser(torch.nn.Module):

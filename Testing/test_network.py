@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from synomaly.network import UNet, UNetConfig, count_parameters
+from synomaly.method.network import UNet, UNetConfig, count_parameters
 
 
 @pytest.mark.parametrize("size,channels,mult,attn", [(32, 1, (1, 2), (16,)), (64, 3, (1, 2, 2), (16, 8))])

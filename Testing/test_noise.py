@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from synomaly.noise import NOISE_FUNCTIONS, blob_mask, make_noise, synomaly_noise
+from synomaly.method.noise import NOISE_FUNCTIONS, blob_mask, make_noise, synomaly_noise
 
 
 def _gen(seed=0):
@@ -94,7 +94,7 @@ def test_blur_by_matrices_equals_the_padded_convolution(shape, sigma):
     images smaller than the kernel repeat their edge instead."""
     import torch.nn.functional as F
 
-    from synomaly.noise import gaussian_blur2d, gaussian_kernel1d
+    from synomaly.method.noise import gaussian_blur2d, gaussian_kernel1d
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     k = gaussian_kernel1d(sigma)

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 from skimage.io import imread
 
 from synomaly.errors import InputError, OutputError
-from synomaly.overview import COLUMNS, choose_slices, compose_overview, render_overview
-from synomaly.phantom import make_phantom
-from synomaly.volume_io import Geometry
+from synomaly.files.overview import COLUMNS, choose_slices, compose_overview, render_overview
+from synomaly.evaluation.phantom import make_phantom
+from synomaly.files.geometry import Geometry
 
 SHAPE = (12, 40, 48)
 RED, GREEN = (255, 0, 0), (0, 255, 0)

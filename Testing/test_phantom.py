@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage
 
 from synomaly.errors import InputError
-from synomaly.phantom import Phantom, make_phantom, write_phantom_case
-from synomaly.volume_io import read_volume
+from synomaly.evaluation.phantom import Phantom, make_phantom, write_phantom_case
+from synomaly.files.volume_io import read_volume
 
 SMALL = (16, 64, 64)
 

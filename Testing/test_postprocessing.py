@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synomaly.postprocessing import blur_map, segment
+from synomaly.inference.postprocessing import blur_map, segment
 
 
 def sparse_map(shape=(30, 40, 50), seed=0):

@@ -4,10 +4,11 @@ import pytest
 import SimpleITK as sitk
 
 from synomaly.errors import InputError
-from synomaly.phantom import make_phantom
-from synomaly.preprocessing import (Orientation, PreprocessConfig, check_volume, foreground_mask,
-                                    prepare_volume)
-from synomaly.volume_io import Geometry, read_volume, write_volume
+from synomaly.evaluation.phantom import make_phantom
+from synomaly.files.geometry import Orientation
+from synomaly.inference.preprocessing import PreprocessConfig, check_volume, foreground_mask, prepare_volume
+from synomaly.files.geometry import Geometry
+from synomaly.files.volume_io import read_volume, write_volume
 
 
 def _oblique_direction(deg=20.0):
@@ -187,7 +188,7 @@ def test_one_outlier_voxel_changes_nothing_on_a_real_brats_case(shared_data, cas
 
 @pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64])
 def test_intensity_forward_is_the_clipped_linear_map_and_leaves_the_input(dtype):
-    from synomaly.preprocessing import Intensity
+    from synomaly.inference.preprocessing import Intensity
 
     x = (np.arange(-50, 350, dtype=np.float64).reshape(4, 10, 10) * 3.5).astype(dtype)
     before = x.copy()
@@ -201,7 +202,7 @@ def test_intensity_forward_is_the_clipped_linear_map_and_leaves_the_input(dtype)
 def test_holes_filled_in_each_slice_box_equal_the_whole_slice_fill():
     from scipy import ndimage
 
-    from synomaly.preprocessing import fill_holes_per_slice
+    from synomaly.inference.preprocessing import fill_holes_per_slice
 
     rng = np.random.default_rng(5)
     mask = ndimage.binary_opening(rng.random((12, 40, 50)) > 0.55)
@@ -216,7 +217,7 @@ def test_holes_filled_in_each_slice_box_equal_the_whole_slice_fill():
 
 @pytest.mark.parametrize("kind", ["constant", "noisy", "nan-free ties"])
 def test_background_level_shortcut_equals_the_partition(kind):
-    from synomaly.preprocessing import background_level
+    from synomaly.files.volume_io import background_level
 
     rng = np.random.default_rng(1)
     x = rng.normal(100.0, 20.0, size=(30, 60, 60)).astype(np.float32)

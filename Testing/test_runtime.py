@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from synomaly.errors import InputError
-from synomaly.runtime import (BF16_TRAINING_BATCH, cpu_has_native_bf16, describe_cpu, resolve_precision,
-                              resolve_training_precision)
+from synomaly.inference.runtime import (BF16_TRAINING_BATCH, cpu_has_native_bf16, describe_cpu, resolve_precision,
+                                        resolve_training_precision)
 
 
 def test_precision_auto_follows_the_machine():
@@ -32,7 +32,7 @@ def test_a_onednn_cap_below_bf16_makes_auto_choose_fp32(monkeypatch, cap, allowe
     # oneDNN capped to AVX2 emulates bf16 (16x slower per convolution on this project's EPYC): auto must not pick it.
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    from synomaly.runtime import onednn_allows_bf16
+    from synomaly.inference.runtime import onednn_allows_bf16
 
     assert onednn_allows_bf16() is allowed
     if not allowed:
@@ -52,9 +52,9 @@ def test_cpu_description_names_capability():
 
 def test_bf16_and_channels_last_give_the_fp32_answer(phantom_case):
     """The fast path must not move the result: same segmentation up to a few boundary voxels."""
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.model_file import load_model
-    from synomaly.volume_io import read_volume
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume
 
     volume, geometry = read_volume(phantom_case["flair"])
     model = load_model("demo-phantom")

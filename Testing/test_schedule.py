@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from synomaly.schedule import DiffusionSchedule, cosine_betas
+from synomaly.method.schedule import DiffusionSchedule, cosine_betas
 
 
 def test_cosine_betas_match_nichol_dhariwal():

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synomaly.detection import DetectionSettings, detect
+from synomaly.inference.detection import DetectionSettings, detect
 from synomaly.errors import InputError
-from synomaly.model_file import load_model
-from synomaly.phantom import make_phantom
-from synomaly.skullstrip import check_skull_stripped, hd_bet_brain_mask, skull_strip_features
-from synomaly.volume_io import read_volume, write_volume
+from synomaly.files.model_file import load_model
+from synomaly.evaluation.phantom import make_phantom
+from synomaly.inference.skullstrip import check_skull_stripped, hd_bet_brain_mask, skull_strip_features
+from synomaly.files.volume_io import read_volume, write_volume
 
 HEAD_CASES = [(head, seed, shape, spacing) for head in ("bright", "dark") for seed in range(3)
               for shape, spacing in (((32, 96, 96), (1.0, 1.0, 2.0)), ((40, 112, 112), (1.5, 1.5, 3.0)))]

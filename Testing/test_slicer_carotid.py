@@ -13,7 +13,7 @@ from test_slicer_scene import add_volume, new_scene, node_ids, slicer  # noqa: F
 
 from SynomalyDetectionLib import MrmlBridge, SynomalyLogic, format_report
 from synomaly.errors import InputError
-from synomaly.volume_io import read_volume
+from synomaly.files.volume_io import read_volume
 
 SLICER_PNG_MATRIX = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK's identity (LPS) in RAS, as Slicer sets it
 
@@ -32,11 +32,11 @@ def grey_stored_as_rgb(shape=(72, 80), radius=15, seed=0):
 def tiny_model(folder, preset):
     """An untrained, very small model in the real file format, of the given preset (in seconds)."""
     torch = pytest.importorskip("torch")
-    from synomaly.model_file import save_model
-    from synomaly.network import UNet, UNetConfig
-    from synomaly.presets import PRESETS
-    from synomaly.preprocessing import PreprocessConfig
-    from synomaly.schedule import DiffusionSchedule
+    from synomaly.files.model_file import save_model
+    from synomaly.method.network import UNet, UNetConfig
+    from synomaly.method.presets import PRESETS
+    from synomaly.inference.preprocessing import PreprocessConfig
+    from synomaly.method.schedule import DiffusionSchedule
 
     p = PRESETS[preset]
     torch.manual_seed(0)

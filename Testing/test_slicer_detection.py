@@ -22,9 +22,9 @@ from test_slicer_scene import add_volume, new_scene, node_ids, oblique_matrix, s
 from SynomalyDetectionLib import MrmlBridge, Parameters, SynomalyLogic, format_report, panel_wording
 from SynomalyDetectionLib.Engine import Engine
 from SynomalyDetectionLib.JobRunner import CANCELLED, FAILED, SUCCEEDED, WorkerError, WorkerJob, process_gone
-from synomaly.detection import DetectionResult
+from synomaly.inference.detection import DetectionResult
 from synomaly.errors import Cancelled, DeviceError, InputError, ModelFileError, SynomalyError
-from synomaly.phantom import make_phantom
+from synomaly.evaluation.phantom import make_phantom
 
 SHAPE = (12, 48, 48)
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="process groups and /proc are POSIX")
@@ -34,7 +34,7 @@ class StandInModels(Engine):
     """The real engine's light calls, with one bundled model named 'threshold'."""
 
     def list_models(self, extra_dirs=()):
-        from synomaly.model_file import ModelInfo
+        from synomaly.files.model_file import ModelInfo
 
         infos = [ModelInfo("threshold", Path("/bundled/threshold.safetensors"), "test stand-in")]
         for folder in extra_dirs:
@@ -416,8 +416,8 @@ def test_unknown_setting_is_an_input_error(scene, logic):
 def test_console_settings_reach_the_worker_as_given(scene, logic):
     """A console call's engine settings (here the map's blur, for small lesions) go to the worker's job
     unchanged, and a bad one is refused before any job starts."""
-    from synomaly.detection import DetectionSettings
-    from synomaly.worker import settings_from_dict
+    from synomaly.inference.detection import DetectionSettings
+    from synomaly.commands.worker import settings_from_dict
 
     node = add_volume(lesion_volume(), name="flair")
     request = logic.prepare_detection(node, blur_mm=0.75, min_component_mm3=20.0)
@@ -458,10 +458,10 @@ def test_engine_messages_are_worded_for_the_panel(message, flag, words):
 def tiny_model(tmp_path_factory):
     """An untrained, very small model in the real file format: the real engine's plumbing, in seconds."""
     torch = pytest.importorskip("torch")
-    from synomaly.model_file import save_model
-    from synomaly.network import UNet, UNetConfig
-    from synomaly.preprocessing import PreprocessConfig
-    from synomaly.schedule import DiffusionSchedule
+    from synomaly.files.model_file import save_model
+    from synomaly.method.network import UNet, UNetConfig
+    from synomaly.inference.preprocessing import PreprocessConfig
+    from synomaly.method.schedule import DiffusionSchedule
 
     torch.manual_seed(0)
     network = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
@@ -607,7 +607,7 @@ def test_cancelled_synchronous_run_raises_and_adds_nothing(scene, tmp_path, tiny
 
 
 def demo_model_available():
-    from synomaly.model_file import DEMO_MODEL, list_models
+    from synomaly.files.model_file import DEMO_MODEL, list_models
 
     try:
         return any(m.name == DEMO_MODEL for m in list_models())
@@ -618,7 +618,7 @@ def demo_model_available():
 @pytest.mark.skipif(not demo_model_available(),
                     reason="the engine's bundled demo model 'demo-phantom' is not there yet")
 def test_real_engine_finds_the_phantom_lesion(scene, tmp_path):
-    from synomaly.demo import DEMO_SEED
+    from synomaly.commands.demo import DEMO_SEED
 
     phantom = make_phantom(seed=DEMO_SEED)
     node = add_volume(phantom.volume, phantom.geometry.ijk_to_ras(), name="phantom")
@@ -645,7 +645,7 @@ def test_engine_errors_share_one_base_class():
 
 def test_the_skull_strip_advice_is_worded_for_the_panel():
     """The whole-head refusal names the panel's Mask and the console's switch, no command-line flag."""
-    from synomaly.skullstrip import NOT_STRIPPED_HELP
+    from synomaly.inference.skullstrip import NOT_STRIPPED_HELP
 
     worded = panel_wording("the input does not look skull-stripped (12% of the background is constant): "
                            + NOT_STRIPPED_HELP)

@@ -14,7 +14,7 @@ from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED
 from SynomalyDetectionLib.Logic import HealthyVolume
 from SynomalyDetectionLib.LossCurve import LossCurve
 from synomaly.errors import Cancelled, InputError, OutputError
-from synomaly.phantom import make_phantom
+from synomaly.evaluation.phantom import make_phantom
 
 # A network small enough for a few CPU steps a second; calibration with one stage.
 TINY = dict(batch_size=2, image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,

@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from synomaly.detection import DetectionSettings, detect
+from synomaly.inference.detection import DetectionSettings, detect
 from synomaly.errors import Cancelled, InputError, ModelFileError, OutputError
-from synomaly.model_file import load_model, read_metadata
-from synomaly.phantom import make_phantom, write_phantom_case
-from synomaly.runtime import cpu_has_native_bf16
-from synomaly.training import TrainingSettings, find_cases, recalibrate, run_dir_for, train
+from synomaly.files.model_file import load_model, read_metadata
+from synomaly.evaluation.phantom import make_phantom, write_phantom_case
+from synomaly.inference.runtime import cpu_has_native_bf16
+from synomaly.training.calibration import recalibrate
+from synomaly.training.cases import find_cases
+from synomaly.training.checkpoints import run_dir_for
+from synomaly.training.loop import train
+from synomaly.training.settings import TrainingSettings
 
 TINY = dict(batch_size=4, base_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(),
             image_size=32, checkpoint_every=5, preview_every=10, device="cpu", lr=1e-3, validation_fraction=0.5)
@@ -113,7 +117,7 @@ def test_cancel_saves_a_checkpoint_and_resume_continues(healthy_dir, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from synomaly.training import TrainingSettings, train
+from synomaly import TrainingSettings, train
 train([sys.argv[1]], sys.argv[2], TrainingSettings(steps=int(sys.argv[3]), **{tiny}),
       progress=lambda s, t, l, m: print(s, flush=True), resume=len(sys.argv) > 4)
 """
@@ -175,8 +179,8 @@ def test_model_weights_do_not_match_description(trained, tmp_path):
 
 
 def test_small_volumes_still_get_a_held_out_block(healthy_dir):
-    from synomaly.preprocessing import PreprocessConfig
-    from synomaly.training import extract_slices
+    from synomaly.inference.preprocessing import PreprocessConfig
+    from synomaly.training.slices import extract_slices
 
     data = extract_slices(find_cases([healthy_dir]), TrainingSettings(image_size=32),
                           PreprocessConfig(image_size=32))
@@ -189,7 +193,8 @@ def test_small_volumes_still_get_a_held_out_block(healthy_dir):
 
 def _tiny_volume(path, value, shape=(4, 8, 8)):
     """A small distinct volume on disk; ``value`` identifies it after pairing."""
-    from synomaly.volume_io import Geometry, write_volume
+    from synomaly.files.geometry import Geometry
+    from synomaly.files.volume_io import write_volume
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_volume(path, np.full(shape, value, dtype=np.float32), Geometry.identity())
@@ -395,14 +400,14 @@ def test_a_run_folder_without_checkpoint_points_to_overwrite(healthy_dir, tmp_pa
 
 
 def _lesion_case(seed=1):
-    from synomaly.training import TrainingCase
+    from synomaly.training.cases import TrainingCase
 
     ph = make_phantom(shape=(24, 64, 64), seed=seed, lesion=True, lesion_radius_mm=12.0)
     return TrainingCase(f"lesion{seed}", ph.volume, ph.geometry, labels=ph.lesion_mask > 0)
 
 
 def test_grown_lesion_reaches_the_margin_in_millimetres():
-    from synomaly.training import grown_lesion
+    from synomaly.training.slices import grown_lesion
 
     labels = np.zeros((9, 21, 21), dtype=bool)
     labels[4, 10, 10] = True
@@ -413,8 +418,8 @@ def test_grown_lesion_reaches_the_margin_in_millimetres():
 
 
 def test_lesion_slices_train_with_the_grown_lesion_left_out():
-    from synomaly.preprocessing import PreprocessConfig
-    from synomaly.training import extract_slices, grown_lesion
+    from synomaly.inference.preprocessing import PreprocessConfig
+    from synomaly.training.slices import extract_slices, grown_lesion
 
     case = _lesion_case()
     config = PreprocessConfig(image_size=32)
@@ -451,7 +456,7 @@ def test_training_on_lesion_slices_runs_and_records_what_it_used(tmp_path):
 
 
 def test_a_recalibrated_model_gets_a_new_id(trained, tmp_path):
-    from synomaly.model_file import save_model
+    from synomaly.files.model_file import save_model
 
     model = load_model(trained[0])
     same = save_model(tmp_path / "same.safetensors", model.network, model.metadata)
@@ -463,9 +468,10 @@ def test_a_recalibrated_model_gets_a_new_id(trained, tmp_path):
 
 def test_healthy_volume_scores_take_every_unlabelled_foreground_voxel():
     """In the input's grid, also for a volume stored in another orientation than the network's."""
-    from synomaly.baseline import baseline_for
-    from synomaly.training import TrainingCase, healthy_volume_scores
-    from synomaly.volume_io import Geometry
+    from synomaly.inference.baseline import baseline_for
+    from synomaly.training.calibration import healthy_volume_scores
+    from synomaly.training.cases import TrainingCase
+    from synomaly.files.geometry import Geometry
 
     ph = make_phantom(shape=(24, 64, 64), seed=3, lesion=True)
     flipped = Geometry(ph.geometry.spacing, (0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0))
@@ -491,8 +497,8 @@ def test_a_2_5d_model_sees_the_neighbouring_slices_and_detects_with_them(healthy
     assert model.network.config.in_channels == 3 and model.metadata["preprocessing"]["context_slices"] == 1
     assert model.metadata["training"]["settings"]["context_slices"] == 1
 
-    from synomaly.multistage import StageSettings, run_stages
-    from synomaly.preprocessing import PreprocessConfig, prepare_volume
+    from synomaly.inference.multistage import StageSettings, run_stages
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
 
     phantom = make_phantom(shape=(16, 64, 64), seed=7, lesion=False)
     prepared = prepare_volume(phantom.volume, phantom.geometry,
@@ -512,6 +518,6 @@ def test_a_2_5d_model_sees_the_neighbouring_slices_and_detects_with_them(healthy
 
 
 def schedule_of(model):
-    from synomaly.schedule import DiffusionSchedule
+    from synomaly.method.schedule import DiffusionSchedule
 
     return DiffusionSchedule(**model.metadata["schedule"])

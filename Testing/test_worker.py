@@ -1,4 +1,4 @@
-"""``python -m synomaly.worker REQUEST.json``: one job in a process of its own, files in and out, progress
+"""``python -m synomaly.commands.worker REQUEST.json``: one job in a process of its own, files in and out, progress
 as JSON lines, a result record and an exit code; it stops on a cancel file or SIGTERM."""
 import json
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from synomaly.phantom import make_phantom
-from synomaly.volume_io import read_volume, write_volume
-from synomaly.worker import EXIT_CANCELLED, EXIT_OK, EXIT_USER_ERROR
+from synomaly.evaluation.phantom import make_phantom
+from synomaly.files.volume_io import read_volume, write_volume
+from synomaly.commands.worker import EXIT_CANCELLED, EXIT_OK, EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def start(folder: Path, request: dict) -> subprocess.Popen:
     (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "SynomalyEngine"))
-    return subprocess.Popen([sys.executable, "-m", "synomaly.worker", str(folder / "request.json")], cwd=str(folder),
+    return subprocess.Popen([sys.executable, "-m", "synomaly.commands.worker", str(folder / "request.json")], cwd=str(folder),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -37,7 +37,7 @@ def progress_lines(folder: Path):
 
 
 def demo_model_available():
-    from synomaly.model_file import DEMO_MODEL, list_models
+    from synomaly.files.model_file import DEMO_MODEL, list_models
 
     return any(m.name == DEMO_MODEL for m in list_models())
 
@@ -77,7 +77,7 @@ def test_an_error_is_recorded_with_its_type_and_the_exit_code_says_who_can_fix_i
 
 def test_a_request_that_cannot_be_read_is_refused(tmp_path):
     (tmp_path / "request.json").write_text("{not json")
-    run_ = subprocess.run([sys.executable, "-m", "synomaly.worker", str(tmp_path / "request.json")],
+    run_ = subprocess.run([sys.executable, "-m", "synomaly.commands.worker", str(tmp_path / "request.json")],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "SynomalyEngine")))
     assert run_.returncode == EXIT_USER_ERROR and "not a readable job request" in run_.stderr
     assert not (tmp_path / "result.json").exists()

@@ -61,32 +61,32 @@ class Engine:
     object with these methods."""
 
     def list_models(self, extra_dirs=()):
-        return engine_module("model_file").list_models(extra_dirs=[Path(d) for d in extra_dirs])
+        return engine_module("files.model_file").list_models(extra_dirs=[Path(d) for d in extra_dirs])
 
     def default_model(self) -> str:
-        return engine_module("model_file").default_model_name()
+        return engine_module("files.model_file").default_model_name()
 
     def presets(self) -> List[str]:
-        return list(engine_module("presets").PRESETS)
+        return list(engine_module("method.presets").PRESETS)
 
     def preset(self, name: str):
         """The engine's Preset of that name (what the model expects, e.g. an organ mask), or None."""
-        return engine_module("presets").PRESETS.get(name)
+        return engine_module("method.presets").PRESETS.get(name)
 
     def missing_mask_message(self, preset: str) -> Optional[str]:
         """The panel's words when a model of this preset gets no mask; None when it needs none."""
-        return engine_module("presets").missing_mask_message(preset, "slicer")
+        return engine_module("method.presets").missing_mask_message(preset, "slicer")
 
     def training_mask(self, preset: str) -> Tuple[str, Optional[str]]:
         """What every training volume of this preset needs a mask of ("" when none) and the words
         when one has none."""
-        presets = engine_module("presets")
+        presets = engine_module("method.presets")
         return presets.mask_role(preset), presets.missing_mask_message(preset, "slicer-train")
 
     def model_preset(self, model) -> str:
         """The preset a model (name or path) was trained with, from its header (no weights, no torch);
         "" when it names none or cannot be read (the worker then reports why)."""
-        model_file = engine_module("model_file")
+        model_file = engine_module("files.model_file")
         try:
             return str(model_file.read_metadata(model_file.resolve(model)).get("preset") or "")
         except errors().SynomalyError:
@@ -94,10 +94,10 @@ class Engine:
 
     def detection_settings(self, **values):
         """The engine's settings object; unknown or malformed names fail here, before any work starts."""
-        return engine_module("detection").DetectionSettings(**values)
+        return engine_module("inference.detection").DetectionSettings(**values)
 
     def training_settings(self, **values):
-        return engine_module("training").TrainingSettings(**values)
+        return engine_module("training.settings").TrainingSettings(**values)
 
     def geometry_from_ijk_to_ras(self, matrix):
-        return engine_module("volume_io").Geometry.from_ijk_to_ras(matrix)
+        return engine_module("files.geometry").Geometry.from_ijk_to_ras(matrix)

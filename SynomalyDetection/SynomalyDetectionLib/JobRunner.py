@@ -1,4 +1,4 @@
-"""A long engine call in a worker process (``python -m synomaly.worker``), driven by polling.
+"""A long engine call in a worker process (``python -m synomaly.commands.worker``), driven by polling.
 
 Inside Slicer the main thread holds the GIL while the Qt event loop idles, so the engine cannot run on
 a Python thread there; it runs in a process of its own, and no thread is started here. The job folder
@@ -95,7 +95,7 @@ class WorkerJob:
     def __init__(self, folder: Path, request: dict, finish: Optional[Callable] = None,
                  on_progress: Optional[Callable] = None, grace_s: float = 0.0, python: Optional[str] = None):
         """``folder``: the job folder, holding the input files; it is removed when the job ends.
-        ``request``: the worker's request (see ``synomaly.worker``), paths relative to ``folder``.
+        ``request``: the worker's request (see ``synomaly.commands.worker``), paths relative to ``folder``.
         ``finish(result)`` runs on the polling thread with the worker's result (output paths made
         absolute) and returns the job's result; ``on_progress(*args)`` receives, on the polling thread,
         what the engine passed to ``progress``. ``grace_s``: how long a cancelled worker may take to stop
@@ -124,7 +124,7 @@ class WorkerJob:
         return self._cancel_at is not None and not self.done
 
     def command(self) -> List[str]:
-        return [self._python or worker_python(), "-m", "synomaly.worker", str(self.folder / REQUEST_FILE)]
+        return [self._python or worker_python(), "-m", "synomaly.commands.worker", str(self.folder / REQUEST_FILE)]
 
     def start(self) -> "WorkerJob":
         """Write the request and start the worker; on failure the job folder is removed and the error raised."""

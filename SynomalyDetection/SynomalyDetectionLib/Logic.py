@@ -1,7 +1,7 @@
 """Detection and training on scene nodes, without Qt: used by the widget, the Python console and tests.
 
 Each run has three parts: ``prepare_*`` (main thread: checks the inputs and copies them out of the
-nodes), the engine in a worker process (``python -m synomaly.worker``; the inputs and outputs are files
+nodes), the engine in a worker process (``python -m synomaly.commands.worker``; the inputs and outputs are files
 in a job folder) and ``apply_*`` (main thread: writes nodes). ``start_*`` return the running WorkerJob,
 which the caller polls; ``detect``/``train`` start the same job and wait for it. Nothing here runs the
 engine in Slicer's process, so torch is never imported there and Slicer's GIL never slows a run.
@@ -176,7 +176,7 @@ class SynomalyLogic:
                             remember: bool = False) -> WorkerJob:
         """Write the inputs into a job folder and start the worker; ``apply_detection`` runs when it is done.
         ``on_progress(fraction, message)`` runs on the polling thread."""
-        volume_io = engine_module("volume_io")
+        volume_io = engine_module("files.volume_io")
         folder = new_job_folder()
         try:
             volume_io.write_volume(folder / "input.nrrd", request.volume, request.geometry)
@@ -283,7 +283,7 @@ class SynomalyLogic:
     def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None) -> WorkerJob:
         """Write volume-node cases into a job folder and start the worker; the job's result is the new
         model's entry in the model list. ``on_progress(step, total, loss, message)`` runs on the polling thread."""
-        volume_io = engine_module("volume_io")
+        volume_io = engine_module("files.volume_io")
         folder = new_job_folder()
         try:
             healthy = []
@@ -357,9 +357,9 @@ class SynomalyLogic:
 
 def read_detection_result(result: dict):
     """The worker's output files as the engine's DetectionResult (arrays on the input's grid)."""
-    read_volume = engine_module("volume_io").read_volume
+    read_volume = engine_module("files.volume_io").read_volume
     arrays = {kind: read_volume(path)[0] for kind, path in result["outputs"].items()}
-    return engine_module("detection").DetectionResult(
+    return engine_module("inference.detection").DetectionResult(
         arrays["anomaly_map"], arrays["segmentation"], arrays["counterfactual"], arrays.get("uncertainty"),
         result.get("report") or {})
 

@@ -86,7 +86,7 @@ def check_dimensions(node, preset) -> None:
     when unknown (taken as 3D). The message says why, as the engine's does."""
     if not is_2d(node):
         return
-    presets = engine_module("presets")
+    presets = engine_module("method.presets")
     if preset in presets.PRESETS and presets.PRESETS[preset].two_d:
         return
     size = [n for n in node.GetImageData().GetDimensions() if n != 1]
@@ -111,7 +111,7 @@ def volume_to_array(volume_node) -> np.ndarray:
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
     array = numpy_support.vtk_to_numpy(scalars)
     if array.ndim == 2 and array.shape[1] > 1:
-        array = engine_module("volume_io").rgb_to_grey(array)[0]
+        array = engine_module("files.volume_io").rgb_to_grey(array)[0]
     return array.reshape(array_shape(volume_node)).copy()
 
 

@@ -9,8 +9,8 @@ Also: the network call alone per slice, the post-processing alone (previous vs n
 memory of a whole ``synomaly detect`` process on a BraTS-sized and on a 512 x 512 x 300 volume.
 The CPU's name and capability are printed first: figures are only comparable on the same machine.
 
-The reference loop is a drop-in replacement for ``synomaly.multistage.run_stages``, so every column goes
-through ``synomaly.detection.detect`` and is timed by its own ``timings_s``.
+The reference loop is a drop-in replacement for ``synomaly.inference.multistage.run_stages``, so every column goes
+through ``synomaly.inference.detection.detect`` and is timed by its own ``timings_s``.
 
 Run:  python SynomalyEngine/benchmarks/bench_detection.py [--slices N] [--threads 2] [--device cpu]
 """
@@ -70,7 +70,7 @@ def host_difference_map(x0, pred, fg, settings, sigma, truncate):
     import numpy as np
     from scipy import ndimage
 
-    from synomaly.multistage import remove_small_components_2d
+    from synomaly.inference.multistage import remove_small_components_2d
 
     blur = (ndimage.gaussian_filter(x0, sigma, mode="mirror", truncate=truncate)
             - ndimage.gaussian_filter(pred, sigma, mode="mirror", truncate=truncate))
@@ -89,7 +89,7 @@ def reference_stages(network, schedule, x0, foreground, settings, batch_size=16,
     import torch
 
     from synomaly.errors import Cancelled
-    from synomaly.multistage import StageResult, kernel_sigma, one_step_counterfactual
+    from synomaly.inference.multistage import StageResult, kernel_sigma, one_step_counterfactual
 
     sigma = kernel_sigma(settings.kernel_size)
     truncate = ((settings.kernel_size - 1) / 2) / sigma  # OpenCV's kernel radius for this kernel size
@@ -122,16 +122,16 @@ def reference_stages(network, schedule, x0, foreground, settings, batch_size=16,
 def run_pipeline(path, model, settings, out_dir, slices=None):
     """Read, detect, write; phase times in seconds and the detection report. ``path`` may be a
     (volume, geometry) pair already in memory: then nothing is read or written (both phases 0)."""
-    from synomaly.detection import detect
+    from synomaly.inference.detection import detect
 
     if isinstance(path, tuple):
         result = detect(*path, model, None, settings, slices=slices)
         t = result.report["timings_s"]
         return ({"read": 0.0, "preprocess": t["preprocess_s"], "network": t["network_s"],
                  "post-process": t["postprocess_s"], "write": 0.0}, result.report)
-    from synomaly.cli import output_paths, write_outputs
-    from synomaly.output_set import OutputSet
-    from synomaly.volume_io import read_volume
+    from synomaly.files.outputs import output_paths, write_outputs
+    from synomaly.files.output_set import OutputSet
+    from synomaly.files.volume_io import read_volume
 
     t0 = time.perf_counter()
     volume, geometry = read_volume(path)
@@ -216,7 +216,7 @@ def peak_memory_mb(path, args, out_dir):
 
     # VmHWM is this process's own high-water mark; ru_maxrss would report at least the RSS this benchmark
     # had when it started the process (Linux folds the forked copy's size into it at exec).
-    code = ("import resource, sys\nfrom synomaly.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import resource, sys\nfrom synomaly.commands.cli import main\nrc = main(sys.argv[1:])\n"
             "try:\n    peak = [int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
             "except (OSError, IndexError):\n    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "print('PEAK', peak / 1024)\nsys.exit(rc)")
@@ -241,14 +241,14 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
 
-    import synomaly.multistage as multistage
-    import synomaly.runtime as runtime
-    from synomaly.detection import DetectionSettings, resolve_device
-    from synomaly.model_file import load_model
-    from synomaly.network import count_parameters
-    from synomaly.phantom import make_phantom
-    from synomaly.preprocessing import PreprocessConfig, prepare_volume
-    from synomaly.volume_io import write_volume
+    import synomaly.inference.multistage as multistage
+    import synomaly.inference.runtime as runtime
+    from synomaly.inference.detection import DetectionSettings, resolve_device
+    from synomaly.files.model_file import load_model
+    from synomaly.method.network import count_parameters
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+    from synomaly.files.volume_io import write_volume
 
     device = resolve_device(args.device)
     model = load_model(args.model)
@@ -314,7 +314,7 @@ def main(argv=None):
 
         # Post-processing alone, previous vs now, on the same raw map (the phase above also holds the
         # inverse reorientation and the counterfactual's intensity mapping).
-        from synomaly.postprocessing import blur_map, segment
+        from synomaly.inference.postprocessing import blur_map, segment
         raw = np.zeros(phantom.volume.shape, dtype=np.float32)
         raw[phantom.lesion_mask > 0] = 0.5
         raw += (np.random.default_rng(0).random(raw.shape, dtype=np.float32) * 0.05) * (phantom.volume > 0)

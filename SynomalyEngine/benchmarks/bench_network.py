@@ -55,7 +55,7 @@ def time_per_slice(networks, batch, size, repeats):
 
 
 def ours(base, res_blocks, mult, size):
-    from synomaly.network import UNet, UNetConfig
+    from synomaly.method.network import UNet, UNetConfig
 
     return UNet(UNetConfig(base_channels=base, num_res_blocks=res_blocks, channel_mult=tuple(mult),
                            image_size=size)).eval()

@@ -44,8 +44,8 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from synomaly.model_file import load_model
-    from synomaly.runtime import describe_cpu
+    from synomaly.files.model_file import load_model
+    from synomaly.inference.runtime import describe_cpu
 
     model = load_model(args.model)
     size = int(model.metadata["preprocessing"]["image_size"])

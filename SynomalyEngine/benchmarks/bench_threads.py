@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from synomaly.model_file import load_model
-    from synomaly.runtime import autocast, describe_cpu, prepare_network
+    from synomaly.files.model_file import load_model
+    from synomaly.inference.runtime import autocast, describe_cpu, prepare_network
 
     device = torch.device("cpu")
     model = load_model(args.model)

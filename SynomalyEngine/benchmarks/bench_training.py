@@ -1,4 +1,4 @@
-"""Training throughput (samples per second) of ``synomaly.training.train``, fp32 against bf16 autocast.
+"""Training throughput (samples per second) of ``synomaly.training.loop.train``, fp32 against bf16 autocast.
 
 Both runs use the same phantom volumes, network and batch, one after the other in this process; the
 first ``--warmup`` steps of each (allocation, autotuning) are not timed. Beside each, the network's own step
@@ -36,7 +36,7 @@ def network_step_rate(settings, device, steps, warmup):
     """Samples per second of the network's training step alone, on a random batch resident on ``device``."""
     import torch
 
-    from synomaly.network import UNet
+    from synomaly.method.network import UNet
 
     torch.manual_seed(0)
     network = UNet(settings.network_config()).to(device).train()
@@ -67,10 +67,12 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from synomaly.detection import resolve_device
-    from synomaly.phantom import make_phantom
-    from synomaly.runtime import describe_cpu
-    from synomaly.training import TrainingCase, TrainingSettings, train
+    from synomaly.inference.detection import resolve_device
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.inference.runtime import describe_cpu
+    from synomaly.training.cases import TrainingCase
+    from synomaly.training.loop import train
+    from synomaly.training.settings import TrainingSettings
 
     device = resolve_device(args.device)
     print(f"synomaly training benchmark: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")

@@ -64,7 +64,7 @@ def log(message):
 
 
 def cmd_train(args):
-    from synomaly.training import train
+    from synomaly.training.loop import train
 
     rows = training_rows()
     fit, _ = split_patients(rows)
@@ -102,8 +102,8 @@ def cmd_train(args):
 
 def volume_scores(model, case, device):
     """Maps of ours and the baseline over one whole volume, in the reoriented grid, with its foreground."""
-    from synomaly.baseline import baseline_for, lesion_direction
-    from synomaly.detection import DetectionSettings, detect
+    from synomaly.inference.baseline import baseline_for, lesion_direction
+    from synomaly.inference.detection import DetectionSettings, detect
 
     result = detect(case.image, case.geometry, model, case.mask,
                     DetectionSettings(device=device, maps_only=True, skull_check=False))
@@ -114,7 +114,7 @@ def volume_scores(model, case, device):
 
 
 def dice_fpr(seg, gt, fg):
-    from synomaly.metrics import dice
+    from synomaly.evaluation.metrics import dice
 
     healthy = fg & ~gt
     return dice(seg & fg, gt), float((seg & healthy).sum() / max(int(healthy.sum()), 1))
@@ -127,10 +127,10 @@ def case_means(rows):
 
 def measure(model, fit_cases, split, selection_cases, device):
     """Everything ``select`` reports for one model with its current inference settings."""
-    from synomaly.baseline import baseline_segmentation, calibrate_threshold
-    from synomaly.metrics import auprc, best_threshold_dice
-    from synomaly.postprocessing import segment
-    from synomaly.training import healthy_validation_scores
+    from synomaly.inference.baseline import baseline_segmentation, calibrate_threshold
+    from synomaly.evaluation.metrics import auprc, best_threshold_dice
+    from synomaly.inference.postprocessing import segment
+    from synomaly.training.calibration import healthy_validation_scores
 
     t0 = time.time()
     h_in, hb_in = healthy_validation_scores(model, fit_cases, split, device)
@@ -164,9 +164,10 @@ def measure(model, fit_cases, split, selection_cases, device):
 
 
 def cmd_select(args):
-    from synomaly.model_file import load_model
-    from synomaly.preprocessing import PreprocessConfig
-    from synomaly.training import extract_slices, settings_from_model
+    from synomaly.files.model_file import load_model
+    from synomaly.inference.preprocessing import PreprocessConfig
+    from synomaly.training.calibration import settings_from_model
+    from synomaly.training.slices import extract_slices
 
     rows = training_rows()
     fit_rows, selection_rows = split_patients(rows)

@@ -46,8 +46,8 @@ def split_patients(rows):
 
 def read_case(row, data=DATA):
     """A TrainingCase (image, brain mask when there is one, tumour labels) read from the NIfTI files."""
-    from synomaly.training import TrainingCase
-    from synomaly.volume_io import read_volume
+    from synomaly.training.cases import TrainingCase
+    from synomaly.files.volume_io import read_volume
 
     folder = Path(data) / row["folder"]
     image, geometry = read_volume(folder / "flair.nii.gz")
@@ -77,8 +77,8 @@ def pack_case(case):
 
 
 def unpack_case(name, arrays):
-    from synomaly.training import TrainingCase
-    from synomaly.volume_io import Geometry
+    from synomaly.training.cases import TrainingCase
+    from synomaly.files.geometry import Geometry
 
     shape = tuple(int(n) for n in arrays["shape"])
     vmin, vmax = (float(v) for v in arrays["range"])
@@ -106,7 +106,7 @@ def load_cases(rows, pack=None):
 
 
 def training_settings(steps: int, device: str = "auto", **changes):
-    from synomaly.training import TrainingSettings
+    from synomaly.training.settings import TrainingSettings
 
     settings = dict(steps=steps, batch_size=8, num_res_blocks=1, min_slice_foreground=0.08, checkpoint_every=50,
                     preview_every=250, device=device, name="brain-flair",

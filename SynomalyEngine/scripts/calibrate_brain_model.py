@@ -30,10 +30,10 @@ def main():
     parser.add_argument("--pack", default=None)
     parser.add_argument("--report", default=None, help="write the measurements here (JSON)")
     args = parser.parse_args()
-    from synomaly.baseline import baseline_segmentation, calibrate_threshold, lesion_direction
-    from synomaly.model_file import load_model, save_model
-    from synomaly.postprocessing import segment
-    from synomaly.training import healthy_volume_scores
+    from synomaly.inference.baseline import baseline_segmentation, calibrate_threshold, lesion_direction
+    from synomaly.files.model_file import load_model, save_model
+    from synomaly.inference.postprocessing import segment
+    from synomaly.training.calibration import healthy_volume_scores
 
     model = load_model(args.model)
     model.metadata["inference"] = dict(model.metadata["inference"], **INFERENCE[args.inference])

@@ -11,7 +11,7 @@ the order of their ids, starting at the third; never trained or calibrated on). 
 above made the bundled ``carotid-us`` model (see its card).
 
 ``evaluate`` runs ``synomaly evaluate`` on cases made from the test images: each image as it is (no
-plaque: every detection is a false positive), and with plaques inserted by ``synomaly.plaque`` (the
+plaque: every detection is a false positive), and with plaques inserted by ``synomaly.evaluation.plaque`` (the
 function the tests use), each given the lumen left beside its plaque as its mask. It reports the
 false-positive rate on the plain images and Dice and AUPRC on the plaque images, ours next to the
 intensity baseline (median-filtered grey level, its threshold calibrated on the same held-out
@@ -51,8 +51,8 @@ def split(data: Path, work: Path) -> None:
 
 def make_cases(work: Path) -> Path:
     """Plain and plaque cases of the test images, as PNG files and a CSV for ``synomaly evaluate``."""
-    from synomaly.plaque import PlaqueSettings, insert_plaque
-    from synomaly.volume_io import read_volume, write_volume
+    from synomaly.evaluation.plaque import PlaqueSettings, insert_plaque
+    from synomaly.files.volume_io import read_volume, write_volume
 
     folder = work / "cases"
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,9 +126,10 @@ def table(summary: dict) -> str:
 
 
 def evaluate_model(model_path: Path, work: Path, device: str) -> None:
-    from synomaly.detection import DetectionSettings
-    from synomaly.evaluation import evaluate, find_eval_cases
-    from synomaly.model_file import load_model
+    from synomaly.inference.detection import DetectionSettings
+    from synomaly.evaluation.cases import find_eval_cases
+    from synomaly.evaluation.evaluate import evaluate
+    from synomaly.files.model_file import load_model
 
     cases = make_cases(work)
     model = load_model(model_path)

@@ -31,9 +31,9 @@ VARIANTS = {
 
 def run_variant(model, cases, change, device):
     """Per-case figures for one variant (the model's metadata and the stage test changed for its duration)."""
-    import synomaly.multistage as multistage
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.metrics import auprc
+    import synomaly.inference.multistage as multistage
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.evaluation.metrics import auprc
 
     inference, preprocessing = dict(model.metadata["inference"]), dict(model.metadata["preprocessing"])
     original_run_stages = multistage.run_stages
@@ -65,7 +65,7 @@ def run_variant(model, cases, change, device):
 
 
 def main(argv=None):
-    from synomaly.model_file import load_model
+    from synomaly.files.model_file import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="brain-flair")

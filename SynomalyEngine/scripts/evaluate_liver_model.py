@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 from liver_ct_recipe import EVALUATION, case_files, write_training_csv
 
-from synomaly.baseline import baseline_for, calibrate_threshold, lesion_direction
-from synomaly.detection import DetectionSettings, detect
-from synomaly.metrics import auprc, best_threshold_dice, dice
-from synomaly.model_file import load_model
-from synomaly.preprocessing import PreprocessConfig, prepare_volume
-from synomaly.training import extract_slices, find_cases, settings_from_model
-from synomaly.volume_io import read_volume
+from synomaly.inference.baseline import baseline_for, calibrate_threshold, lesion_direction
+from synomaly.inference.detection import DetectionSettings, detect
+from synomaly.evaluation.metrics import auprc, best_threshold_dice, dice
+from synomaly.files.model_file import load_model
+from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+from synomaly.training.calibration import settings_from_model
+from synomaly.training.cases import find_cases
+from synomaly.training.slices import extract_slices
+from synomaly.files.volume_io import read_volume
 
 # name -> (median filter size, the training cases whose held-out slices set the threshold; None: all)
 BASELINES = {"HU threshold": (1, None), "HU median 5": (5, None), "HU median 5, enhanced": (5, ("ircad17",))}

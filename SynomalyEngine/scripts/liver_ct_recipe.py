@@ -37,7 +37,7 @@ def write_training_csv(path: Path) -> Path:
 
 
 def training_settings(steps: int, device: str = "auto"):
-    from synomaly.training import TrainingSettings
+    from synomaly.training.settings import TrainingSettings
 
     # min_slice_foreground is a fraction of the whole slice: the liver covers 1-15 % of a 512 x 512 CT slice.
     return TrainingSettings(preset="liver-ct", steps=steps, batch_size=8, num_res_blocks=1, base_channels=32,

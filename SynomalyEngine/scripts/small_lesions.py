@@ -70,9 +70,9 @@ def main():
     args = parser.parse_args()
     from scipy import ndimage
 
-    from synomaly.detection import DetectionSettings, detect
-    from synomaly.model_file import load_model
-    from synomaly.postprocessing import segment
+    from synomaly.inference.detection import DetectionSettings, detect
+    from synomaly.files.model_file import load_model
+    from synomaly.inference.postprocessing import segment
 
     model = load_model(args.model)
     if args.patients == "selection":

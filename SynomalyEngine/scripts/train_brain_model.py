@@ -13,7 +13,7 @@ import time
 from brain_flair_candidates import CANDIDATES
 from brain_flair_recipe import V1_PATIENTS, load_cases, split_patients, training_rows, training_settings
 
-from synomaly.training import train
+from synomaly.training.loop import train
 
 
 def main():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from liver_ct_recipe import training_settings, write_training_csv
 
-from synomaly.training import train
+from synomaly.training.loop import train
 
 
 def main():

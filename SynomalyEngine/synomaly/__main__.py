@@ -1,8 +1,8 @@
 import os
 import sys
 
-from .cli import main
-from .distributed import in_team_process
+from synomaly.commands.cli import main
+from synomaly.training.distributed import in_team_process
 
 code = main()
 if in_team_process():

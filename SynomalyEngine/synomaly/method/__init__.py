@@ -1,0 +1,1 @@
+"""The published method: Synomaly noise, the diffusion schedule, the denoising network, the presets."""

@@ -1,0 +1,1 @@
+"""Training on healthy cases: settings, cases, slices, the loop with checkpoints, calibration, several processes."""
