@@ -1,4 +1,5 @@
 """Fixtures shared by several test files: the shared BraTS data folder and one phantom case on disk."""
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ def phantom_case(tmp_path_factory):
 
 
 def pytest_configure(config):
+    # Children inherit an ignored SIGINT (a CI runner or a script started in the background ignores it), and
+    # Python then never turns Ctrl-C into KeyboardInterrupt: the tests that stop a child with SIGINT would
+    # depend on their caller. With a handler here, every child starts with Python's own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "slow: takes more than about 20 s on 2 CPU cores; "
                             "`-m \"not slow\"` leaves it out for everyday runs (CI runs everything)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (CI has none)")

@@ -46,19 +46,21 @@ import glob
 import io
 import json
 import logging
+import os
 import random
 import re
 import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from synomaly.errors import InputError, OutputError
 from synomaly.files.output_set import OutputSet
+from synomaly.files.outputs import is_our_output
 from synomaly.files.volume_io import atomic_write_bytes, image_stem, is_image_file
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ SUMMARY_COLUMNS = ("name", "input", "mask", "status", "anomalous_volume_ml", "n_
 FAILURE_COLUMNS = ("name", "input", "mask", "error", "finished", "shard")
 SHARD_FILE = re.compile(r"^summary\.shard-(\d+)-of-(\d+)\.csv$")
 CSV_COLUMNS = ("image", "mask", "name", "label", "labels")
-OUTPUT_SUFFIXES = ("_anomaly_seg", "_anomaly_map", "_counterfactual", "_uncertainty")
+OUTPUT_SUFFIXES = ("_anomaly_seg", "_anomaly_map", "_counterfactual", "_uncertainty", "_overview")
 MERGE_WAIT_S = 300.0  # rebuilding takes well under a second; many shards may finish together
 INTERRUPTED_MERGE_WAIT_S = 10.0  # after SIGTERM a scheduler waits ~30 s before it kills
 _GLOB_CHARS = set("*?[")
@@ -86,6 +88,7 @@ class CohortInput:
 class FoundInputs:
     items: List[CohortInput]
     cohort: bool  # False: exactly one volume named on its own (a single run)
+    lists: List[Path] = field(default_factory=list)  # the CSV lists that named inputs: inputs too, never outputs
 
 
 # --- shares -----------------------------------------------------------------------------------------
@@ -136,8 +139,10 @@ def _listing(folder: Path) -> List[Path]:
         raise InputError(f"{folder}: cannot be listed ({exc.strerror or exc}).") from None
 
 
-def _is_output(path: Path) -> bool:
-    return image_stem(path).endswith(OUTPUT_SUFFIXES)
+def _is_output(path: Path, output: Optional[Path]) -> bool:
+    """Our own outputs are never inputs: any file of a set whose report of ours names it, and in the output
+    folder anything named like an output."""
+    return is_our_output(path) or (_real(path.parent) == output and image_stem(path).endswith(OUTPUT_SUFFIXES))
 
 
 def _pair(images: List[Path], where: str) -> List[Tuple[Path, Optional[Path]]]:
@@ -153,12 +158,12 @@ def _walk(root: Path, output: Optional[Path]) -> List[Tuple[str, Path, Optional[
     seen = set()
 
     def visit(folder: Path) -> None:
-        real = folder.resolve()
+        real = _real(folder)
         if real in seen:  # a symbolic link back up the tree
             return
         seen.add(real)
         entries = _listing(folder)
-        images = [p for p in entries if is_image_file(p) and not (real == output and _is_output(p))]
+        images = [p for p in entries if is_image_file(p) and not _is_output(p, output)]
         if images:
             found.extend((image.relative_to(root).as_posix(), image, mask)
                          for image, mask in _pair(images, str(folder)))
@@ -183,7 +188,7 @@ def _from_glob(pattern: str, output: Optional[Path]) -> List[Tuple[str, Path, Op
             found.extend((f"{match.as_posix()}/{key}", path, mask) for key, path, mask in walked)
             if not walked:
                 found.append((match.as_posix(), match, None))
-        elif is_image_file(match) and not (match.parent.resolve() == output and _is_output(match)):
+        elif is_image_file(match) and not _is_output(match, output):
             files.setdefault(match.parent, []).append(match)
     for folder, images in files.items():
         found.extend((image.as_posix(), image, mask) for image, mask in _pair(images, f"files matching {pattern}"))
@@ -236,6 +241,12 @@ def _absolute(path: Path) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
+def _real(path: Path) -> Path:
+    """The absolute path with links followed; a link that loops stays as it is (``Path.resolve`` raises there),
+    and reading it then says that it cannot be read."""
+    return Path(os.path.realpath(_absolute(Path(path))))
+
+
 def _name(items: List[CohortInput]) -> List[CohortInput]:
     """Give every unnamed input the name of its outputs; refuse two inputs writing the same files."""
     from synomaly.files.outputs import case_name
@@ -280,14 +291,16 @@ def find_inputs(arguments, masks: Optional[Sequence] = None, output=None) -> Fou
     arguments = [str(a) for a in arguments]
     if not arguments:
         raise InputError("no input given; give image files, DICOM folders, folders of them, a glob or a CSV list.")
-    out = Path(output).expanduser().resolve() if output is not None else None
+    out = _real(Path(output).expanduser()) if output is not None else None
     items: List[CohortInput] = []
+    lists: List[Path] = []
     named_alone = True
     for raw in arguments:
         path = Path(raw).expanduser()
         walked = _walk(path, out) if path.is_dir() else []
         if path.is_file() and path.suffix.lower() == ".csv":
             items.extend(_from_csv(path))
+            lists.append(path)
             named_alone = False
         elif walked and [p for _, p, _ in walked] != [path]:  # not the folder itself as a DICOM series
             items.extend(CohortInput(p, m) for _, p, m in walked)
@@ -306,9 +319,9 @@ def find_inputs(arguments, masks: Optional[Sequence] = None, output=None) -> Fou
         items = [replace(item, mask=Path(m)) for item, m in zip(items, masks)]
     unique: Dict[Path, CohortInput] = {}
     for item in items:
-        unique.setdefault(_absolute(item.path).resolve(), item)
+        unique.setdefault(_real(item.path), item)
     items = _name(list(unique.values()))
-    return FoundInputs(items, cohort=len(arguments) > 1 or not named_alone)
+    return FoundInputs(items, cohort=len(arguments) > 1 or not named_alone, lists=lists)
 
 
 # --- the summary ------------------------------------------------------------------------------------
@@ -321,12 +334,51 @@ def _number(value, digits: int = 6) -> str:
     return "" if value is None else f"{float(value):.{digits}g}"
 
 
+# A cell that starts so is a formula to a spreadsheet (=1+1, +cmd|...): written with a leading quote, as
+# OWASP advises, which spreadsheets show as text; read back without it.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+TEXT_COLUMNS = ("name", "input", "mask", "error")
+
+
+def _as_text(value: str) -> str:
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def _from_text(value: str) -> str:
+    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_STARTS) else value
+
+
 def _csv_bytes(rows: Iterable[Dict[str, str]], columns: Sequence[str]) -> bytes:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _as_text(v) if k in TEXT_COLUMNS else v for k, v in row.items()} for row in rows)
     return text.getvalue().encode("utf-8")
+
+
+def summary_files(folder: Path, shard: Tuple[int, int]) -> Dict[str, Path]:
+    """The files a cohort run writes beside the outputs: this share's summary, the summary and the failures."""
+    return {"shard": Path(folder) / f"summary.shard-{shard[0]}-of-{shard[1]}.csv",
+            "summary": Path(folder) / "summary.csv", "failures": Path(folder) / "failures.csv"}
+
+
+def _ours(path: Path) -> bool:
+    """A summary file of ours: its first line is exactly our header."""
+    columns = FAILURE_COLUMNS if path.name == "failures.csv" else SUMMARY_COLUMNS
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == list(columns)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def check_summary_files(folder: Path, shard: Tuple[int, int]) -> None:
+    """Before any work: the summary files a cohort run replaces are ours, or absent (a study folder may hold a
+    summary.csv of the user's own)."""
+    for path in summary_files(folder, shard).values():
+        if path.exists() and not _ours(path):
+            raise OutputError(f"{path} exists and was not written by synomaly (its columns are not a summary's); "
+                              "synomaly replaces only its own files: move it, or choose another -o folder.")
 
 
 def _read_rows(path: Path) -> List[Dict[str, str]]:
@@ -339,7 +391,7 @@ def _read_rows(path: Path) -> List[Dict[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         log.warning(f"{path}: cannot be read ({exc}); its rows are left out of the summary.")
         return []
-    return [{c: (row.get(c) or "") for c in SUMMARY_COLUMNS} for row in rows if row.get("name")]
+    return [{c: _from_text(row.get(c) or "") for c in SUMMARY_COLUMNS} for row in rows if row.get("name")]
 
 
 class CohortLog:
@@ -383,8 +435,8 @@ class CohortLog:
                 finished: str = "") -> None:
         report = report or {}
         self.rows[item.name] = {
-            "name": item.name, "input": str(_absolute(item.path).resolve()),
-            "mask": str(_absolute(item.mask).resolve()) if item.mask is not None else "", "status": status,
+            "name": item.name, "input": str(_real(item.path)),
+            "mask": str(_real(item.mask)) if item.mask is not None else "", "status": status,
             "anomalous_volume_ml": _number(report.get("anomalous_volume_ml")),
             "n_components": str(report.get("n_components", "")),
             "max_score": _number(report.get("max_score")), "threshold": _number(report.get("threshold")),
@@ -446,7 +498,7 @@ def merge_summary(folder, wait_s: float = MERGE_WAIT_S) -> Dict[str, int]:
                           "skipped) rebuilds it.") from None
     try:
         best: Dict[str, Dict[str, str]] = {}
-        for path in sorted(p for p in folder.iterdir() if SHARD_FILE.match(p.name)):
+        for path in sorted(p for p in folder.iterdir() if SHARD_FILE.match(p.name) and _ours(p)):
             for row in _read_rows(path):
                 rank = (row["status"] != "pending", row["finished"])
                 known = best.get(row["name"])

@@ -1,5 +1,6 @@
 """``synomaly detect``: volumes, folders, globs or CSV lists in; per input, the anomaly segmentation, map,
 counterfactual, report and overview out (a cohort run skips finished inputs and keeps a summary)."""
+import os
 import sys
 from pathlib import Path
 from typing import List
@@ -7,15 +8,8 @@ from typing import List
 from synomaly.commands.options import KeepLines, detection_options, detection_settings
 from synomaly.commands.terminal import Progress, error_line
 from synomaly.errors import InputError, OutputError, SynomalyError
-from synomaly.files.outputs import (
-    FORMATS,
-    check_output_format,
-    check_writable,
-    output_format,
-    output_paths,
-    refuse_existing,
-    write_outputs,
-)
+from synomaly.files.outputs import (FORMATS, check_output_format, check_writable, output_format, output_paths,
+                                    refuse_existing, refuse_foreign, refuse_inputs_as_outputs, write_outputs)
 
 DETECT_EPILOG = """\
 cohorts:
@@ -59,18 +53,11 @@ def _threshold_line(model, settings, device) -> str:
 def run(args) -> int:
     from contextlib import ExitStack
 
-    from synomaly.commands.cohort import (
-        CohortLog,
-        find_inputs,
-        merge_summary,
-        parse_shard,
-        sigterm_interrupts,
-        take_shard,
-    )
+    from synomaly.commands.cohort import (CohortLog, check_summary_files, find_inputs, merge_summary, parse_shard,
+                                          sigterm_interrupts, summary_files, take_shard)
     from synomaly.files.model_file import load_model
     from synomaly.files.output_set import OutputFolder, OutputSet
-    from synomaly.files.volume_io import read_volume
-    from synomaly.inference.detection import detect, resolve_device
+    from synomaly.inference.detection import resolve_device
 
     out_dir = Path(args.output)
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -79,53 +66,45 @@ def run(args) -> int:
     cohort = found.cohort or shard is not None
     items = take_shard(found.items, *shard) if shard else found.items
     settings = detection_settings(args, batch_size=args.batch_size, seed=args.seed,
-                                   skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
-    all_paths = [output_paths(out_dir, item.name, output_format(item.path, args.format)) for item in items]
+                                  skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
+    sets = {item.name: output_paths(out_dir, item.name, output_format(item.path, args.format))
+            for item in found.items}
+    if cohort:
+        sets["the summary"] = summary_files(out_dir, shard or (1, 1))
+    refuse_inputs_as_outputs([p for item in found.items for p in (item.path, item.mask) if p is not None]
+                             + found.lists, sets)
+    all_paths = [sets[item.name] for item in items]
     check_writable(out_dir)
     failures = 0
     # The folder exists while the run holds its locks; if nothing was written it goes again.
     with sigterm_interrupts(), OutputFolder(out_dir), ExitStack() as held:
         if not cohort:  # one volume named alone: its outputs are refused, before any work
             single = held.enter_context(OutputSet(out_dir, items[0].name))
+            refuse_foreign(all_paths[0])
             if not args.overwrite:
                 refuse_existing(all_paths[0].values())
+        else:
+            check_summary_files(out_dir, shard or (1, 1))
         device = resolve_device(args.device)
         model = load_model(args.model, device=str(device))
         print(_threshold_line(model, settings, device), flush=True)
         if cohort:
             book = held.enter_context(CohortLog(out_dir, items, shard or (1, 1)))
         for item, paths in zip(items, all_paths):
-            path, mask_path = item.path, item.mask
             output_set = None if cohort else single
             try:
                 if cohort:
                     output_set = OutputSet(out_dir, item.name).acquire()
+                    refuse_foreign(paths)
                     if not args.overwrite and paths["report"].exists():
                         if book.existing(item, paths["report"]):
                             continue
                         raise OutputError(f"{paths['report']} cannot be read; use --overwrite to detect again.")
-                notes: List[str] = []
-                volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
-                check_output_format(path, paths, volume, geometry)
-                mask = None
-                if mask_path is not None:
-                    mask, _ = read_volume(mask_path, notes)
-                    if mask.shape != volume.shape:
-                        raise InputError(f"{mask_path}: size {tuple(reversed(mask.shape))} differs from the input's "
-                                         f"{tuple(reversed(volume.shape))}; resample the mask onto the input grid.")
-                bar = Progress(path.name, enabled=not args.quiet)
-                try:
-                    result = detect(volume, geometry, model, mask, settings, progress=bar)
-                finally:
-                    bar.close()
-                result.report = {"input": str(path.resolve()),
-                                 "mask": str(mask_path.resolve()) if mask_path is not None else None,
-                                 **result.report, "warnings": notes}
-                write_outputs(output_set, paths, result, geometry, volume)
+                result = _detect_one(item, paths, model, settings, args, output_set)
             except (Exception if cohort else SynomalyError) as exc:  # in a cohort one input never stops the rest
                 message = str(exc) if isinstance(exc, SynomalyError) else f"{type(exc).__name__}: {exc}"
-                if not message.startswith(str(path)):
-                    message = f"{path}: {message}"
+                if not message.startswith(str(item.path)):
+                    message = f"{item.path}: {message}"
                 print(error_line(message), file=sys.stderr)
                 failures += 1
                 if cohort:
@@ -134,16 +113,9 @@ def run(args) -> int:
             finally:
                 if output_set is not None:
                     output_set.release()
-            for note in notes:
-                print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
-            r = result.report
-            amount = (f"{r['anomalous_volume_ml']:.2f} mL" if "anomalous_area_px" not in r else
-                      f"{r['anomalous_area_mm2']:.1f} mm^2" if r["pixel_spacing_known"] else
-                      f"{r['anomalous_area_px']} pixels")
-            print(f"{path}: {amount} anomalous in {r['n_components']} component(s), "
-                  f"max score {r['max_score']:.3f}; outputs in {out_dir}/{item.name}_*")
+            _say_done(item, result.report, out_dir)
             if cohort:
-                book.done(item, r)
+                book.done(item, result.report)
         if cohort:
             counts = merge_summary(out_dir)
             where = f"shard {shard[0]}/{shard[1]}" if shard else "this run"
@@ -152,6 +124,45 @@ def run(args) -> int:
                   f"{out_dir / 'summary.csv'}: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed "
                   f"(listed in failures.csv), {counts.get('pending', 0)} pending.")
     return 2 if failures else 0
+
+
+def _detect_one(item, paths: dict, model, settings, args, output_set):
+    """Read one input (and its mask), detect, and write its set of outputs; the result with its report."""
+    from synomaly.files.geometry import grid_difference
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.detection import detect
+
+    path, mask_path = item.path, item.mask
+    notes: List[str] = []
+    volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
+    check_output_format(path, paths, volume, geometry)
+    mask = None
+    if mask_path is not None:
+        mask, mask_geometry = read_volume(mask_path, notes)
+        difference = grid_difference(mask.shape, mask_geometry, volume.shape, geometry)
+        if difference:
+            raise InputError(f"{mask_path}: the mask does not lie on the input's voxel grid ({difference}); "
+                             "resample the mask onto the input grid.")
+    bar = Progress(path.name, enabled=not args.quiet)
+    try:
+        result = detect(volume, geometry, model, mask, settings, progress=bar)
+    finally:
+        bar.close()
+    result.report = {"input": os.path.realpath(path),
+                     "mask": os.path.realpath(mask_path) if mask_path is not None else None,
+                     **result.report, "warnings": notes}
+    write_outputs(output_set, paths, result, geometry, volume)
+    for note in notes:
+        print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
+    return result
+
+
+def _say_done(item, r: dict, out_dir: Path) -> None:
+    amount = (f"{r['anomalous_volume_ml']:.2f} mL" if "anomalous_area_px" not in r else
+              f"{r['anomalous_area_mm2']:.1f} mm^2" if r["pixel_spacing_known"] else
+              f"{r['anomalous_area_px']} pixels")
+    print(f"{item.path}: {amount} anomalous in {r['n_components']} component(s), "
+          f"max score {r['max_score']:.3f}; outputs in {out_dir}/{item.name}_*")
 
 
 def add_parser(sub) -> None:

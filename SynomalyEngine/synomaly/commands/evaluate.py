@@ -26,7 +26,7 @@ def run(args) -> int:
     bar = Progress("evaluating", enabled=not args.quiet)
     try:
         summary = evaluate(cases, model, settings, out_dir, target_fpr=args.target_fpr, progress=bar,
-                           max_slices=args.max_slices)
+                           max_slices=args.max_slices, overwrite=args.overwrite)
     finally:
         bar.close()
     print(format_table(summary))
@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", default="evaluation", help="output folder")
     detection_options(p)
     p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in the output folder")
     p.add_argument("--max-slices", type=int, default=None, help="evaluate at most this many slices per case "
                    "(around the lesion; for quick checks)")
     p.set_defaults(func=run)

@@ -39,4 +39,6 @@ def detection_options(p):
     p.add_argument("--min-component-mm3", type=float, default=None, help="drop smaller components (default: the model's)")
     p.add_argument("--blur-mm", type=float, default=None, help="Gaussian sigma of the anomaly map in mm (default: the "
                    "model's); less keeps lesions of a few mm, with more false positives (see the model card)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use, "
+                   "at most SLURM_CPUS_PER_TASK or OMP_NUM_THREADS)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -230,5 +230,7 @@ def add_parser(sub) -> None:
                    help="train in N processes on this machine, one per GPU (or CPU share), each on its share of "
                         "every batch (torchrun --standalone --nproc_per_node N); the batch size stays the whole "
                         "batch, and must be at least N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the CPUs this "
+                   "process may use, at most SLURM_CPUS_PER_TASK or OMP_NUM_THREADS)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=run, train_parser=p)

@@ -162,8 +162,12 @@ def run(request_path: Path) -> int:
         if runner is None:
             raise InputError(f"unknown job kind {request.get('kind')!r}; use one of {', '.join(RUNNERS)}.")
     except (OSError, ValueError) as exc:
-        print(f"synomaly.commands.worker: error: {request_path}: not a readable job request ({exc}).", file=sys.stderr)
+        print(f"synomaly.commands.worker: error: {request_path}: not a readable job request ({exc}).",
+              file=sys.stderr)
         return EXIT_USER_ERROR
+    from synomaly.commands.cli import use_cpu_share
+
+    use_cpu_share()  # Slicer's worker beside a CLI run on one machine is the normal case: each takes its share
     stop = StopRequest(folder, request.get("parent_pid"))
     signal.signal(signal.SIGTERM, stop.on_signal)
     progress = ProgressLog(folder / PROGRESS_FILE)

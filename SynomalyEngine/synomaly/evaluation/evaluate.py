@@ -16,11 +16,12 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from synomaly import __version__
-from synomaly.errors import InputError
+from synomaly.errors import InputError, OutputError
 from synomaly.evaluation import metrics as M
 from synomaly.evaluation.cases import EvalCase, find_eval_cases
 from synomaly.evaluation.report import ORACLE_LABEL, THRESHOLD_METRICS, jsonable, markdown, summarise
-from synomaly.files.geometry import Geometry
+from synomaly.files.geometry import Geometry, grid_difference
+from synomaly.files.outputs import our_report
 from synomaly.files.output_set import OutputFolder, OutputSet
 from synomaly.files.volume_io import atomic_write_bytes, library_messages, read_volume
 
@@ -152,16 +153,21 @@ def _panel(volume, counterfactual, anomaly_map, segmentation, gt, foreground, sp
 def _read_case(case: EvalCase):
     image, geometry = read_volume(case.image_path)
     label, label_geometry = read_volume(case.label_path)
-    if label.shape != image.shape or not np.allclose(label_geometry.spacing, geometry.spacing, rtol=1e-3):
-        raise InputError(f"{case.label_path}: its grid (size {tuple(reversed(label.shape))}, spacing "
-                         f"{label_geometry.spacing}) differs from the image's (size {tuple(reversed(image.shape))}, "
-                         f"spacing {geometry.spacing}); resample the label onto the image.")
+    difference = grid_difference(label.shape, label_geometry, image.shape, geometry)
+    if difference:
+        raise InputError(f"{case.label_path}: the label does not lie on the image's voxel grid ({difference}); "
+                         "resample the label onto the image.")
+    if label.min() < 0 or not np.array_equal(label, np.round(label)):
+        raise InputError(f"{case.label_path}: holds values from {float(label.min()):g} to {float(label.max()):g}, not "
+                         "whole-number classes (0 background): a soft label or a probability map would count every "
+                         "voxel above 0 as lesion; threshold it into a mask first.")
     mask = None
     if case.mask_path is not None:
-        mask, _ = read_volume(case.mask_path)
-        if mask.shape != image.shape:
-            raise InputError(f"{case.mask_path}: size {tuple(reversed(mask.shape))} differs from the image's "
-                             f"{tuple(reversed(image.shape))}; resample the mask onto the image.")
+        mask, mask_geometry = read_volume(case.mask_path)
+        difference = grid_difference(mask.shape, mask_geometry, image.shape, geometry)
+        if difference:
+            raise InputError(f"{case.mask_path}: the mask does not lie on the image's voxel grid ({difference}); "
+                             "resample the mask onto the image.")
     return image, geometry, label, mask
 
 
@@ -219,9 +225,21 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
     return record, pooled
 
 
+def _refuse_earlier(earlier: Path, overwrite: bool) -> None:
+    """An earlier evaluation is replaced only when asked, and a file of that name not written by synomaly never."""
+    if not earlier.exists():
+        return
+    if our_report(earlier) is None:
+        raise OutputError(f"{earlier} exists and was not written by synomaly; synomaly replaces only its own files: "
+                          "move it, or choose another -o folder.")
+    if not overwrite:
+        raise OutputError(f"{earlier} holds an earlier evaluation; use --overwrite to replace it, or another -o "
+                          "folder.")
+
+
 def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
              progress: Optional[Callable[[float, str], None]] = None, max_slices: Optional[int] = None,
-             cancel: Optional[Callable[[], bool]] = None) -> Dict:
+             cancel: Optional[Callable[[], bool]] = None, overwrite: bool = False) -> Dict:
     """Evaluate ``model`` on labelled cases; write evaluation.json, evaluation.md and per-case panels.
 
     ``cases``: EvalCase objects or paths for ``find_eval_cases``. ``target_fpr`` is the healthy-voxel
@@ -242,6 +260,7 @@ def evaluate(cases, model, settings=None, out_dir=".", target_fpr: float = 0.01,
         raise InputError(f"target_fpr must be in [0, 1), got {target_fpr}.")
     inference = inference_params(model, settings)
     out_dir = Path(out_dir)
+    _refuse_earlier(out_dir / "evaluation.json", overwrite)
     # Panels and summaries appear together at the end; a failed run leaves nothing (see output_set).
     with OutputFolder(out_dir), OutputSet(out_dir, "evaluation") as output_set:
         evaluation = _evaluate_cases(cases, model, settings, inference, output_set, target_fpr, report,

@@ -1,7 +1,7 @@
 """Where voxels lie in space: a volume's geometry (spacing, origin, direction, in ITK's LPS convention;
 ``ijk_to_ras`` converts for Slicer) and its orientation (which array axis is axial, and which way round)."""
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -111,3 +111,19 @@ class Orientation:
     def spacing_zyx(self, geometry: Geometry) -> Tuple[float, float, float]:
         sp = tuple(reversed(geometry.spacing))
         return tuple(float(sp[p]) for p in self.perm)
+
+
+def grid_difference(shape_a, a: Geometry, shape_b, b: Geometry) -> Optional[str]:
+    """How two voxel grids differ (size, spacing, direction, origin), or None when a voxel of one is the same
+    place as the voxel of the other: masks and labels are matched in space, not by their array sizes alone."""
+    if tuple(shape_a) != tuple(shape_b):
+        return f"size {tuple(reversed(shape_a))} against {tuple(reversed(shape_b))}"
+    spacing_a, spacing_b = np.asarray(a.spacing, float), np.asarray(b.spacing, float)
+    if not np.allclose(spacing_a, spacing_b, rtol=1e-3, atol=1e-6):
+        return f"spacing {tuple(round(s, 4) for s in a.spacing)} mm against {tuple(round(s, 4) for s in b.spacing)} mm"
+    if not np.allclose(a.direction_matrix, b.direction_matrix, atol=1e-3):
+        return "its axes point in other directions"
+    distance = float(np.linalg.norm(np.asarray(a.origin, float) - np.asarray(b.origin, float)))
+    if distance > 0.5 * float(spacing_b.min()):
+        return f"its origin lies {distance:.1f} mm away"
+    return None

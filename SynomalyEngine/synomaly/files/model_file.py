@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from synomaly.errors import ModelFileError
+from synomaly.files.model_description import FORMAT, FORMAT_VERSION, check_description
 
-FORMAT = "synomaly-model"
-FORMAT_VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = "brain-flair"
 DEMO_MODEL = "demo-phantom"
@@ -122,6 +121,9 @@ def resolve(name_or_path) -> Path:
     if candidate.suffix == ".safetensors" or candidate.exists() or "/" in str(name_or_path):
         if not candidate.exists():
             raise ModelFileError(f"model file {candidate} does not exist.")
+        if not candidate.is_file():
+            raise ModelFileError(f"{candidate} is a folder, not a model file; give a .safetensors file or a "
+                                 "model's name.")
         return candidate
     for folder in (BUNDLED_DIR, user_models_dir()):
         if (folder / f"{name_or_path}.safetensors").exists():
@@ -145,29 +147,59 @@ def read_metadata(path) -> Dict:
     if "synomaly" not in header:
         raise ModelFileError(f"{path} is a safetensors file but not a Synomaly model (no 'synomaly' header).")
     try:
-        meta = json.loads(header["synomaly"])
+        meta = json.loads(header["synomaly"], parse_constant=lambda name: name)  # NaN stays a text, and is refused
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: the model description is corrupt.") from None
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a Synomaly model file.")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(f"{path} was written by a newer Synomaly (format {meta['format_version']}); upgrade.")
-    return meta
+    return check_description(meta, path)
 
 
 def load_model(name_or_path=None, device="cpu") -> SynomalyModel:
-    """Load a bundled model by name (default: ``default_model_name()``) or a file by path; no code runs."""
+    """Load a bundled model by name (default: ``default_model_name()``) or a file by path; no code runs.
+
+    The description is checked first (``model_description``), then the weights' names and shapes in the
+    file's header against the described network (built on the meta device: nothing allocated), then the
+    weights themselves: finite, and hashing to the model's id, so that an altered file is never answered
+    under the name of the model it claims to be."""
+    import torch
     from safetensors.torch import load_file
 
-    from synomaly.method.network import UNet, UNetConfig
+    from synomaly.method.network import UNet, UNetConfig, config_problem
 
     path = resolve(name_or_path)
     meta = read_metadata(path)
+    config = UNetConfig.from_dict(meta["network"])
+    problem = config_problem(config)
+    if problem:
+        raise ModelFileError(f"{path}: the described network cannot be built ({problem}).")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    stored = _stored_shapes(path)
+    mismatch = sorted(set(expected) ^ set(stored)) or [k for k in expected if expected[k] != stored[k]]
+    if mismatch:
+        k = mismatch[0]
+        raise ModelFileError(f"{path}: the weights do not match the described network ({len(mismatch)} differ, "
+                             f"e.g. {k}: stored {stored.get(k, 'none')}, described {expected.get(k, 'none')}); "
+                             "the file is damaged or altered: download or train it again.")
     try:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device="cpu").items()}
-        network = UNet(UNetConfig.from_dict(meta["network"]))
-        network.load_state_dict(state)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: weights do not match the described network ({exc}).") from None
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises several kinds for a damaged file
+        raise ModelFileError(f"{path}: the weights cannot be read ({type(exc).__name__}: {exc}); the file is damaged "
+                             "or truncated: download or train it again.") from None
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise ModelFileError(f"{path}: holds NaN or infinite weights (a diverged training, or a damaged file); "
+                             "train it again.")
+    if model_id_of(state, meta) != meta["model_id"]:
+        raise ModelFileError(f"{path}: its weights and settings do not give its id {meta['model_id']} (the file was "
+                             "altered or damaged after it was written); download or train it again.")
+    network = UNet(config)
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     network.eval().requires_grad_(False)
     return SynomalyModel(network.to(device), meta, path)
+
+
+def _stored_shapes(path: Path) -> Dict:
+    """Each weight's shape as the file's header states it, without reading the weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -1,9 +1,15 @@
 """A detection's outputs: their names and format (the input's own, so that its geometry is kept), checks
-before any work (a writable folder, nothing replaced without --overwrite), and the set written together."""
+before any work (a writable folder, nothing replaced without --overwrite, never a file synomaly did not write),
+and the set written together.
+
+Which files are ours: a set's report (``NAME_report.json``, synomaly's engine named in it) lists the size of
+every file of its set; a file is ours when such a report beside it names it at its size. Reports of engines
+before that list nothing, and their sets count as ours."""
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from synomaly.errors import InputError, OutputError
 from synomaly.files.overview import render_overview
@@ -19,12 +25,14 @@ INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (
 # The anomaly map as a 16-bit PNG: grey level = value / MAP_PNG_FULL_SCALE * 65535. The map is a difference
 # of two images on the [-1, 1] scale, so 2 holds every value; the exact floats go beside it as NRRD.
 MAP_PNG_FULL_SCALE = 2.0
+# What ends the name of every file of a set (NAME_anomaly_map.nii.gz, NAME_report.json, ...).
+SET_SUFFIXES = tuple(f"_{kind}" for kind in OUTPUT_KINDS + ("uncertainty", "overview", "report"))
 
 
 def case_name(path: Path) -> str:
     """Outputs are named after their input: ``/x/patient1.nii.gz`` -> ``patient1``; a DICOM folder -> its
     folder name (also for ``.``)."""
-    name = path.name or path.resolve().name
+    name = path.name or Path(os.path.realpath(path)).name
     suffix = next((s for s in IMAGE_SUFFIXES + (".dcm",) if name.lower().endswith(s)), "")
     return name[:len(name) - len(suffix)]
 
@@ -84,6 +92,59 @@ def check_output_format(path: Path, paths: dict, volume, geometry) -> None:
                          "--format nrrd (or auto), which keeps its geometry.")
 
 
+def our_report(path: Path) -> Optional[Dict]:
+    """The report at ``path`` when synomaly wrote it, else None."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    engine = report.get("engine") if isinstance(report, dict) else None
+    return report if isinstance(engine, dict) and engine.get("name") == "synomaly" else None
+
+
+def written_by_us(path: Path, report_path: Path) -> bool:
+    """Whether ``path`` is a file of the set whose report is ``report_path`` (see the module's docstring)."""
+    report = our_report(report_path)
+    if report is None:
+        return False
+    if Path(path) == Path(report_path):
+        return True
+    sizes = report.get("outputs")
+    if not isinstance(sizes, dict):
+        return True
+    try:
+        return sizes.get(Path(path).name) == Path(path).stat().st_size
+    except OSError:
+        return False
+
+
+def is_our_output(path: Path) -> bool:
+    """A file of one of our sets (never an input to detect or train on), told by its name and its set's report."""
+    from synomaly.files.volume_io import image_stem
+
+    stem = image_stem(path) if not path.name.endswith(".json") else path.name[:-len(".json")]
+    suffix = next((s for s in SET_SUFFIXES if stem.endswith(s)), None)
+    return suffix is not None and written_by_us(path, path.parent / f"{stem[:-len(suffix)]}_report.json")
+
+
+def refuse_foreign(paths: Dict) -> None:
+    """Refuse, before any work, to replace a file of this set's names that synomaly did not write."""
+    foreign = [p for p in dict.fromkeys(paths.values()) if p.exists() and not written_by_us(p, paths["report"])]
+    if foreign:
+        raise OutputError(f"{foreign[0]} exists and was not written by synomaly ({len(foreign)} such files); "
+                          "synomaly replaces only its own outputs: move them, or choose another -o folder.")
+
+
+def refuse_inputs_as_outputs(inputs: List[Path], sets: Dict[str, Dict]) -> None:
+    """An input (image, mask, list) is never an output of the same run: refused before any work."""
+    real = {os.path.realpath(Path(p).expanduser()): Path(p) for p in inputs}
+    for name, paths in sets.items():
+        for path in paths.values():
+            if os.path.realpath(path.expanduser()) in real:
+                raise InputError(f"{real[os.path.realpath(path.expanduser())]} is an input of this run and would be "
+                                 f"replaced by the outputs of {name}; choose another -o folder.")
+
+
 def refuse_existing(paths) -> None:
     """Outputs are never replaced without --overwrite."""
     existing = [str(p) for p in paths if p.exists()]
@@ -108,6 +169,8 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
                     output_set.stage(paths["overview"]), ground_truth=ground_truth, geometry=geometry,
                     map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
+    result.report["outputs"] = {p.name: p.stat().st_size for p in sorted(output_set.staging.iterdir())}
+    refuse_foreign(paths)  # again: a file may have appeared while the run worked
     atomic_write_bytes(output_set.stage(paths["report"]), (json.dumps(result.report, indent=2) + "\n").encode())
     # An uncertainty map from an earlier ensemble run being overwritten would not match the new set.
     output_set.commit(last=[paths["report"]],

@@ -270,16 +270,66 @@ def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = Fa
 
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link that leads nowhere (its target is missing, or it loops).")
         raise InputError(f"{path}: no such file or folder.")
     messages: List[str] = []
     try:
         with library_messages(messages):
+            if not path.is_dir():
+                _check_claimed_size(path)
             image = _read_series(path, notes, resample_gaps) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
     # The series check above replaces ITK's own vague "non uniform sampling" warning.
     _report(notes, [f"{path.name}: {m}" for m in messages if "Non uniform sampling" not in m])
     return image
+
+
+# deflate cannot shrink data more than about 1032 times: a .gz file claiming more is cut short or lies.
+MAX_DEFLATE_RATIO = 1100
+
+
+def _check_claimed_size(path: Path) -> None:
+    """Compare the size a file's header claims with the file and with the machine's memory before anything is
+    allocated: a 360-byte NIfTI claiming 2000^3 voxels must not take 16 GB before its truncation is found."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # ReadImage says what is wrong with the file
+    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
+    claimed = voxels * reader.GetNumberOfComponents() * _bytes_per_component(reader.GetPixelID())
+    on_disk = path.stat().st_size
+    name = path.name.lower()
+    short = (name.endswith(".nii") and claimed > on_disk) or \
+        (name.endswith((".nii.gz", ".gz")) and claimed > on_disk * MAX_DEFLATE_RATIO)
+    if short:
+        raise InputError(f"{path}: its header claims {reader.GetSize()} voxels ({claimed / 1e6:.0f} MB), far more than "
+                         f"the {on_disk} bytes of the file hold: it is truncated or damaged; copy or export it again.")
+    memory = _memory_bytes()
+    if memory and claimed > memory // 2:
+        raise InputError(f"{path}: its header claims {reader.GetSize()} voxels ({claimed / 1e9:.1f} GB), more than "
+                         f"half of this machine's memory ({memory / 1e9:.1f} GB); crop or resample it first.")
+
+
+def _bytes_per_component(pixel_id: int) -> int:
+    import SimpleITK as sitk
+
+    sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+             sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
+    return sizes.get(pixel_id, 8)
+
+
+def _memory_bytes() -> int:
+    """Physical memory, or 0 where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _check_nifti_data(path: Path) -> None:
@@ -384,6 +434,9 @@ def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = F
                              "extract one 3D volume first.")
         image = image[:, :, :, 0]
     image = _as_volume(image)
+    if image.GetDimension() == 3 and sorted(image.GetSize())[1] == 1:
+        raise InputError(f"{path}: is a line of {max(image.GetSize())} voxels (size {image.GetSize()}), not an image; "
+                         "give a 2D image or a 3D volume.")
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is a {image.GetDimension()}D image; a 2D image or a 3D volume is needed.")
     if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
@@ -448,9 +501,31 @@ def write_volume(path, array: np.ndarray, geometry: Geometry, notes: Optional[Li
         geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     messages: List[str] = []
+
+    def write_and_read_back(tmp: str) -> None:
+        sitk.WriteImage(image, tmp, True)
+        _check_written(tmp, image, lossy=path.name.lower().endswith((".jpg", ".jpeg")))
+
     with library_messages(messages):
-        _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
+        _write_atomically(path, suffix, write_and_read_back)
     _report(notes, [f"{path.name}: {m}" for m in messages])
+
+
+def _check_written(tmp: str, image, lossy: bool) -> None:
+    """Read the file just written back and compare it with what was meant: ITK's writers report no error when
+    the disk is full or a file-size limit cuts the file short, and a short file must never be published."""
+    import SimpleITK as sitk
+
+    try:
+        back = sitk.ReadImage(tmp)
+    except RuntimeError:
+        raise OSError(f"the file written cannot be read back, {os.path.getsize(tmp)} bytes: the disk may be full "
+                      "or a file-size limit reached") from None
+    same = back.GetSize() == image.GetSize() and (lossy or np.array_equal(
+        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)))
+    if not same:
+        raise OSError("the file written holds other values than were written: the disk may be full or a "
+                      "file-size limit reached")
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

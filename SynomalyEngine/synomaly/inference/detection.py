@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from synomaly import __version__
-from synomaly.errors import DeviceError, InputError
+from synomaly.errors import DeviceError, InputError, ModelFileError
 from synomaly.files.geometry import Geometry
 from synomaly.files.volume_io import is_2d
 
@@ -335,6 +335,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
+    if not np.isfinite(anomaly_map).all():  # never a confident "0 mL" from NaN: NaN exceeds no threshold
+        raise ModelFileError(f"the model {model.name} ({model.model_id}) gave NaN or infinite anomaly scores on this "
+                             f"input (precision {precision}); try --precision fp32, and if that fails too, the model "
+                             "is unusable: train it again.")
     # Thresholding and 26-connected labelling do not depend on the axis order, so they run in the
     # input's grid, where the components' centres are reported.
     seg, comps = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)

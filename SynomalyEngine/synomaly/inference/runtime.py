@@ -113,3 +113,4 @@ def describe_cpu() -> str:
     cap = onednn_cap()
     capped = f", oneDNN capped at {cap}" if cap else ""
     return f"{cpu_name()} ({capability}{capped}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"
+

@@ -12,15 +12,9 @@ import numpy as np
 
 from synomaly.errors import InputError
 from synomaly.files.geometry import Geometry
-from synomaly.files.volume_io import (
-    LABEL_WORDS,
-    MASK_WORDS,
-    csv_row_files,
-    file_role,
-    image_stem,
-    is_image_file,
-    read_volume,
-)
+from synomaly.files.outputs import is_our_output
+from synomaly.files.volume_io import (LABEL_WORDS, MASK_WORDS, csv_row_files, file_role, image_stem, is_image_file,
+                                      read_volume)
 
 
 @dataclass
@@ -116,8 +110,10 @@ def read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_pat
 
 
 def _image_files(folder: Path) -> List[Path]:
-    """Image files of a folder; hidden ones (``._x.nii.gz`` from macOS, our own temporary files) are not cases."""
-    return [p for p in sorted(folder.iterdir()) if is_image_file(p) and not p.name.startswith(".")]
+    """Image files of a folder; hidden ones (``._x.nii.gz`` from macOS, our own temporary files) and the outputs
+    of a detection (anomaly maps, counterfactuals: not healthy scans) are not cases."""
+    return [p for p in sorted(folder.iterdir())
+            if is_image_file(p) and not p.name.startswith(".") and not is_our_output(p)]
 
 
 def _cases_from_folder(folder: Path) -> List[TrainingCase]:

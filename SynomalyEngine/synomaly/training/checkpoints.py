@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Dict
 
 from synomaly.errors import InputError, OutputError
+from synomaly.files.volume_io import last_line
 from synomaly.training.settings import TrainingSettings
 
 
 def save_atomic_torch(obj, path: Path) -> None:
+    """Write a checkpoint beside ``path`` and rename it into place; one that cannot be written (a full disk, a
+    file-size limit) is an OutputError naming the last checkpoint that stands, never a traceback."""
     import torch
 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
@@ -18,9 +21,19 @@ def save_atomic_torch(obj, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
+        standing = f"the last checkpoint written ({path}) stands" if path.exists() else "no checkpoint was kept"
+        raise OutputError(f"{path}: the checkpoint cannot be written ({last_line(exc)}): the disk may be full or a "
+                          f"file-size limit reached; {standing}: make room and continue with --resume.") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Half-written checkpoints of a run killed while saving (our own ``.tmp-*.pt``): never resumable."""
+    for leftover in run_dir.glob(".tmp-*.pt"):
+        leftover.unlink(missing_ok=True)
 
 
 def run_dir_for(output: Path) -> Path:

@@ -21,7 +21,8 @@ from synomaly.errors import Cancelled, InputError, OutputError
 from synomaly.files.volume_io import is_2d, last_line
 from synomaly.training.calibration import calibrate
 from synomaly.training.cases import find_cases
-from synomaly.training.checkpoints import check_run, read_checkpoint, run_dir_for, save_atomic_torch
+from synomaly.training.checkpoints import (check_run, read_checkpoint, remove_leftovers, run_dir_for,
+                                          save_atomic_torch)
 from synomaly.training.settings import TrainingSettings
 from synomaly.training.slices import augment, extract_slices
 
@@ -166,6 +167,7 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
                 if overwrite and run.run_dir.exists():
                     shutil.rmtree(run.run_dir)
                 (run.run_dir / "previews").mkdir(parents=True, exist_ok=True)
+                remove_leftovers(run.run_dir)
             except OSError as exc:
                 raise OutputError(f"{run.run_dir}: cannot be created ({exc.strerror or exc}); "
                                   "choose another model file.") from None
