@@ -360,3 +360,73 @@ def test_detect_runs_with_the_threads_asked_for(phantom_case, tmp_path):
                             env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     assert result.returncode == 0, result.stderr
     assert "threads 1" in result.stdout
+
+
+# --- grids and masks that cannot fit ------------------------------------------------------------------------
+
+def _with_geometry(source: Path, path: Path, direction=None, spacing=None) -> Path:
+    image = sitk.ReadImage(str(source))
+    if direction is not None:
+        image.SetDirection(direction)
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_a_sheared_grid_is_refused(phantom_case, tmp_path):
+    angle = np.radians(2.6)  # two axes 2.6 degrees apart: nearly collinear
+    sheared = _with_geometry(phantom_case["flair"], tmp_path / "sheared.nrrd",
+                             direction=(1.0, np.cos(angle), 0.0, 0.0, np.sin(angle), 0.0, 0.0, 0.0, 1.0))
+    assert_refused(run_detect(sheared, "-o", tmp_path / "out", "-q"), "not at right angles", "2.6 degrees")
+
+
+@pytest.mark.parametrize("spacing", [0.001, 1000.0])
+def test_an_implausible_voxel_size_is_refused(spacing, phantom_case, tmp_path):
+    odd = _with_geometry(phantom_case["flair"], tmp_path / "odd.nii.gz", spacing=(spacing,) * 3)
+    assert_refused(run_detect(odd, "-o", tmp_path / "out", "-q"), "implausible", "millimetres")
+
+
+def test_the_image_given_as_its_mask_is_refused(phantom_case, tmp_path):
+    assert_refused(run_detect(phantom_case["flair"], "-o", tmp_path / "out", "--mask", phantom_case["flair"], "-q"),
+                   "not a mask")
+
+
+def test_a_mask_of_ones_everywhere_is_refused(phantom_case, tmp_path):
+    ones = sitk.ReadImage(str(phantom_case["brainmask"]))
+    ones = sitk.Cast(ones * 0 + 1, sitk.sitkUInt8)
+    sitk.WriteImage(ones, str(tmp_path / "ones.nii.gz"))
+    assert_refused(run_detect(phantom_case["flair"], "-o", tmp_path / "out", "--mask", tmp_path / "ones.nii.gz", "-q"),
+                   "masks nothing")
+
+
+def test_a_label_map_of_several_organs_is_not_a_liver_mask(phantom_case, tmp_path):
+    labels = sitk.Cast(sitk.ReadImage(str(phantom_case["brainmask"])), sitk.sitkUInt8)
+    labels = labels + sitk.Cast(sitk.ReadImage(str(phantom_case["seg"])) > 0, sitk.sitkUInt8) * 4
+    sitk.WriteImage(labels, str(tmp_path / "body.nii.gz"))
+    assert_refused(run_cli("detect", phantom_case["flair"], "-o", tmp_path / "out", "--model", "liver-ct", "--mask",
+                           tmp_path / "body.nii.gz", "-q"), "liver mask holds 2 labels", "the liver alone")
+
+
+def test_the_2d_model_refuses_a_volume(phantom_case, tmp_path):
+    assert_refused(run_cli("detect", phantom_case["flair"], "-o", tmp_path / "out", "--model", "carotid-us", "--mask",
+                           phantom_case["brainmask"], "-q"), "carotid-us preset works on 2D images")
+
+
+def test_a_nifti_whose_sform_and_qform_disagree_is_read_by_its_sform(phantom_case, tmp_path):
+    """nibabel and FSL follow the sform, ITK the qform: the outputs must overlay the input in nibabel."""
+    import nibabel
+
+    source = nibabel.load(str(phantom_case["flair"]))
+    moved = source.affine.copy()
+    moved[:3, 3] += [30.0, 0.0, 0.0]
+    image = nibabel.Nifti1Image(np.asanyarray(source.dataobj), None, source.header.copy())
+    image.set_qform(source.affine, code=1)
+    image.set_sform(moved, code=2)
+    path = tmp_path / "scan.nii.gz"
+    nibabel.save(image, str(path))
+    result = ok(run_detect(path, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    assert "sform and qform disagree" in result.stderr
+    for kind in ("anomaly_seg", "anomaly_map", "counterfactual"):
+        written = nibabel.load(str(tmp_path / "out" / f"scan_{kind}.nii.gz"))
+        assert np.allclose(written.affine, moved, atol=1e-3), kind

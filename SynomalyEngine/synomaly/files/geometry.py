@@ -127,3 +127,30 @@ def grid_difference(shape_a, a: Geometry, shape_b, b: Geometry) -> Optional[str]
     if distance > 0.5 * float(spacing_b.min()):
         return f"its origin lies {distance:.1f} mm away"
     return None
+
+
+# A scan's voxels lie between these sizes; outside them a unit was misread (metres or microns as mm).
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+
+def geometry_problem(shape, geometry: Geometry) -> Optional[str]:
+    """What makes a grid unusable, or None: axes not at right angles (a sheared or nearly collinear grid, on
+    which every volume and distance would be wrong) or, for a 3D volume, an implausible voxel size."""
+    d = geometry.direction_matrix
+    gram = d.T @ d
+    if not np.all(np.isfinite(gram)) or np.abs(gram - np.eye(3)).max() > 1e-3:
+        cosines = [abs(float(gram[i, j])) / max(float(np.sqrt(gram[i, i] * gram[j, j])), 1e-12)
+                   for i, j in ((0, 1), (0, 2), (1, 2))]
+        angle = float(np.degrees(np.arccos(min(1.0, max(cosines)))))
+        return (f"its axes are not at right angles (two of them {angle:.1f} degrees apart instead of 90: a sheared "
+                "grid, on which volumes and distances would be wrong); resample it onto an orthogonal grid first")
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        return f"its voxel size {tuple(geometry.spacing)} mm is not positive"
+    low, high = PLAUSIBLE_SPACING_MM
+    in_plane = [s for s, n in zip(geometry.spacing, reversed(tuple(shape))) if n > 1]
+    if len(in_plane) == 3 and (min(in_plane) < low or max(in_plane) > high):
+        return (f"its voxel size {tuple(round(s, 6) for s in geometry.spacing)} mm is implausible for a scan (from "
+                f"{low:g} to {high:g} mm expected: were metres or microns read as millimetres?); fix the header's "
+                "spacing")
+    return None

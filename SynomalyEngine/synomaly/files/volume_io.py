@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from synomaly.errors import InputError, OutputError
-from synomaly.files.geometry import Geometry
+from synomaly.files.geometry import Geometry, geometry_problem
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")  # always 2D; single-frame DICOM files are read when named
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_2D_SUFFIXES
@@ -286,6 +286,39 @@ def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = Fa
     return image
 
 
+def _nifti_sform(path: Path, read: Geometry, notes: Optional[List[str]]) -> Optional[Geometry]:
+    """The geometry of the sform where a NIfTI header's sform and qform disagree: ITK (and so Slicer) reads the
+    qform, nibabel, FSL and most NIfTI tools the sform; outputs written in one and read in the other would not
+    overlay the input. The sform is followed, as the NIfTI readers of the field do, and the report says so."""
+    import nibabel
+
+    try:
+        with library_messages([]):
+            header = nibabel.load(str(path)).header
+        sform, s_code = header.get_sform(coded=True)
+        _, q_code = header.get_qform(coded=True)
+    except Exception:  # a header nibabel does not know: SimpleITK's reading stands
+        return None
+    if not s_code or not q_code or sform is None:
+        return None
+    lps = np.diag([-1.0, -1.0, 1.0])
+    matrix = lps @ np.asarray(sform[:3, :3], dtype=float)
+    spacing = np.linalg.norm(matrix, axis=0)
+    if np.any(spacing <= 0):
+        return None
+    origin = lps @ np.asarray(sform[:3, 3], dtype=float)
+    geometry = Geometry(tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
+                        tuple(float(v) for v in (matrix / spacing).ravel()))
+    moved = float(np.linalg.norm(origin - np.asarray(read.origin)))
+    turned = float(np.abs(geometry.direction_matrix - read.direction_matrix).max())
+    if moved <= 0.01 and turned <= 1e-4 and np.allclose(spacing, read.spacing, rtol=1e-4):
+        return None
+    _report(notes, [f"{path.name}: its NIfTI header's sform and qform disagree (origins {moved:.1f} mm apart"
+                    f"{', axes turned' if turned > 1e-4 else ''}); read by the sform, as nibabel and FSL do (ITK and "
+                    "Slicer read the qform), and the outputs carry it in both"])
+    return geometry
+
+
 # deflate cannot shrink data more than about 1032 times: a .gz file claiming more is cut short or lies.
 MAX_DEFLATE_RATIO = 1100
 
@@ -441,12 +474,18 @@ def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = F
         raise InputError(f"{path}: is a {image.GetDimension()}D image; a 2D image or a 3D volume is needed.")
     if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
         _check_nifti_data(Path(path))
+    geometry = Geometry.from_sitk(image)
+    if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
+        geometry = _nifti_sform(Path(path), geometry, notes) or geometry
+    problem = geometry_problem(tuple(reversed(image.GetSize())), geometry)
+    if problem:
+        raise InputError(f"{path}: {problem}.")
     array = sitk.GetArrayFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
             raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
-    return array, Geometry.from_sitk(image)
+    return array, geometry
 
 
 def _write_atomically(path: Path, suffix: str, write) -> None:

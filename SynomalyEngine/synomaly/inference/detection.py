@@ -179,6 +179,25 @@ def check_dimensions(volume: np.ndarray, model, what: str = "the input") -> None
     preset = PRESETS.get(model.preset)
     if is_2d(volume.shape) and (preset is None or not preset.two_d):
         raise InputError(two_d_refusal(model.preset or None, what, [n for n in reversed(volume.shape) if n != 1]))
+    if preset is not None and preset.two_d and not is_2d(volume.shape):
+        raise InputError(f"{what} is a volume of size {tuple(reversed(volume.shape))}, and the {preset.name} preset "
+                         "works on 2D images, one frame at a time: give one frame (a PNG, JPEG or single-frame DICOM "
+                         "file), or use a model of a 3D preset.")
+
+
+def check_organ_mask(mask: np.ndarray, model) -> None:
+    """An organ preset's mask is the organ alone: a label map of several organs taken whole would make the
+    whole body the organ (1,048 mL of 'liver')."""
+    from synomaly.method.presets import PRESETS
+
+    preset = PRESETS.get(model.preset)
+    if preset is None or not preset.organ or mask.dtype.kind == "b":
+        return
+    labels = np.unique(mask[mask != 0])
+    if labels.size > 1:
+        shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if labels.size > 6 else "")
+        raise InputError(f"the {preset.organ} mask holds {labels.size} labels ({shown}): a label map of several "
+                         f"structures; give the {preset.organ} alone (e.g. from {preset.mask_source}).")
 
 
 def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:
@@ -312,6 +331,8 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     t0 = time.perf_counter()
     report_progress(0.0, "preprocessing")
     check_dimensions(volume, model)
+    if mask is not None:
+        check_organ_mask(mask, model)
     mask, skull = brain_input(volume, geometry, model, mask, settings, device)
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     prepared = prepare_volume(volume, geometry, config, mask)

@@ -76,6 +76,23 @@ def check_volume(array: np.ndarray, what: str = "input") -> None:
                              "give the intensity image, and pass a label map as --mask if it is an organ mask.")
 
 
+MAX_MASK_LABELS = 64  # a label map of a whole body has some 100 labels; an image has thousands of values
+
+
+def mask_problem(mask: np.ndarray) -> Optional[str]:
+    """Why ``mask`` is not a mask (an image, a probability map), or None: a mask holds 0 and a few whole numbers."""
+    if mask.dtype.kind == "b":
+        return None
+    if mask.dtype.kind == "f" and (not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask))):
+        return "it holds fractional values (an image or a probability map?); give a mask of 0 and 1, or of labels"
+    labels = np.unique(mask[mask != 0])
+    if labels.size and labels.min() < 0:
+        return "it holds negative values (an image?); give a mask of 0 and 1, or of labels"
+    if labels.size > MAX_MASK_LABELS:
+        return f"it holds {labels.size} different values (an image?); give a mask of 0 and 1, or of labels"
+    return None
+
+
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """Fill each axial slice's holes, in place, working on the slice's bounding box plus one pixel: the
     same result as on the whole slice (outside the box everything is background joined to the border),
@@ -260,7 +277,12 @@ def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConf
         if mask.shape != array.shape:
             raise InputError(f"the mask has size {tuple(reversed(mask.shape))} but the {what} has "
                              f"{tuple(reversed(array.shape))}; resample the mask onto the image grid.")
+        problem = mask_problem(mask)
+        if problem:
+            raise InputError(f"the mask is not a mask: {problem}.")
         foreground = mask > 0
+        if foreground.all():
+            raise InputError("the mask covers the whole image, so it masks nothing; give the organ's mask, or none.")
         if config.lumen_mask:
             from synomaly.inference.vessel_disc import vessel_disc
 
