@@ -9,7 +9,6 @@ engine in Slicer's process, so torch is never imported there and Slicer's GIL ne
 import dataclasses
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -19,7 +18,8 @@ import slicer
 
 from . import MrmlBridge
 from .Engine import Engine, engine_module, errors
-from .JobRunner import WorkerJob
+from .JobFiles import read_nrrd_array, write_nrrd
+from .JobRunner import WorkerJob, new_job_folder
 from .LossCurve import LossCurve
 from .Models import ModelEntry, available_models, default_user_models_dir, model_file_name
 from .Parameters import Parameters, get_parameter_node
@@ -55,10 +55,6 @@ class TrainingRequest:
     output: Path
     settings: dict  # TrainingSettings values given by the caller (the rest are the engine's defaults)
     resume: bool
-
-
-def new_job_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="synomaly-job-"))
 
 
 class SynomalyLogic:
@@ -176,14 +172,13 @@ class SynomalyLogic:
                             remember: bool = False) -> WorkerJob:
         """Write the inputs into a job folder and start the worker; ``apply_detection`` runs when it is done.
         ``on_progress(fraction, message)`` runs on the polling thread."""
-        volume_io = engine_module("volume_io")
         folder = new_job_folder()
         try:
-            volume_io.write_volume(folder / "input.nrrd", request.volume, request.geometry)
+            write_nrrd(folder / "input.nrrd", request.volume, request.geometry)
             mask = None
             if request.mask is not None:
                 mask = "mask.nrrd"
-                volume_io.write_volume(folder / mask, request.mask.astype(np.uint8), request.geometry)
+                write_nrrd(folder / mask, request.mask.astype(np.uint8), request.geometry)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -280,22 +275,21 @@ class SynomalyLogic:
             raise InputError(f"No {role} mask for {len(unmasked)} of {len(healthy)} volumes ({shown}): {mask_needed}")
         return cases
 
-    def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None) -> WorkerJob:
+    def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None,
+                           after_progress: Optional[Callable[[], None]] = None) -> WorkerJob:
         """Write volume-node cases into a job folder and start the worker; the job's result is the new
         model's entry in the model list. ``on_progress(step, total, loss, message)`` runs on the polling thread."""
-        volume_io = engine_module("volume_io")
         folder = new_job_folder()
         try:
             healthy = []
             for index, case in enumerate(request.healthy):
                 if isinstance(case, HealthyVolume):
                     image = f"case-{index:03d}.nrrd"
-                    volume_io.write_volume(folder / image, case.array, case.geometry)
+                    write_nrrd(folder / image, case.array, case.geometry)
                     healthy.append({"name": case.name, "image": image})
                     if case.mask is not None:
                         healthy[-1]["mask"] = f"case-{index:03d}-mask.nrrd"
-                        volume_io.write_volume(folder / healthy[-1]["mask"], case.mask.astype(np.uint8),
-                                               case.geometry)
+                        write_nrrd(folder / healthy[-1]["mask"], case.mask.astype(np.uint8), case.geometry)
                 else:
                     healthy.append(str(case))
             try:
@@ -310,7 +304,7 @@ class SynomalyLogic:
         job = {"kind": "training", "healthy": healthy, "output": str(request.output), "settings": request.settings,
                "resume": request.resume}
         return WorkerJob(folder, job, lambda result: self.model_entry(Path(result["model"])), on_progress,
-                         grace_s=TRAINING_GRACE_S).start()
+                         grace_s=TRAINING_GRACE_S, after_progress=after_progress).start()
 
     def model_entry(self, path: Path) -> ModelEntry:
         """The list entry of a freshly trained model (the list is re-read, so it includes it)."""
@@ -342,23 +336,33 @@ class SynomalyLogic:
         curve = LossCurve(self.scene, parameters.loss_table)
         if not resume:
             curve.clear()
-        stored = self.parameters()
-        stored.loss_table = curve.table
-        self.save_parameters(stored)
+        self.loss_curve = curve
+        self._remember_loss_table()
 
         def progress(step, total, loss, message):
-            curve.add(step, loss)
+            self._live_loss_curve().add(step, loss)
             if on_progress is not None:
                 on_progress(step, total, loss, message)
 
-        self.loss_curve = curve
-        return self.start_training_job(request, progress)
+        return self.start_training_job(request, progress, after_progress=lambda: self._live_loss_curve().flush())
+
+    def _remember_loss_table(self) -> None:
+        stored = self.parameters()
+        stored.loss_table = self.loss_curve.table
+        self.save_parameters(stored)
+
+    def _live_loss_curve(self) -> LossCurve:
+        """The plot in the current scene: a run goes on when the scene is closed, and draws into a new one."""
+        if self.loss_curve.table.GetScene() is not self.scene:
+            self.loss_curve = LossCurve(self.scene)
+            self._remember_loss_table()
+        return self.loss_curve
 
 
 def read_detection_result(result: dict):
-    """The worker's output files as the engine's DetectionResult (arrays on the input's grid)."""
-    read_volume = engine_module("volume_io").read_volume
-    arrays = {kind: read_volume(path)[0] for kind, path in result["outputs"].items()}
+    """The worker's output files as the engine's DetectionResult (arrays on the input's grid), read
+    without SimpleITK: nothing redirects Slicer's stderr meanwhile."""
+    arrays = {kind: read_nrrd_array(path) for kind, path in result["outputs"].items()}
     return engine_module("detection").DetectionResult(
         arrays["anomaly_map"], arrays["segmentation"], arrays["counterfactual"], arrays.get("uncertainty"),
         result.get("report") or {})
