@@ -306,6 +306,23 @@ class SynomalyLogic:
         return WorkerJob(folder, job, lambda result: self.model_entry(Path(result["model"])), on_progress,
                          grace_s=TRAINING_GRACE_S, after_progress=after_progress).start()
 
+    def training_blocker(self, parameters: Parameters, resume: bool = False) -> str:
+        """Why the panel's Start (or Resume) training button is disabled ("" when it may run): no healthy
+        cases, or, for Resume, no checkpoint of a run of that name to continue."""
+        if not parameters.training_source():
+            return "Choose a folder of healthy volumes, or check loaded volumes."
+        if not resume:
+            return ""
+        try:
+            output = self.user_models_dir / model_file_name(parameters.model_name)
+        except errors().SynomalyError as exc:
+            return str(exc)
+        checkpoint = engine_module("training").run_dir_for(output) / "checkpoint.pt"
+        if not checkpoint.is_file():
+            return (f"No cancelled run of '{parameters.model_name}' to resume (no checkpoint in {checkpoint.parent}); "
+                    "click Start training.")
+        return ""
+
     def model_entry(self, path: Path) -> ModelEntry:
         """The list entry of a freshly trained model (the list is re-read, so it includes it)."""
         for entry in self.models():

@@ -1,0 +1,93 @@
+"""What the panel shows and allows, without Qt (issue 20): the run log with elapsed time and time left,
+the device list from a real probe process, and Resume only where a checkpoint exists."""
+import json
+import sys
+import time
+
+import pytest
+
+from test_slicer_scene import new_scene, slicer  # noqa: F401
+
+from SynomalyDetectionLib import Parameters, SynomalyLogic
+from SynomalyDetectionLib.Panel import MAX_LOG_LINES, DeviceProbe, RunLog, device_choices, memory_hint
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_run_log_keeps_each_new_message_with_its_time():
+    clock = Clock()
+    log = RunLog(started=clock(), clock=clock)
+    log.add(0.0, "loading the model")
+    clock.now += 2
+    log.add(0.01, "loading the model")
+    clock.now += 63
+    log.add(0.5, "stage 1 of 2")
+    assert log.lines == ["[0:00]  loading the model", "[1:05]  stage 1 of 2"]
+    for index in range(MAX_LOG_LINES + 10):
+        log.add(None, f"line {index}")
+    assert len(log.lines) == MAX_LOG_LINES and log.lines[-1].endswith(f"line {MAX_LOG_LINES + 9}")
+
+
+def test_time_left_follows_the_pace_so_far():
+    clock = Clock()
+    log = RunLog(started=clock(), clock=clock)
+    clock.now += 1
+    log.add(0.5, "half")
+    assert log.times() == "Elapsed 0:01", "no estimate from the first second"
+    clock.now += 59
+    log.add(0.25, "a quarter")
+    assert log.remaining_s() == pytest.approx(180) and log.times() == "Elapsed 1:00, about 3:00 left"
+    clock.now += 7200
+    log.add(1.0, "done")
+    assert log.times() == "Elapsed 2:01:00"
+
+
+def test_the_real_probe_lists_this_machines_devices():
+    torch = pytest.importorskip("torch")
+    probe = DeviceProbe(sys.executable)
+    while probe.poll():
+        time.sleep(0.05)
+    assert probe.error == "" and probe.found["torch"] == torch.__version__
+    assert len(probe.found["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    values = [value for value, _ in device_choices(probe.found)]
+    assert values[0] == "auto" and values[-1] == "cpu"
+    assert values[1:-1] == [f"cuda:{i}" for i in range(len(probe.found["cuda"]))]
+
+
+def test_a_probe_without_torch_says_why(tmp_path):
+    probe = DeviceProbe(sys.executable, launch=lambda args: __import__("subprocess").Popen(
+        [args[0], "-S", "-I", "-c", args[2]], stdout=-1, stderr=-1, text=True))
+    while probe.poll():
+        time.sleep(0.05)
+    assert probe.found is None and "torch" in probe.error
+
+
+def test_each_gpu_is_listed_with_its_name_and_memory_and_a_small_one_gets_a_hint():
+    found = json.loads('{"torch": "2.3.0", "mps": false, "cuda": ['
+                       '{"index": 0, "name": "NVIDIA H100", "memory": 85899345920},'
+                       '{"index": 1, "name": "NVIDIA T400", "memory": 4294967296}]}')
+    assert device_choices(found) == [("auto", "auto (a CUDA GPU if there is one, else the CPU)"),
+                                     ("cuda:0", "cuda:0: NVIDIA H100 (80 GB)"), ("cuda:1", "cuda:1: NVIDIA T400 (4 GB)"),
+                                     ("cpu", "cpu")]
+    assert memory_hint("cuda:0", found) == "" and memory_hint("cpu", found) == ""
+    assert "NVIDIA T400 has 4.0 GB" in memory_hint("cuda:1", found)
+    assert device_choices(None) == [("auto", "auto (a CUDA GPU if there is one, else the CPU)"), ("cpu", "cpu")]
+
+
+def test_resume_needs_a_checkpoint_of_that_name(tmp_path):
+    new_scene()
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    parameters = Parameters(training_folder=str(tmp_path), model_name="site-a")
+    assert logic.training_blocker(parameters) == ""
+    assert "No cancelled run of 'site-a'" in logic.training_blocker(parameters, resume=True)
+    checkpoint = tmp_path / "models" / "site-a.run" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"saved")
+    assert logic.training_blocker(parameters, resume=True) == ""
+    assert "Choose a folder" in logic.training_blocker(Parameters(training_folder="."), resume=True)
