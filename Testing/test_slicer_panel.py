@@ -91,3 +91,11 @@ def test_resume_needs_a_checkpoint_of_that_name(tmp_path):
     checkpoint.write_bytes(b"saved")
     assert logic.training_blocker(parameters, resume=True) == ""
     assert "Choose a folder" in logic.training_blocker(Parameters(training_folder="."), resume=True)
+
+
+@pytest.mark.parametrize("button, chosen", [("", ""), (".", ""), ("  ", ""), ("/data/healthy", "/data/healthy")])
+def test_a_folder_button_that_holds_dot_has_no_folder_chosen(button, chosen):
+    """ctkDirectoryButton's directory() is "." before a pick, while it shows Slicer's working directory."""
+    parameters = Parameters(training_folder=button)
+    assert parameters.chosen_folder == chosen
+    assert parameters.training_source() == (chosen or [])

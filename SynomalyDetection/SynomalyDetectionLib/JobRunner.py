@@ -195,6 +195,11 @@ class WorkerJob:
         return self.state != RUNNING
 
     @property
+    def exited(self) -> bool:
+        """The worker has ended and the next poll reads its results (and may write nodes)."""
+        return self._process is not None and self._process.poll() is not None
+
+    @property
     def cancelling(self) -> bool:
         return self._cancel_at is not None and not self.done
 
