@@ -5,14 +5,14 @@ engine package ``synomaly``, which runs in a worker process. Importing this file
 nor the engine.
 """
 import logging
-import os
 import sys
 import traceback
 
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -226,7 +226,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 node = self.ui.trainingVolumesSelector.nodeFromIndex(index)
                 state = qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked
                 self.ui.trainingVolumesSelector.setCheckState(node, state)
-            self._selectText(self.ui.presetComboBox, parameters.preset)
+            self._selectData(self.ui.presetComboBox, parameters.preset)
             self.ui.stepsSpinBox.value = parameters.steps
             self._selectData(self.ui.trainingDeviceComboBox, parameters.training_device)
             self.ui.deviceHintLabel.text = memory_hint(parameters.device, self._devices)
@@ -258,12 +258,6 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters.training_device = self.ui.trainingDeviceComboBox.currentData or "auto"
         parameters.model_name = self.ui.modelNameLineEdit.text.strip()
         parameters.to_node(self._parameterNode)
-
-    @staticmethod
-    def _selectText(combo, text):
-        index = combo.findText(text)
-        if index >= 0:
-            combo.setCurrentIndex(index)
 
     @staticmethod
     def _selectData(combo, value):
@@ -319,7 +313,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             logging.warning(f"Synomaly presets unavailable: {exc}")
             presets = [Parameters().preset]
         self.ui.presetComboBox.clear()
-        self.ui.presetComboBox.addItems(presets)
+        for preset in presets:
+            self.ui.presetComboBox.addItem(preset, preset)
 
     def _populateModels(self):
         """Bundled and user-trained models; reading model files needs the dependencies, so without them
@@ -354,8 +349,9 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.detectButton.enabled = idle and not blocker
         self.ui.detectButton.toolTip = blocker or _("Run the detection in the background.")
         self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
-        for button, resume, tip in ((self.ui.startTrainingButton, False, _("Train a new model on the chosen healthy cases.")),
-                                    (self.ui.resumeTrainingButton, True, _("Continue the cancelled run of this name."))):
+        trainingButtons = ((self.ui.startTrainingButton, False, _("Train a new model on the chosen healthy cases.")),
+                           (self.ui.resumeTrainingButton, True, _("Continue the cancelled run of this name.")))
+        for button, resume, tip in trainingButtons:  # Resume only where a checkpoint of that name is kept
             blocker = self.logic.training_blocker(parameters, resume) if parameters is not None else "-"
             button.enabled = idle and not blocker
             button.toolTip = blocker if parameters is not None and blocker else tip
@@ -495,8 +491,15 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # detection
 
+    def _busy(self, label) -> bool:
+        """A run goes on, here or from the Python console (whose wait processes events): say so."""
+        if self._job is None and not running_jobs():
+            return False
+        label.text = _("Another run is in progress; wait for it to end or cancel it.")
+        return True
+
     def onDetect(self):
-        if self._job is not None or running_jobs() or not self.ensureDependencies():
+        if self._busy(self.ui.detectionStatusLabel) or not self.ensureDependencies():
             return
         self.updateParameterNodeFromGUI()
         self._newRunLog(_("Detection"))
@@ -540,7 +543,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # training
 
     def onTrain(self, resume=False):
-        if self._job is not None or running_jobs() or not self.ensureDependencies():
+        if self._busy(self.ui.trainingStatusLabel) or not self.ensureDependencies():
             return
         self.updateParameterNodeFromGUI()
         self._newRunLog(_("Training (resumed)") if resume else _("Training"))

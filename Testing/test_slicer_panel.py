@@ -73,7 +73,8 @@ def test_each_gpu_is_listed_with_its_name_and_memory_and_a_small_one_gets_a_hint
                        '{"index": 0, "name": "NVIDIA H100", "memory": 85899345920},'
                        '{"index": 1, "name": "NVIDIA T400", "memory": 4294967296}]}')
     assert device_choices(found) == [("auto", "auto (a CUDA GPU if there is one, else the CPU)"),
-                                     ("cuda:0", "cuda:0: NVIDIA H100 (80 GB)"), ("cuda:1", "cuda:1: NVIDIA T400 (4 GB)"),
+                                     ("cuda:0", "cuda:0: NVIDIA H100 (80 GB)"),
+                                     ("cuda:1", "cuda:1: NVIDIA T400 (4 GB)"),
                                      ("cpu", "cpu")]
     assert memory_hint("cuda:0", found) == "" and memory_hint("cpu", found) == ""
     assert "NVIDIA T400 has 4.0 GB" in memory_hint("cuda:1", found)
@@ -99,3 +100,47 @@ def test_a_folder_button_that_holds_dot_has_no_folder_chosen(button, chosen):
     parameters = Parameters(training_folder=button)
     assert parameters.chosen_folder == chosen
     assert parameters.training_source() == (chosen or [])
+
+
+# the model manager: verify a file against its id, delete a model trained here
+
+
+@pytest.fixture
+def tiny_user_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    from synomaly.model_file import save_model
+    from synomaly.network import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    network = UNet(UNetConfig(base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+                              num_heads=1, image_size=16))
+    path = save_model(tmp_path / "models" / "site-a.safetensors", network,
+                      {"name": "site-a", "preset": "brain-flair", "threshold": 0.1})
+    return path
+
+
+def test_a_model_file_is_verified_against_its_id_without_torch_in_the_check(tiny_user_model, tmp_path):
+    new_scene()
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    assert logic.verify_model(str(tiny_user_model)) == ""
+    data = bytearray(tiny_user_model.read_bytes())
+    data[-3] ^= 0x40  # one bit of the last weight
+    tiny_user_model.write_bytes(bytes(data))
+    assert "does not match its id" in logic.verify_model(str(tiny_user_model))
+
+
+def test_only_a_model_trained_here_is_deleted_with_its_run_folder(tiny_user_model, tmp_path):
+    new_scene()
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    run_dir = tiny_user_model.with_name("site-a.run")
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"saved")
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(tiny_user_model.read_bytes())
+    from synomaly.errors import InputError
+
+    with pytest.raises(InputError, match="Only models trained here"):
+        logic.delete_model(str(elsewhere))
+    assert sorted(logic.delete_model(str(tiny_user_model))) == sorted([tiny_user_model.resolve(), run_dir.resolve()])
+    assert not tiny_user_model.exists() and not run_dir.exists() and elsewhere.exists()

@@ -21,7 +21,8 @@ from .Engine import Engine, engine_module, errors
 from .JobFiles import read_nrrd_array, write_nrrd
 from .JobRunner import WorkerJob, new_job_folder
 from .LossCurve import LossCurve
-from .Models import ModelEntry, available_models, default_user_models_dir, model_file_name
+from .Models import (ModelEntry, available_models, default_user_models_dir, delete_user_model, model_file_name,
+                     verify_model_file)
 from .Parameters import Parameters, get_parameter_node
 
 # How long a cancelled training run may take to save its checkpoint and stop before it is killed.
@@ -79,6 +80,19 @@ class SynomalyLogic:
 
     def default_model(self) -> str:
         return self.engine.default_model()
+
+    def model_path(self, model) -> Path:
+        """The file of a model of the list (name or path)."""
+        return engine_module("model_file").resolve(self.check_model(model))
+
+    def verify_model(self, model) -> str:
+        """"" when the model file matches its id (its weights and settings are those it was saved with),
+        else what is wrong."""
+        return verify_model_file(self.model_path(model))
+
+    def delete_model(self, model) -> List[Path]:
+        """Delete a model trained here and its training run folder; a bundled model is refused."""
+        return delete_user_model(self.model_path(model), self.user_models_dir)
 
     def parameter_node(self):
         return get_parameter_node(self.scene)
