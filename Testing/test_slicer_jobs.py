@@ -225,3 +225,34 @@ def test_training_goes_on_drawing_after_the_scene_is_closed(scene, tmp_path):
     curve.flush()
     assert curve.table is not old_table and curve.table.GetScene() is scene
     assert logic.parameters().loss_table is curve.table and curve.points() == [(1.0, 0.5)]
+
+
+# several inputs in one call
+
+
+def test_several_volumes_in_one_call_then_replaced_in_place(scene, tmp_path, tiny_model, jobs_dir):
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    nodes = [phantom_node("first"), phantom_node("second")]
+    seen = []
+    outputs = logic.detect_many(nodes, model=str(tiny_model), device="cpu",
+                                progress=lambda fraction, message: seen.append((fraction, message)))
+    assert [o.input_node for o in outputs] == nodes
+    assert seen[-1][0] == pytest.approx(1.0) and seen[-1][1].startswith("[2/2] second:")
+    assert all(b >= a for (a, _), (b, _) in zip(seen, seen[1:])), "one progress for the whole batch"
+    ids = [[n.GetID() for n in o.nodes()] for o in outputs]
+    again = logic.detect_many(nodes, model=str(tiny_model), device="cpu", replace=True)
+    assert [[n.GetID() for n in o.nodes()] for o in again] == ids, "the same nodes, overwritten"
+    assert not leftover_jobs(jobs_dir)
+
+
+def test_a_bad_input_in_a_batch_stops_it_before_any_run(scene, tmp_path, tiny_model, jobs_dir):
+    from synomaly.errors import InputError
+
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    label = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.uint8), name="labels",
+                                           nodeClassName="vtkMRMLLabelMapVolumeNode")
+    nodes = [phantom_node("fine"), label]
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="'labels' is a label map"):
+        logic.detect_many(nodes, model=str(tiny_model), device="cpu")
+    assert scene.GetNumberOfNodes() == before and not leftover_jobs(jobs_dir)

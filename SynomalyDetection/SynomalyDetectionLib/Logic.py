@@ -229,6 +229,39 @@ class SynomalyLogic:
         request = self.prepare_detection(volumeNode, maskNode, model, outputs, **settings)
         return self.start_detection_job(request, progress).wait(cancel=cancel)
 
+    def detect_many(self, volumeNodes, maskNode=None, model=None, replace: bool = False, progress=None,
+                    cancel=None, **settings) -> List[MrmlBridge.OutputNodes]:
+        """``detect`` on several volumes, one after the other; every input is checked before the first run.
+        ``replace``: each volume's last outputs are overwritten instead of adding new nodes.
+        ``progress(fraction of the whole batch, message)``. A failure or a cancel stops the batch; the
+        outputs of the volumes done by then stay."""
+        volumeNodes = list(volumeNodes or [])
+        if not volumeNodes:
+            raise errors().InputError("No input volumes: select the volumes to analyse.")
+        for node in volumeNodes:
+            self.check_detection_input(node, maskNode, model)
+        results = []
+        for index, node in enumerate(volumeNodes):
+            def part(fraction, message, index=index, name=node.GetName()):
+                if progress is not None:
+                    count = len(volumeNodes)
+                    progress((index + fraction) / count, f"[{index + 1}/{count}] {name}: {message}")
+
+            reuse = MrmlBridge.latest_outputs(node) if replace else None
+            results.append(self.detect(node, maskNode, model, reuse, part, cancel, **settings))
+        return results
+
+    def check_detection_input(self, volumeNode, maskNode=None, model=None) -> None:
+        """The checks of ``prepare_detection`` that copy nothing: the volume, the mask, the model and
+        whether it needs a mask."""
+        MrmlBridge.check_input_volume(volumeNode)
+        MrmlBridge.check_mask(maskNode)
+        preset = self.model_preset(model)
+        missing = self.engine.missing_mask_message(preset) if maskNode is None else None
+        if missing:
+            raise errors().InputError(missing)
+        MrmlBridge.check_dimensions(volumeNode, preset or None)
+
     def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None) -> WorkerJob:
         """Detection in a worker process from the panel's settings; on success the parameter node
         remembers the outputs and the report. ``on_progress(fraction, message)`` runs on the polling thread."""

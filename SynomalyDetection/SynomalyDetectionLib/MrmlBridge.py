@@ -18,6 +18,7 @@ ANOMALY_COLOR = (0.9, 0.1, 0.1)
 ANOMALY_MAP_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 MAP_DISPLAY_FLOOR = 1e-6  # the anomaly map is coloured from here (or half the threshold) up: zero stays clear
 INPUT_ATTRIBUTE = "SynomalyDetection.InputVolume"
+OUTPUT_ATTRIBUTE = "SynomalyDetection.Output"  # which output a node is: an OutputNodes field name
 # The Anomaly segment's standard terminology (SNOMED CT "Lesion" under "Morphologically Altered Structure"),
 # serialized as Slicer's terminology logic does: a DICOM SEG export then codes it, instead of leaving it
 # with Slicer's generic default.
@@ -318,6 +319,17 @@ def default_input_volume(scene):
     return None
 
 
+def latest_outputs(input_node) -> Optional[OutputNodes]:
+    """The last outputs written for ``input_node`` (to replace them in a batch run), or None."""
+    scene, found = input_node.GetScene(), {}
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        if node.GetAttribute(INPUT_ATTRIBUTE) == input_node.GetID() and node.GetAttribute(OUTPUT_ATTRIBUTE):
+            found[node.GetAttribute(OUTPUT_ATTRIBUTE)] = node  # scene order: the last one wins
+    return reusable_outputs(input_node, found.get("segmentation"), found.get("counterfactual"),
+                            found.get("anomaly_map"), found.get("uncertainty"))
+
+
 def _is_output_of(node, input_node) -> bool:
     return (node is not None and node.GetScene() is not None
             and node.GetAttribute(INPUT_ATTRIBUTE) == input_node.GetID())
@@ -452,9 +464,12 @@ def write_outputs(input_node, result, reuse: Optional[OutputNodes] = None) -> Ou
         if result.uncertainty is not None:
             outputs.uncertainty = node_for(reuse and reuse.uncertainty, "vtkMRMLScalarVolumeNode", "uncertainty")
             _write_scalar_volume(outputs.uncertainty, result.uncertainty, input_node)
-        for node in outputs.nodes():
-            node.SetAttribute(INPUT_ATTRIBUTE, input_node.GetID())
-            place_beside(node, input_node)
+        for kind in ("segmentation", "counterfactual", "anomaly_map", "uncertainty"):
+            node = getattr(outputs, kind)
+            if node is not None:
+                node.SetAttribute(INPUT_ATTRIBUTE, input_node.GetID())
+                node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+                place_beside(node, input_node)
     except Exception:
         for node in created:
             scene.RemoveNode(node)
