@@ -29,7 +29,7 @@ from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, Worker
                                   format_report, get_parameter_node, missing_dependencies)
 from SynomalyDetectionLib.Dependencies import dependency_report, installing
 from SynomalyDetectionLib.Engine import errors
-from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, running_jobs,
+from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, waiting_jobs,
                                             worker_python)
 from SynomalyDetectionLib.MrmlBridge import default_input_volume, output_node_ids, show_side_by_side
 from SynomalyDetectionLib.Panel import DeviceProbe, RunLog, device_choices, memory_hint
@@ -152,6 +152,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self):
         """Module unload and Slicer exit: nothing waits here; a training run saves its checkpoint and
         stops by itself."""
+        if self._timer is not None:
+            self._timer.stop()
         self._stopJob(release=True)
         self.removeObservers()
 
@@ -341,7 +343,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _updateButtons(self):
         # A console detect() or train() waits processing events: no second run meanwhile.
-        idle = (self._job is None and not running_jobs() and not self._installingDependencies
+        idle = (self._job is None and not waiting_jobs() and not self._installingDependencies
                 and not installing())
         parameters = Parameters.from_node(self._parameterNode) if self._parameterNode is not None else None
         # Why Detect cannot run (no input; a liver model without a mask), said on the button itself.
@@ -365,7 +367,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """On first use: offer to install what the engine needs (or is too old); False (after saying why)
         when it is missing. ``everything``: the panel's Upgrade/reinstall. The run buttons stay disabled
         while installing: the installation processes events."""
-        if self._installingDependencies or installing() or (everything and (self._job or running_jobs())):
+        if self._installingDependencies or installing() or (everything and (self._job or waiting_jobs())):
             return False
         wasMissing = missing_dependencies().any
         self._installingDependencies = True
@@ -493,7 +495,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _busy(self, label) -> bool:
         """A run goes on, here or from the Python console (whose wait processes events): say so."""
-        if self._job is None and not running_jobs():
+        if self._job is None and not waiting_jobs():
             return False
         label.text = _("Another run is in progress; wait for it to end or cancel it.")
         return True

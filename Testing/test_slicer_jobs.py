@@ -22,6 +22,7 @@ from SynomalyDetectionLib.JobFiles import read_nrrd_array, write_nrrd
 from SynomalyDetectionLib.JobRunner import (FAILED, SUCCEEDED, WorkerError, WorkerJob, process_gone,
                                             remove_stale_job_folders)
 from SynomalyDetectionLib.LossCurve import MAX_POINTS, LossCurve
+from synomaly.errors import Cancelled
 
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="the stand-in workers are shell scripts")
 
@@ -65,16 +66,23 @@ def test_console_detect_processes_gui_events_while_it_waits(scene, tmp_path, tin
     outputs = logic.detect(phantom_node(), model=str(tiny_model), device="cpu")
     assert outputs.segmentation is not None
     assert len(app.calls) > 5, "slicer.app.processEvents() runs between polls, as logProcessOutput does"
-    assert not JobRunner.running_jobs()
+    assert not JobRunner.waiting_jobs()
 
 
 @POSIX_ONLY
-def test_a_running_job_is_known_until_it_ends(tmp_path, jobs_dir):
+def test_a_job_being_waited_for_is_known_until_it_ends(tmp_path, jobs_dir):
+    """The panel refuses a second run while a console wait (which processes events) runs."""
     worker = shell_worker(tmp_path, "while [ ! -f cancel ]; do sleep 0.02; done")
     job = WorkerJob(JobRunner.new_job_folder(), {"kind": "detection"}, python=worker).start()
-    assert JobRunner.running_jobs() == [job], "the panel refuses a second run while a console wait runs"
-    job.stop(timeout_s=5)
-    assert JobRunner.running_jobs() == [] and not leftover_jobs(jobs_dir)
+    seen = []
+
+    def during_wait():
+        seen.append(JobRunner.waiting_jobs())
+        job.cancel()
+
+    with pytest.raises(Cancelled):
+        job.wait(process_events=during_wait)
+    assert seen[0] == [job] and JobRunner.waiting_jobs() == [] and not leftover_jobs(jobs_dir)
 
 
 # 5. job files: uncompressed, exact for the engine, no file descriptor touched
@@ -154,7 +162,7 @@ def test_a_released_training_job_stops_by_itself_and_its_folder_is_cleaned_later
     job = WorkerJob(folder, {"kind": "training"}, grace_s=30, python=worker).start()
     process = job._process
     job.release()
-    assert job.done and not JobRunner.running_jobs()
+    assert job.done
     assert process.wait(timeout=20) == 0, "it ended by itself (a killed worker has a negative code)"
     assert (folder / "checkpoint").read_text().strip() == "saved"
     assert remove_stale_job_folders(jobs_dir, min_age_s=0) == [folder] and not leftover_jobs(jobs_dir)
@@ -179,7 +187,7 @@ def test_a_failing_progress_callback_fails_the_job_and_cleans_up(tmp_path, jobs_
     while job.poll():
         time.sleep(0.02)
     assert job.state == FAILED and isinstance(job.error, ZeroDivisionError)
-    assert process_gone(job.pid) and not folder.exists() and not JobRunner.running_jobs()
+    assert process_gone(job.pid) and not folder.exists()
     job.stop()
     job.release()
     assert job.state == FAILED

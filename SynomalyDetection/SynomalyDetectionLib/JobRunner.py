@@ -32,13 +32,13 @@ LOG_TAIL_CHARS = 4000
 JOB_PREFIX = "synomaly-job-"
 STALE_AFTER_S = 60.0  # a job folder younger than this may still be starting: its PID file is not written yet
 
-_running: List["WorkerJob"] = []
+_waiting: List["WorkerJob"] = []
 
 
-def running_jobs() -> List["WorkerJob"]:
-    """The jobs started in this process that have not ended: a blocking ``wait()`` processes GUI events,
-    so the panel must not start another run meanwhile."""
-    return [job for job in _running if not job.done]
+def waiting_jobs() -> List["WorkerJob"]:
+    """The jobs a ``wait()`` (the Python console's ``detect``/``train``) is blocked on: that wait processes
+    GUI events, so the panel must not start another run meanwhile."""
+    return list(_waiting)
 
 
 def gui_events() -> Optional[Callable[[], None]]:
@@ -228,7 +228,6 @@ class WorkerJob:
                 kill_process_tree(self._process)
             self._remove_folder()
             raise
-        _running.append(self)
         return self
 
     def cancel(self) -> None:
@@ -264,8 +263,6 @@ class WorkerJob:
         if self.done:
             return
         self.cancel()
-        if self in _running:
-            _running.remove(self)
         if self._process.poll() is None:
             self.state = CANCELLED
             return
@@ -289,8 +286,6 @@ class WorkerJob:
             kill_process_tree(self._process)
             self.state, self.error = FAILED, exc
         self._remove_folder()
-        if self in _running:
-            _running.remove(self)
         return False
 
     def _deliver_progress(self) -> None:
@@ -360,6 +355,7 @@ class WorkerJob:
         between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
         (Ctrl-C) stops the worker before it propagates."""
         process_events = process_events if process_events is not None else gui_events()
+        _waiting.append(self)
         try:
             while self.poll():
                 if cancel is not None and not self._cancel_at and cancel():
@@ -370,6 +366,8 @@ class WorkerJob:
         except BaseException:
             self.stop(process_events=process_events)
             raise
+        finally:
+            _waiting.remove(self)
         if self.state == SUCCEEDED:
             return self.result
         if self.state == CANCELLED and self.error is None:

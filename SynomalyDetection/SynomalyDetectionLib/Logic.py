@@ -362,9 +362,11 @@ class SynomalyLogic:
             return ""
         try:
             output = self.user_models_dir / model_file_name(parameters.model_name)
+            checkpoint = engine_module("training").run_dir_for(output) / "checkpoint.pt"
+        except ImportError:
+            return ""  # no engine: the run itself says so
         except errors().SynomalyError as exc:
             return str(exc)
-        checkpoint = engine_module("training").run_dir_for(output) / "checkpoint.pt"
         if not checkpoint.is_file():
             return (f"No cancelled run of '{parameters.model_name}' to resume (no checkpoint in {checkpoint.parent}); "
                     "click Start training.")
