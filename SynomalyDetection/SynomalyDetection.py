@@ -28,7 +28,7 @@ except ImportError:  # Slicer before 5.4 has no translations
 from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, WorkerError, ensure_dependencies,
                                   format_report, get_parameter_node, missing_dependencies)
 from SynomalyDetectionLib.Dependencies import dependency_report, installing
-from SynomalyDetectionLib.Engine import errors
+from SynomalyDetectionLib.Engine import is_user_error
 from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, waiting_jobs,
                                             worker_python)
 from SynomalyDetectionLib.MrmlBridge import default_input_volume, output_node_ids, show_side_by_side
@@ -83,14 +83,6 @@ segment, or a single one).</p>
 <p>The method is from: {citation}</p>
 <p>This module is a product implementation for whole 3D volumes; it is not the authors' reference code.</p>
 """).format(citation=CITATION)
-
-
-def _isUserError(exc) -> bool:
-    """Errors whose message says what to do: shown as such, without a traceback."""
-    try:
-        return isinstance(exc, errors().SynomalyError)
-    except ImportError:
-        return False
 
 
 class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -405,7 +397,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # running jobs
 
     def _showError(self, title, exc):
-        if _isUserError(exc):
+        if is_user_error(exc):
             slicer.util.errorDisplay(str(exc), windowTitle=title)
             return
         details = getattr(exc, "details", "") if isinstance(exc, WorkerError) else ""
@@ -416,7 +408,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _startJob(self, kind, start):
         try:
-            job = start()
+            with slicer.util.WaitCursor():  # the inputs are copied out and written to the job folder
+                job = start()
         except Exception as exc:
             self._showError(_("Synomaly Detection could not start"), exc)
             return

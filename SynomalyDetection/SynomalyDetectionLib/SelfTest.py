@@ -12,6 +12,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 from .Dependencies import missing_dependencies
 from .Engine import engine_module
 from .JobRunner import CANCELLED, FAILED, SUCCEEDED, process_gone
+from .MrmlBridge import INPUT_ATTRIBUTE
 from .Parameters import MODULE_NAME
 
 
@@ -31,7 +32,7 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         for test in (self.test_widget_opens, self.test_widget_without_parent_keeps_its_setup,
-                     self.test_detection_on_phantom):
+                     self.test_panel_offers_what_it_can_use, self.test_detection_on_phantom):
             self.setUp()
             test()
         self.delayDisplay("Test passed")
@@ -55,6 +56,33 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
             slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)",
                                                   widget._onModuleAboutToBeUnloaded)
             widget.parent.deleteLater()
+
+    def test_panel_offers_what_it_can_use(self):
+        """Colour images are inputs; label maps and detection outputs are not; the folder button does not
+        show the working directory before a pick; Resume needs a checkpoint."""
+        import numpy as np
+
+        widget = slicer.util.getModuleWidget(MODULE_NAME)
+        widget.initializeParameterNode()
+        grey = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.float32), name="grey")
+        for cls, name in (("vtkMRMLVectorVolumeNode", "colour"), ("vtkMRMLLabelMapVolumeNode", "labels"),
+                          ("vtkMRMLScalarVolumeNode", "an output")):
+            slicer.mrmlScene.AddNewNodeByClass(cls, name)
+        slicer.util.getNode("an output").SetAttribute(INPUT_ATTRIBUTE, grey.GetID())
+        widget.updateGUIFromParameterNode()
+        selector = widget.ui.inputVolumeSelector
+        offered = {selector.nodeFromIndex(i).GetName() for i in range(selector.nodeCount())}
+        self.assertTrue({"grey", "colour"} <= offered, offered)
+        self.assertFalse({"labels", "an output"} & offered, offered)
+
+        parameters = widget.logic.parameters()
+        parameters.training_from_folder, parameters.training_folder = True, ""
+        widget.logic.save_parameters(parameters)
+        self.assertNotIn(os.getcwd(), widget.ui.trainingFolderButton.text)
+        parameters.training_folder, parameters.model_name = slicer.app.temporaryPath, "synomaly-self-test-none"
+        widget.logic.save_parameters(parameters)
+        self.assertTrue(widget.ui.startTrainingButton.enabled)
+        self.assertFalse(widget.ui.resumeTrainingButton.enabled, "no checkpoint of that name")
 
     def _phantom(self, name="phantom"):
         phantom = engine_module("phantom").make_phantom(seed=engine_module("demo").DEMO_SEED)
