@@ -31,7 +31,8 @@ from SynomalyDetectionLib.Dependencies import dependency_report, installing
 from SynomalyDetectionLib.Engine import is_user_error
 from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, waiting_jobs,
                                             worker_python)
-from SynomalyDetectionLib.MrmlBridge import default_input_volume, output_node_ids, show_side_by_side
+from SynomalyDetectionLib.MrmlBridge import (default_input_volume, output_node_ids, show_side_by_side,
+                                             shown_in_layout)
 from SynomalyDetectionLib.Panel import DeviceProbe, RunLog, device_choices, memory_hint
 from SynomalyDetectionLib.SelfTest import SynomalyDetectionTest  # noqa: F401 (Slicer's test runner looks here)
 from SynomalyDetectionLib.SlicerInstall import install_torch, pip_install_logged
@@ -530,7 +531,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         segmentation over both. The layout is switched only when the current one lacks the Red and Yellow
         views: a layout the user chose stays."""
         layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and not {"Red", "Yellow"} <= set(layoutManager.sliceViewNames()):
+        if layoutManager is not None and not shown_in_layout(slicer.mrmlScene, ("Red", "Yellow")):
             layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         show_side_by_side(outputs)
         slicer.util.resetSliceViews()

@@ -156,3 +156,17 @@ def test_detection_outputs_are_not_offered_as_inputs(scene, logic):
     assert not any(MrmlBridge.is_input_candidate(n) for n in outputs.nodes())
     scene.RemoveNode(node)
     assert MrmlBridge.default_input_volume(scene) is None, "neither a label map nor an output is a default input"
+
+
+def test_the_layout_is_kept_when_it_shows_the_red_and_yellow_views(scene):
+    """Views outlive a layout change in Slicer; only their mapped flag says whether the layout shows them."""
+    views = {}
+    for name in ("Red", "Yellow", "Green"):
+        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
+        views[name].SetLayoutName(name)
+    assert not MrmlBridge.shown_in_layout(scene), "no layout shown yet"
+    for name in ("Red", "Yellow", "Green"):
+        views[name].SetMappedInLayout(1)
+    assert MrmlBridge.shown_in_layout(scene), "the conventional layout: keep it"
+    views["Yellow"].SetMappedInLayout(0)
+    assert not MrmlBridge.shown_in_layout(scene), "Red only: switch to side by side"

@@ -56,7 +56,7 @@ def write_nrrd(path, array: np.ndarray, geometry) -> None:
     data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     with open(path, "wb") as f:
         f.write(header.encode("ascii"))
-        f.write(data.tobytes())
+        f.write(memoryview(data).cast("B"))  # no copy of the voxels
 
 
 def _read_header(raw: bytes) -> Tuple[Dict[str, str], int]:

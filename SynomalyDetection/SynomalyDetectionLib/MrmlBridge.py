@@ -487,6 +487,13 @@ def _slice_nodes(scene, class_name, layout_name):
     return None
 
 
+def shown_in_layout(scene, views=("Red", "Yellow")) -> bool:
+    """Whether the current layout shows all these slice views. Views stay in the scene after a layout
+    change (the view factory keeps them), so their presence says nothing: their mapped flag does."""
+    nodes = [_slice_nodes(scene, "vtkMRMLSliceNode", name) for name in views]
+    return all(node is not None and node.IsMappedInLayout() for node in nodes)
+
+
 def show_side_by_side(outputs: OutputNodes, left: str = "Red", right: str = "Yellow") -> None:
     """Input (with the anomaly map over it) in the ``left`` slice view, the counterfactual in the
     ``right`` one, both with the segmentation, in the same orientation and with linked navigation.

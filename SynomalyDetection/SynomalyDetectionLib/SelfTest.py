@@ -12,7 +12,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 from .Dependencies import missing_dependencies
 from .Engine import engine_module
 from .JobRunner import CANCELLED, FAILED, SUCCEEDED, process_gone
-from .MrmlBridge import INPUT_ATTRIBUTE
+from .MrmlBridge import INPUT_ATTRIBUTE, shown_in_layout
 from .Parameters import MODULE_NAME
 
 
@@ -155,7 +155,7 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
         while widget._job is not None:
             slicer.app.processEvents()
         layoutManager = slicer.app.layoutManager()
-        self.assertTrue({"Red", "Yellow"} <= set(layoutManager.sliceViewNames()))
+        self.assertTrue(shown_in_layout(slicer.mrmlScene, ("Red", "Yellow")))
         red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
         yellow = layoutManager.sliceWidget("Yellow").mrmlSliceCompositeNode()
         self.assertEqual(red.GetBackgroundVolumeID(), volume.GetID())
