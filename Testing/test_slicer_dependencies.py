@@ -241,6 +241,7 @@ def test_slicers_process_error_gives_text_details_not_a_file_object():
         slicer.util.logProcessOutput(proc)
     details = Dependencies._failure_details(caught.value)
     assert "<_io" not in details and "CalledProcessError" in details
+    assert "Python console" in details, "where its output went instead"
 
 
 def test_run_pip_gives_pips_own_output_line_by_line(tmp_path):

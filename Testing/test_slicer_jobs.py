@@ -5,6 +5,7 @@ poll. ``slicer.app`` does not exist outside Slicer: where the module asks it for
 ``temporaryPath``, a namespace with just those stands in for it."""
 import os
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -264,3 +265,17 @@ def test_a_bad_input_in_a_batch_stops_it_before_any_run(scene, tmp_path, tiny_mo
     with pytest.raises(InputError, match="'labels' is a label map"):
         logic.detect_many(nodes, model=str(tiny_model), device="cpu")
     assert scene.GetNumberOfNodes() == before and not leftover_jobs(jobs_dir)
+
+
+def test_a_temporary_folder_that_cannot_be_used_is_a_clear_error(scene, tmp_path, tiny_model, monkeypatch):
+    from synomaly.errors import OutputError
+
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "jobs"))
+    logic = SynomalyLogic(user_models_dir=tmp_path)
+    node = phantom_node()
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(OutputError, match="temporary folder in Slicer's Application Settings"):
+        logic.detect(node, model=str(tiny_model), device="cpu")
+    assert scene.GetNumberOfNodes() == before

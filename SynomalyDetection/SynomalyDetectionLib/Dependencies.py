@@ -163,6 +163,8 @@ def _failure_details(exc: BaseException) -> str:
             text = text.decode("utf-8", errors="replace")
         if isinstance(text, str) and text.strip() and text.strip() not in parts:
             parts.append(text.strip())
+    if not parts and isinstance(exc, subprocess.CalledProcessError):
+        parts.append("The installer's output is in Slicer's Python console and application log.")
     parts.append(f"{type(exc).__name__}: {exc}")
     return "\n\n".join(parts)
 

@@ -60,9 +60,14 @@ def jobs_root() -> Path:
 
 
 def new_job_folder() -> Path:
+    """A new job folder, or an OutputError that says where and what to do."""
     root = jobs_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=JOB_PREFIX, dir=str(root)))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=JOB_PREFIX, dir=str(root)))
+    except OSError as exc:
+        raise errors().OutputError(f"No job folder can be made in {root} ({exc.strerror or exc}); choose another "
+                                   "temporary folder in Slicer's Application Settings (General).") from None
 
 
 def remove_stale_job_folders(root: Optional[Path] = None, min_age_s: float = STALE_AFTER_S) -> List[Path]:

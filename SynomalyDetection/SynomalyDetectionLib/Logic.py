@@ -188,11 +188,11 @@ class SynomalyLogic:
         ``on_progress(fraction, message)`` runs on the polling thread."""
         folder = new_job_folder()
         try:
-            write_nrrd(folder / "input.nrrd", request.volume, request.geometry)
+            _write_job_volume(folder / "input.nrrd", request.volume, request.geometry)
             mask = None
             if request.mask is not None:
                 mask = "mask.nrrd"
-                write_nrrd(folder / mask, request.mask.astype(np.uint8), request.geometry)
+                _write_job_volume(folder / mask, request.mask.astype(np.uint8), request.geometry)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -332,11 +332,11 @@ class SynomalyLogic:
             for index, case in enumerate(request.healthy):
                 if isinstance(case, HealthyVolume):
                     image = f"case-{index:03d}.nrrd"
-                    write_nrrd(folder / image, case.array, case.geometry)
+                    _write_job_volume(folder / image, case.array, case.geometry)
                     healthy.append({"name": case.name, "image": image})
                     if case.mask is not None:
                         healthy[-1]["mask"] = f"case-{index:03d}-mask.nrrd"
-                        write_nrrd(folder / healthy[-1]["mask"], case.mask.astype(np.uint8), case.geometry)
+                        _write_job_volume(folder / healthy[-1]["mask"], case.mask.astype(np.uint8), case.geometry)
                 else:
                     healthy.append(str(case))
             try:
@@ -423,6 +423,16 @@ class SynomalyLogic:
             self.loss_curve = LossCurve(self.scene)
             self._remember_loss_table()
         return self.loss_curve
+
+
+def _write_job_volume(path: Path, array, geometry) -> None:
+    """A job volume, or an OutputError that says where and what to do (a full disk, a read-only folder)."""
+    try:
+        write_nrrd(path, array, geometry)
+    except OSError as exc:
+        raise errors().OutputError(f"The job file {path.name} could not be written in {path.parent.parent} "
+                                   f"({exc.strerror or exc}); free some disk space, or choose another temporary "
+                                   "folder in Slicer's Application Settings (General).") from None
 
 
 def read_detection_result(result: dict):
