@@ -425,9 +425,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.runTimeLabel.text = ""
 
     def _logProgress(self, fraction, message):
-        count = len(self._runLog.lines)
-        self._runLog.add(fraction, message)
-        for line in self._runLog.lines[count:]:
+        line = self._runLog.add(fraction, message)
+        if line:
             self.ui.runLogTextEdit.appendPlainText(line)
 
     def _stopJob(self, release=False):

@@ -30,8 +30,10 @@ def test_the_run_log_keeps_each_new_message_with_its_time():
     log.add(0.5, "stage 1 of 2")
     assert log.lines == ["[0:00]  loading the model", "[1:05]  stage 1 of 2"]
     for index in range(MAX_LOG_LINES + 10):
-        log.add(None, f"line {index}")
+        added = log.add(None, f"line {index}")
     assert len(log.lines) == MAX_LOG_LINES and log.lines[-1].endswith(f"line {MAX_LOG_LINES + 9}")
+    assert added == log.lines[-1], "a full log still hands each new line to the panel"
+    assert log.add(None, f"line {MAX_LOG_LINES + 9}") == "", "a repeated message is not logged again"
 
 
 def test_time_left_follows_the_pace_so_far():

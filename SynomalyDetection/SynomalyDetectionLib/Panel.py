@@ -42,16 +42,17 @@ class RunLog:
     lines: List[str] = field(default_factory=list)
     fraction: float = 0.0
 
-    def add(self, fraction: Optional[float], message: str) -> None:
+    def add(self, fraction: Optional[float], message: str) -> str:
         """A progress report: ``fraction`` done (None when unknown) and the worker's message, logged
-        when it differs from the last one."""
+        when it differs from the last one. Returns the new log line ("" when none)."""
         if fraction is not None:
             self.fraction = min(max(float(fraction), 0.0), 1.0)
         message = str(message or "").strip()
-        stamp = _clock(self.clock() - self.started)
-        if message and (not self.lines or not self.lines[-1].endswith("  " + message)):
-            self.lines.append(f"[{stamp}]  {message}")
-            del self.lines[:-MAX_LOG_LINES]
+        if not message or (self.lines and self.lines[-1].endswith("  " + message)):
+            return ""
+        self.lines.append(f"[{_clock(self.clock() - self.started)}]  {message}")
+        del self.lines[:-MAX_LOG_LINES]
+        return self.lines[-1]
 
     def remaining_s(self) -> Optional[float]:
         """Time left at the pace so far; None until there is a pace to go by."""
