@@ -51,32 +51,30 @@ class SynomalyDetection(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SynomalyDetection developers (Synomaly project)"]
         self.parent.helpText = _("""
-<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
-(Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
-<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
-brain) and a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation
-with a "liver" segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen,
-the button's tooltip says so. The run goes on in a separate process, so Slicer
-stays responsive; <i>Cancel</i> stops it and adds nothing. Results are placed beside the input in the Data
-module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume
-"&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly map"
-(coloured over the input where scores are high) and, for an ensemble, "&lt;input&gt; uncertainty". The
-views then show the input and the counterfactual side by side, linked. The panel shows the anomalous
-volume in mL and its connected components. <i>Advanced</i>: device, number of stages, noise level,
-threshold (default: the model's calibrated threshold) and ensemble size.</p>
-<p><b>2D images</b> (PNG, JPEG, a single-frame DICOM; e.g. carotid ultrasound) load as volumes of one slice
-and work like volumes with a 2D model (preset carotid-us): colour is taken as grey, and the mask is the
-vessel's lumen (required: the model looks at a disc around it). The panel then shows areas. Models of the
-3D presets refuse 2D images.</p>
-<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
-of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
-checkpoint that <i>Resume</i> continues. The new model joins the model list. Presets that need a mask
-(liver-ct, carotid-us) take each loaded volume's from the segmentation made on it (a 'liver' or 'lumen'
-segment, or a single one).</p>
+<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only (Synomaly
+noise and multi-stage diffusion). No lesion annotations are needed.</p>
+<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the brain) and
+a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation with a "liver"
+segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen, the button's tooltip
+says so. The run goes on in a separate process, so Slicer stays responsive; <i>Cancel</i> stops it and adds nothing.
+Results are placed beside the input in the Data module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"),
+a scalar volume "&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly
+map" (coloured over the input where scores are high) and, for an ensemble, "&lt;input&gt; uncertainty". The views
+then show the input and the counterfactual side by side, linked. The panel shows the anomalous volume in mL and its
+connected components. <i>Advanced</i>: device, number of stages, noise level, threshold (default: the model's
+calibrated threshold) and ensemble size.</p>
+<p><b>2D images</b> (PNG, JPEG, a single-frame DICOM; e.g. carotid ultrasound) load as volumes of one slice and work
+like volumes with a 2D model (preset carotid-us): colour is taken as grey, and the mask is the vessel's lumen
+(required: the model looks at a disc around it). The panel then shows areas. Models of the 3D presets refuse 2D
+images.</p>
+<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number of steps,
+the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a checkpoint that
+<i>Resume</i> continues. The new model joins the model list. Presets that need a mask (liver-ct, carotid-us) take
+each loaded volume's from the segmentation made on it (a 'liver' or 'lumen' segment, or a single one).</p>
 <p><b>Python console:</b><br>
 <code>logic = slicer.util.getModuleLogic("{module}")</code><br>
-<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>
-(returns the segmentation, counterfactual and anomaly-map nodes and the report)<br>
+<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code> (returns the segmentation,
+counterfactual and anomaly-map nodes and the report)<br>
 <code>logic.train("/data/healthy", name="site-a", preset="brain-flair", steps=2000)</code></p>
 <p>Research software: not for clinical use. Documentation: <a href="{docs}">{docs}</a></p>
 """).format(module=MODULE_NAME, docs=DOCUMENTATION_URL)
@@ -132,6 +130,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.modelNameLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
 
         self.ui.refreshModelsButton.connect("clicked()", self._populateModels)
+        self.ui.verifyModelButton.connect("clicked()", self.onVerifyModel)
+        self.ui.deleteModelButton.connect("clicked()", self.onDeleteModel)
         self.ui.detectButton.connect("clicked()", self.onDetect)
         self.ui.cancelDetectionButton.connect("clicked()", self.onCancel)
         self.ui.startTrainingButton.connect("clicked()", lambda: self.onTrain(resume=False))
@@ -292,23 +292,12 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _selectModel(self, identifier):
         index = self.ui.modelComboBox.findData(identifier) if identifier else -1
         if index < 0 and not identifier:
-            index = self.ui.modelComboBox.findData(self._defaultModelName())
+            index = self.ui.modelComboBox.findData(self.logic.default_model_name())
         self.ui.modelComboBox.setCurrentIndex(max(index, 0))
 
-    def _defaultModelName(self):
-        try:
-            return self.logic.default_model()
-        except ImportError:
-            return ""
-
     def _populatePresets(self):
-        try:
-            presets = self.logic.engine.presets()
-        except ImportError as exc:
-            logging.warning(f"Synomaly presets unavailable: {exc}")
-            presets = [Parameters().preset]
         self.ui.presetComboBox.clear()
-        for preset in presets:
+        for preset in self.logic.preset_names():
             self.ui.presetComboBox.addItem(preset, preset)
 
     def _populateModels(self):
@@ -318,12 +307,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wasUpdating, self._updatingGUI = self._updatingGUI, True
         try:
             combo.clear()
-            entries = []
-            if not missing_dependencies().any:
-                try:
-                    entries = self.logic.models()
-                except Exception as exc:
-                    logging.warning(f"Synomaly models could not be listed: {exc}")
+            entries = self.logic.model_choices()
             for entry in entries:
                 combo.addItem(entry.label, entry.identifier)
                 combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
@@ -344,6 +328,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.detectButton.enabled = idle and not blocker
         self.ui.detectButton.toolTip = blocker or _("Run the detection in the background.")
         self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
+        self.ui.deleteModelButton.enabled = idle and self.logic.is_user_model(parameters and parameters.model)
         trainingButtons = ((self.ui.startTrainingButton, False, _("Train a new model on the chosen healthy cases.")),
                            (self.ui.resumeTrainingButton, True, _("Continue the cancelled run of this name.")))
         for button, resume, tip in trainingButtons:  # Resume only where a checkpoint of that name is kept
@@ -353,6 +338,30 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.cancelTrainingButton.enabled = self._job is not None and self._jobKind == "training"
         self.ui.trainingFolderButton.enabled = parameters is not None and parameters.training_from_folder
         self.ui.trainingVolumesSelector.enabled = parameters is not None and not parameters.training_from_folder
+
+    def onVerifyModel(self):
+        """The model file against its id (a changed or damaged file does not match)."""
+        title = _("Model check")
+        try:
+            with slicer.util.WaitCursor():
+                problem = self.logic.verify_model(self.ui.modelComboBox.currentData or None)
+        except Exception as exc:
+            return self._showError(title, exc)
+        if problem:
+            return slicer.util.warningDisplay(problem, windowTitle=title)
+        slicer.util.infoDisplay(_("The model file matches its id."), windowTitle=title)
+
+    def onDeleteModel(self):
+        name = self.ui.modelComboBox.currentText
+        if not slicer.util.confirmOkCancelDisplay(_("Delete the model '{name}' and its training checkpoint?").format(
+                name=name), windowTitle=_("Delete model")):
+            return
+        try:
+            self.logic.delete_model(self.ui.modelComboBox.currentData)
+        except Exception as exc:
+            return self._showError(_("Delete model"), exc)
+        self._populateModels()
+        self.updateParameterNodeFromGUI()
 
     # dependencies
 
@@ -444,9 +453,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if probe is None or probe.poll():
             return
         self._deviceProbe = None
-        if probe.error:
-            logging.warning(f"Synomaly: the compute devices could not be listed: {probe.error}")
-        else:
+        if probe.found is not None:  # else the probe has logged why
             self._devices = probe.found
             self._populateDevices()
 

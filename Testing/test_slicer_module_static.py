@@ -366,7 +366,8 @@ def test_new_panel_controls_are_in_the_ui_file():
     for name, cls in {"runLogCollapsibleButton": "ctkCollapsibleButton", "runLogTextEdit": "QPlainTextEdit",
                       "runTimeLabel": "QLabel", "dependenciesCollapsibleButton": "ctkCollapsibleButton",
                       "dependenciesLabel": "QLabel", "upgradeDependenciesButton": "QPushButton",
-                      "deviceHintLabel": "QLabel"}.items():
+                      "deviceHintLabel": "QLabel", "verifyModelButton": "QToolButton",
+                      "deleteModelButton": "QToolButton"}.items():
         assert widgets.get(name) == cls, name
 
 

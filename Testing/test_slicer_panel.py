@@ -146,3 +146,15 @@ def test_only_a_model_trained_here_is_deleted_with_its_run_folder(tiny_user_mode
         logic.delete_model(str(elsewhere))
     assert sorted(logic.delete_model(str(tiny_user_model))) == sorted([tiny_user_model.resolve(), run_dir.resolve()])
     assert not tiny_user_model.exists() and not run_dir.exists() and elsewhere.exists()
+
+
+def test_the_panel_lists_models_and_may_delete_only_those_trained_here(tiny_user_model, tmp_path):
+    new_scene()
+    logic = SynomalyLogic(user_models_dir=tmp_path / "models")
+    entries = logic.model_choices()
+    assert str(tiny_user_model) in [entry.identifier for entry in entries]
+    assert logic.is_user_model(str(tiny_user_model))
+    bundled = [entry.identifier for entry in entries if entry.bundled]
+    assert bundled and not any(logic.is_user_model(identifier) for identifier in bundled)
+    assert not logic.is_user_model("") and not logic.is_user_model(None)
+    assert logic.preset_names()[0] and logic.default_model_name()

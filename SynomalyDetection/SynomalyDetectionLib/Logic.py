@@ -8,6 +8,7 @@ engine in Slicer's process, so torch is never imported there and Slicer's GIL ne
 """
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import slicer
 
 from . import MrmlBridge
+from .Dependencies import missing_dependencies
 from .Engine import Engine, engine_module, errors
 from .JobFiles import read_nrrd_array, write_nrrd
 from .JobRunner import WorkerJob, new_job_folder
@@ -80,6 +82,36 @@ class SynomalyLogic:
 
     def default_model(self) -> str:
         return self.engine.default_model()
+
+    def default_model_name(self) -> str:
+        """The default model's name; "" when the engine cannot be imported (the run then says why)."""
+        try:
+            return self.default_model()
+        except ImportError:
+            return ""
+
+    def preset_names(self) -> List[str]:
+        """The engine's presets; the default one alone when the engine cannot be imported (logged)."""
+        try:
+            return self.engine.presets()
+        except ImportError as exc:
+            logging.warning(f"Synomaly presets unavailable: {exc}")
+            return [Parameters().preset]
+
+    def model_choices(self) -> List[ModelEntry]:
+        """The panel's model list: [] until the engine's packages are installed (reading model files needs
+        them) or when the list cannot be read (logged); the panel then offers the default model."""
+        if missing_dependencies().any:
+            return []
+        try:
+            return self.models()
+        except Exception as exc:
+            logging.warning(f"Synomaly models could not be listed: {exc}")
+            return []
+
+    def is_user_model(self, identifier) -> bool:
+        """A model trained here (in the user models folder): the only kind the panel may delete."""
+        return bool(identifier) and Path(str(identifier)).parent.resolve() == self.user_models_dir.resolve()
 
     def model_path(self, model) -> Path:
         """The file of a model of the list (name or path)."""

@@ -5,6 +5,7 @@ The device list comes from a short process of the worker's interpreter: importin
 own process would load CUDA there for nothing (and an old torch could not be upgraded afterwards).
 """
 import json
+import logging
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,6 @@ class DeviceProbe:
         try:
             self.found = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            self.error = (err or out or "no output").strip().splitlines()[-1:] or ["no output"]
-            self.error = self.error[0]
+            self.error = ((err or out or "").strip().splitlines() or ["no output"])[-1]
+            logging.warning(f"Synomaly: the compute devices could not be listed: {self.error}")
         return False
