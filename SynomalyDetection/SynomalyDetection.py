@@ -5,16 +5,14 @@ engine package ``synomaly``, which runs in a worker process. Importing this file
 nor the engine.
 """
 import logging
-import os
 import sys
-import time
 import traceback
 
 import qt
 import slicer
 import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+                                           ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -29,16 +27,20 @@ except ImportError:  # Slicer before 5.4 has no translations
 
 from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, WorkerError, ensure_dependencies,
                                   format_report, get_parameter_node, missing_dependencies)
-from SynomalyDetectionLib.Dependencies import installing
-from SynomalyDetectionLib.Engine import engine_module, errors
-from SynomalyDetectionLib.JobRunner import CANCELLED, SUCCEEDED, process_gone
-from SynomalyDetectionLib.MrmlBridge import show_side_by_side
+from SynomalyDetectionLib.Dependencies import dependency_report, installing
+from SynomalyDetectionLib.Engine import is_user_error
+from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, waiting_jobs,
+                                            worker_python)
+from SynomalyDetectionLib.MrmlBridge import (default_input_volume, output_node_ids, show_side_by_side,
+                                             shown_in_layout)
+from SynomalyDetectionLib.Panel import DeviceProbe, RunLog, device_choices, memory_hint
+from SynomalyDetectionLib.SelfTest import SynomalyDetectionTest  # noqa: F401 (Slicer's test runner looks here)
+from SynomalyDetectionLib.SlicerInstall import install_torch, pip_install_logged
 
+DOCUMENTATION_URL = "https://github.com/synomaly/SlicerSynomalyDetection#readme"
 CITATION = ("Bi, Huang, Clarenbach, Ghotbi, Karlas, Navab, Jiang. "
             "Synomaly Noise and Multi-Stage Diffusion: A Novel Approach for Unsupervised Anomaly Detection "
             "in Medical Images. Medical Image Analysis, 2025. arXiv:2411.04004.")
-
-DEVICES = ["auto", "cpu", "cuda"]
 
 
 class SynomalyDetection(ScriptedLoadableModule):
@@ -47,63 +49,47 @@ class SynomalyDetection(ScriptedLoadableModule):
         self.parent.title = _("Synomaly Detection")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SynomalyDetection developers"]
+        self.parent.contributors = ["SynomalyDetection developers (Synomaly project)"]
         self.parent.helpText = _("""
-<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only
-(Synomaly noise and multi-stage diffusion). No lesion annotations are needed.</p>
-<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the
-brain) and a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation
-with a "liver" segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen,
-the button's tooltip says so. The run goes on in a separate process, so Slicer
-stays responsive; <i>Cancel</i> stops it and adds nothing. Results are placed beside the input in the Data
-module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"), a scalar volume
-"&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly map"
-(coloured over the input where scores are high) and, for an ensemble, "&lt;input&gt; uncertainty". The
-views then show the input and the counterfactual side by side, linked. The panel shows the anomalous
-volume in mL and its connected components. <i>Advanced</i>: device, number of stages, noise level,
-threshold (default: the model's calibrated threshold) and ensemble size.</p>
-<p><b>2D images</b> (PNG, JPEG, a single-frame DICOM; e.g. carotid ultrasound) load as volumes of one slice
-and work like volumes with a 2D model (preset carotid-us): colour is taken as grey, and the mask is the
-vessel's lumen (required: the model looks at a disc around it). The panel then shows areas. Models of the
-3D presets refuse 2D images.</p>
-<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number
-of steps, the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a
-checkpoint that <i>Resume</i> continues. The new model joins the model list. Presets that need a mask
-(liver-ct, carotid-us) take each loaded volume's from the segmentation made on it (a 'liver' or 'lumen'
-segment, or a single one).</p>
+<p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only (Synomaly
+noise and multi-stage diffusion). No lesion annotations are needed.</p>
+<p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the brain) and
+a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation with a "liver"
+segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen, the button's tooltip
+says so. The run goes on in a separate process, so Slicer stays responsive; <i>Cancel</i> stops it and adds nothing.
+Results are placed beside the input in the Data module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"),
+a scalar volume "&lt;input&gt; counterfactual" (the healthy-looking version of the input), "&lt;input&gt; anomaly
+map" (coloured over the input where scores are high) and, for an ensemble, "&lt;input&gt; uncertainty". The views
+then show the input and the counterfactual side by side, linked. The panel shows the anomalous volume in mL and its
+connected components. <i>Advanced</i>: device, number of stages, noise level, threshold (default: the model's
+calibrated threshold) and ensemble size.</p>
+<p><b>2D images</b> (PNG, JPEG, a single-frame DICOM; e.g. carotid ultrasound) load as volumes of one slice and work
+like volumes with a 2D model (preset carotid-us): colour is taken as grey, and the mask is the vessel's lumen
+(required: the model looks at a disc around it). The panel then shows areas. Models of the 3D presets refuse 2D
+images.</p>
+<p><b>Retrain:</b> choose healthy cases (a folder of image files, or loaded volumes), a preset, the number of steps,
+the device and a name; <i>Start training</i> shows the loss as a plot, <i>Cancel</i> keeps a checkpoint that
+<i>Resume</i> continues. The new model joins the model list. Presets that need a mask (liver-ct, carotid-us) take
+each loaded volume's from the segmentation made on it (a 'liver' or 'lumen' segment, or a single one).</p>
 <p><b>Python console:</b><br>
 <code>logic = slicer.util.getModuleLogic("{module}")</code><br>
-<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code>
-(returns the segmentation, counterfactual and anomaly-map nodes and the report)<br>
+<code>outputs = logic.detect(getNode("FLAIR"), threshold=None, device="auto")</code> (returns the segmentation,
+counterfactual and anomaly-map nodes and the report)<br>
 <code>logic.train("/data/healthy", name="site-a", preset="brain-flair", steps=2000)</code></p>
-<p>Research software: not for clinical use.</p>
-""").format(module=MODULE_NAME)
+<p>Research software: not for clinical use. Documentation: <a href="{docs}">{docs}</a></p>
+""").format(module=MODULE_NAME, docs=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
 <p>The method is from: {citation}</p>
 <p>This module is a product implementation for whole 3D volumes; it is not the authors' reference code.</p>
 """).format(citation=CITATION)
 
 
-def _isUserError(exc) -> bool:
-    """Errors whose message says what to do: shown as such, without a traceback."""
-    try:
-        return isinstance(exc, errors().SynomalyError)
-    except ImportError:
-        return False
-
-
 class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         # Set before the base class runs: without a parent it calls setup() from its __init__.
-        self.logic = None
-        self.ui = None
-        self._parameterNode = None
-        self._updatingGUI = False
-        self._installingDependencies = False
-        self._job = None
-        self._jobKind = None
-        self._jobStart = 0.0
-        self._timer = None
+        self.logic = self.ui = self._parameterNode = self._job = self._jobKind = None
+        self._runLog = self._timer = self._deviceProbe = self._devices = None
+        self._updatingGUI = self._installingDependencies = False
         ScriptedLoadableModuleWidget.__init__(self, parent)  # also runs VTKObservationMixin.__init__
 
     def setup(self):
@@ -118,8 +104,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._pollJob)
 
-        for combo in (self.ui.deviceComboBox, self.ui.trainingDeviceComboBox):
-            combo.addItems(DEVICES)
+        remove_stale_job_folders()  # patient images a crashed Slicer left in its temporary folder
+        self._populateDevices()
         self._populatePresets()
         self._populateModels()
 
@@ -139,20 +125,29 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for toggle in (self.ui.updateOutputsCheckBox, self.ui.trainFromFolderRadioButton,
                        self.ui.trainFromVolumesRadioButton):
             toggle.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        self.ui.trainingFolderButton.connect("directoryChanged(QString)", self.updateParameterNodeFromGUI)
+        # Emitted on every pick, the same folder again included (directoryChanged is not).
+        self.ui.trainingFolderButton.connect("directorySelected(QString)", self.updateParameterNodeFromGUI)
         self.ui.modelNameLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
 
         self.ui.refreshModelsButton.connect("clicked()", self._populateModels)
+        self.ui.verifyModelButton.connect("clicked()", self.onVerifyModel)
+        self.ui.deleteModelButton.connect("clicked()", self.onDeleteModel)
         self.ui.detectButton.connect("clicked()", self.onDetect)
         self.ui.cancelDetectionButton.connect("clicked()", self.onCancel)
         self.ui.startTrainingButton.connect("clicked()", lambda: self.onTrain(resume=False))
         self.ui.resumeTrainingButton.connect("clicked()", lambda: self.onTrain(resume=True))
         self.ui.cancelTrainingButton.connect("clicked()", self.onCancel)
+        self.ui.upgradeDependenciesButton.connect("clicked()", lambda: self.ensureDependencies(everything=True))
+        self.ui.dependenciesCollapsibleButton.connect("contentsCollapsed(bool)", self._showDependencies)
 
         self.initializeParameterNode()
 
     def cleanup(self):
-        self._stopJob()
+        """Module unload and Slicer exit: nothing waits here; a training run saves its checkpoint and
+        stops by itself."""
+        if self._timer is not None:
+            self._timer.stop()
+        self._stopJob(release=True)
         self.removeObservers()
 
     def enter(self):
@@ -162,7 +157,10 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
-        self._stopJob()
+        """A detection is stopped (its nodes go with the scene); a training run goes on, its loss plot
+        moving into the new scene."""
+        if self._jobKind == "detection":
+            self._stopJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -171,7 +169,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onReload(self):
         """Reload the Lib package too, so that edits to it take effect."""
-        self._stopJob()
+        self._stopJob(release=True)
         for name in [n for n in sys.modules if n.split(".")[0] == "SynomalyDetectionLib"]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -182,9 +180,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         node = get_parameter_node()
         parameters = Parameters.from_node(node)
         if parameters.input_volume is None:
-            parameters.input_volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if parameters.input_volume is not None and parameters.input_volume.IsA("vtkMRMLLabelMapVolumeNode"):
-                parameters.input_volume = None
+            parameters.input_volume = default_input_volume(slicer.mrmlScene)
             parameters.to_node(node)
         self.setParameterNode(node)
 
@@ -204,8 +200,9 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             self.ui.inputVolumeSelector.setCurrentNode(parameters.input_volume)
             self.ui.maskSelector.setCurrentNode(parameters.mask)
+            self._hideOutputs()
             self._selectModel(parameters.model)
-            self._selectText(self.ui.deviceComboBox, parameters.device)
+            self._selectData(self.ui.deviceComboBox, parameters.device)
             self.ui.stagesSpinBox.value = parameters.stages
             self.ui.noiseLevelSpinBox.value = parameters.noise_level
             self.ui.thresholdSpinBox.value = parameters.threshold
@@ -217,14 +214,17 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             sourceButton.checked = True
             if parameters.training_folder and self.ui.trainingFolderButton.directory != parameters.training_folder:
                 self.ui.trainingFolderButton.directory = parameters.training_folder
+            # Before a folder is chosen the button would show Slicer's working directory.
+            self.ui.trainingFolderButton.text = parameters.chosen_folder or _("Choose a folder...")
             checked = {n.GetID() for n in parameters.training_volumes}
             for index in range(self.ui.trainingVolumesSelector.nodeCount()):
                 node = self.ui.trainingVolumesSelector.nodeFromIndex(index)
                 state = qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked
                 self.ui.trainingVolumesSelector.setCheckState(node, state)
-            self._selectText(self.ui.presetComboBox, parameters.preset)
+            self._selectData(self.ui.presetComboBox, parameters.preset)
             self.ui.stepsSpinBox.value = parameters.steps
-            self._selectText(self.ui.trainingDeviceComboBox, parameters.training_device)
+            self._selectData(self.ui.trainingDeviceComboBox, parameters.training_device)
+            self.ui.deviceHintLabel.text = memory_hint(parameters.device, self._devices)
             if self.ui.modelNameLineEdit.text != parameters.model_name:
                 self.ui.modelNameLineEdit.text = parameters.model_name
         finally:
@@ -238,47 +238,67 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters.input_volume = self.ui.inputVolumeSelector.currentNode()
         parameters.mask = self.ui.maskSelector.currentNode()
         parameters.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
-        parameters.device = self.ui.deviceComboBox.currentText
+        parameters.device = self.ui.deviceComboBox.currentData or "auto"
         parameters.stages = self.ui.stagesSpinBox.value
         parameters.noise_level = self.ui.noiseLevelSpinBox.value
         parameters.threshold = self.ui.thresholdSpinBox.value
         parameters.ensemble = self.ui.ensembleSpinBox.value
         parameters.update_outputs = self.ui.updateOutputsCheckBox.checked
         parameters.training_from_folder = self.ui.trainFromFolderRadioButton.checked
-        parameters.training_folder = self.ui.trainingFolderButton.directory
+        picked = Parameters(training_folder=self.ui.trainingFolderButton.directory).chosen_folder
+        parameters.training_folder = picked or parameters.training_folder
         parameters.training_volumes = list(self.ui.trainingVolumesSelector.checkedNodes())
         parameters.preset = self.ui.presetComboBox.currentText or parameters.preset
         parameters.steps = self.ui.stepsSpinBox.value
-        parameters.training_device = self.ui.trainingDeviceComboBox.currentText
+        parameters.training_device = self.ui.trainingDeviceComboBox.currentData or "auto"
         parameters.model_name = self.ui.modelNameLineEdit.text.strip()
         parameters.to_node(self._parameterNode)
 
     @staticmethod
-    def _selectText(combo, text):
-        index = combo.findText(text)
-        if index >= 0:
-            combo.setCurrentIndex(index)
+    def _selectData(combo, value):
+        """The item of that value; one the list lacks (a GPU gone since the scene was saved) is added."""
+        index = combo.findData(value)
+        if index < 0 and value:
+            combo.addItem(value, value)
+            index = combo.count - 1
+        combo.setCurrentIndex(max(index, 0))
+
+    def _hideOutputs(self):
+        """Detection outputs are no inputs, masks or healthy cases: the selectors do not offer them."""
+        hidden = output_node_ids(slicer.mrmlScene)
+        for selector in (self.ui.inputVolumeSelector, self.ui.maskSelector, self.ui.trainingVolumesSelector):
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden
+
+    def _populateDevices(self):
+        """auto and cpu at once; each CUDA GPU once a probe process has listed them (torch is not imported
+        in Slicer's process)."""
+        wasUpdating, self._updatingGUI = self._updatingGUI, True
+        try:
+            for combo in (self.ui.deviceComboBox, self.ui.trainingDeviceComboBox):
+                combo.clear()
+                for value, label in device_choices(self._devices):
+                    combo.addItem(label, value)
+        finally:
+            self._updatingGUI = wasUpdating
+        if self._devices is None and self._deviceProbe is None and not missing_dependencies().torch:
+            try:  # Slicer's launcher: output piped, no console window on Windows
+                self._deviceProbe = DeviceProbe(worker_python(), launch=slicer.util.launchConsoleProcess)
+                self._timer.start()
+            except (OSError, WorkerError) as exc:
+                logging.warning(f"Synomaly: the compute devices could not be listed: {exc}")
+        if self._parameterNode is not None:
+            self.updateGUIFromParameterNode()
 
     def _selectModel(self, identifier):
         index = self.ui.modelComboBox.findData(identifier) if identifier else -1
         if index < 0 and not identifier:
-            index = self.ui.modelComboBox.findData(self._defaultModelName())
+            index = self.ui.modelComboBox.findData(self.logic.default_model_name())
         self.ui.modelComboBox.setCurrentIndex(max(index, 0))
 
-    def _defaultModelName(self):
-        try:
-            return self.logic.default_model()
-        except ImportError:
-            return ""
-
     def _populatePresets(self):
-        try:
-            presets = self.logic.engine.presets()
-        except ImportError as exc:
-            logging.warning(f"Synomaly presets unavailable: {exc}")
-            presets = [Parameters().preset]
         self.ui.presetComboBox.clear()
-        self.ui.presetComboBox.addItems(presets)
+        for preset in self.logic.preset_names():
+            self.ui.presetComboBox.addItem(preset, preset)
 
     def _populateModels(self):
         """Bundled and user-trained models; reading model files needs the dependencies, so without them
@@ -287,12 +307,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wasUpdating, self._updatingGUI = self._updatingGUI, True
         try:
             combo.clear()
-            entries = []
-            if not missing_dependencies().any:
-                try:
-                    entries = self.logic.models()
-                except Exception as exc:
-                    logging.warning(f"Synomaly models could not be listed: {exc}")
+            entries = self.logic.model_choices()
             for entry in entries:
                 combo.addItem(entry.label, entry.identifier)
                 combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
@@ -304,29 +319,57 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._selectModel(Parameters.from_node(self._parameterNode).model)
 
     def _updateButtons(self):
-        idle = self._job is None and not self._installingDependencies and not installing()
+        # A console detect() or train() waits processing events: no second run meanwhile.
+        idle = (self._job is None and not waiting_jobs() and not self._installingDependencies
+                and not installing())
         parameters = Parameters.from_node(self._parameterNode) if self._parameterNode is not None else None
-        canTrain = idle and parameters is not None and bool(parameters.training_source())
         # Why Detect cannot run (no input; a liver model without a mask), said on the button itself.
         blocker = self.logic.detection_blocker(parameters) if parameters is not None else _("Choose an input volume.")
         self.ui.detectButton.enabled = idle and not blocker
         self.ui.detectButton.toolTip = blocker or _("Run the detection in the background.")
         self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
-        self.ui.startTrainingButton.enabled = canTrain
-        self.ui.resumeTrainingButton.enabled = canTrain
+        self.ui.deleteModelButton.enabled = idle and self.logic.is_user_model(parameters and parameters.model)
+        trainingButtons = ((self.ui.startTrainingButton, False, _("Train a new model on the chosen healthy cases.")),
+                           (self.ui.resumeTrainingButton, True, _("Continue the cancelled run of this name.")))
+        for button, resume, tip in trainingButtons:  # Resume only where a checkpoint of that name is kept
+            blocker = self.logic.training_blocker(parameters, resume) if parameters is not None else "-"
+            button.enabled = idle and not blocker
+            button.toolTip = blocker if parameters is not None and blocker else tip
         self.ui.cancelTrainingButton.enabled = self._job is not None and self._jobKind == "training"
         self.ui.trainingFolderButton.enabled = parameters is not None and parameters.training_from_folder
         self.ui.trainingVolumesSelector.enabled = parameters is not None and not parameters.training_from_folder
-        noSource = parameters is not None and not parameters.training_source()
-        self.ui.startTrainingButton.toolTip = (_("Choose a folder of healthy volumes, or check loaded volumes.")
-                                               if noSource else _("Train a new model on the chosen healthy cases."))
+
+    def onVerifyModel(self):
+        """The model file against its id (a changed or damaged file does not match)."""
+        title = _("Model check")
+        try:
+            with slicer.util.WaitCursor():
+                problem = self.logic.verify_model(self.ui.modelComboBox.currentData or None)
+        except Exception as exc:
+            return self._showError(title, exc)
+        if problem:
+            return slicer.util.warningDisplay(problem, windowTitle=title)
+        slicer.util.infoDisplay(_("The model file matches its id."), windowTitle=title)
+
+    def onDeleteModel(self):
+        name = self.ui.modelComboBox.currentText
+        if not slicer.util.confirmOkCancelDisplay(_("Delete the model '{name}' and its training checkpoint?").format(
+                name=name), windowTitle=_("Delete model")):
+            return
+        try:
+            self.logic.delete_model(self.ui.modelComboBox.currentData)
+        except Exception as exc:
+            return self._showError(_("Delete model"), exc)
+        self._populateModels()
+        self.updateParameterNodeFromGUI()
 
     # dependencies
 
-    def ensureDependencies(self) -> bool:
-        """On first use: offer to install what the engine needs; False (after saying why) when it is missing.
-        The run buttons stay disabled while installing: the installation processes events."""
-        if self._installingDependencies or installing():
+    def ensureDependencies(self, everything=False) -> bool:
+        """On first use: offer to install what the engine needs (or is too old); False (after saying why)
+        when it is missing. ``everything``: the panel's Upgrade/reinstall. The run buttons stay disabled
+        while installing: the installation processes events."""
+        if self._installingDependencies or installing() or (everything and (self._job or waiting_jobs())):
             return False
         wasMissing = missing_dependencies().any
         self._installingDependencies = True
@@ -334,39 +377,37 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             problem = ensure_dependencies(
                 confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Synomaly Detection")),
-                install_torch=self._installTorch,
-                pip_install=self._pipInstall)
+                install_torch=install_torch,
+                pip_install=self._pipInstall, everything=everything)
         finally:
             self._installingDependencies = False
             self._updateButtons()
+            self._showDependencies()
         if problem:
             extra = {"detailedText": problem.details} if problem.details else {}
             slicer.util.warningDisplay(problem.message, windowTitle=_("Synomaly Detection"), **extra)
             return False
-        if wasMissing:
+        if wasMissing or everything:
             self._populateModels()
+            self._devices = self._deviceProbe = None
+            self._populateDevices()
         return True
 
-    @staticmethod
-    def _installTorch(requirement):
-        """PyTorch through the PyTorch extension, which picks the build matching the GPU driver."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            return None
-        with slicer.util.WaitCursor():
-            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                torchVersionRequirement=requirement)
+    def _showDependencies(self, collapsed=False):
+        """The engine's packages with the versions installed (read from metadata, nothing imported)."""
+        if not collapsed:
+            self.ui.dependenciesLabel.text = "\n".join(p.describe() for p in dependency_report())
 
-    @staticmethod
-    def _pipInstall(requirements):
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(requirements)
+    def _pipInstall(self, requirements):
+        """pip's lines go to the run log as they come."""
+        self._newRunLog(_("Installing Python packages"))
+        self.ui.runLogCollapsibleButton.collapsed = False
+        pip_install_logged(requirements, lambda line: self._logProgress(None, line))
 
     # running jobs
 
     def _showError(self, title, exc):
-        if _isUserError(exc):
+        if is_user_error(exc):
             slicer.util.errorDisplay(str(exc), windowTitle=title)
             return
         details = getattr(exc, "details", "") if isinstance(exc, WorkerError) else ""
@@ -377,43 +418,64 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _startJob(self, kind, start):
         try:
-            job = start()
+            with slicer.util.WaitCursor():  # the inputs are copied out and written to the job folder
+                job = start()
         except Exception as exc:
             self._showError(_("Synomaly Detection could not start"), exc)
             return
-        self._job, self._jobKind, self._jobStart = job, kind, time.time()
+        self._job, self._jobKind = job, kind
         self._timer.start()
         self._updateButtons()
 
-    def _stopJob(self):
-        """Stop a running job (its process is gone when this returns) and forget it: a stopped job writes
-        no nodes. A training run gets its grace period to save a checkpoint."""
-        if self._timer is not None:
-            self._timer.stop()
+    def _newRunLog(self, title):
+        self._runLog = RunLog()
+        self._runLog.add(0.0, title)
+        self.ui.runLogTextEdit.setPlainText(self._runLog.text())
+        self.ui.runTimeLabel.text = ""
+
+    def _logProgress(self, fraction, message):
+        line = self._runLog.add(fraction, message)
+        if line:
+            self.ui.runLogTextEdit.appendPlainText(line)
+
+    def _stopJob(self, release=False):
+        """Forget the running job: a stopped job writes no nodes. A detection is killed at once;
+        ``release`` (unload, exit): a training run is asked to stop and saves its checkpoint by itself,
+        nothing waits for it."""
         job, self._job = self._job, None
         if job is not None:
-            job.stop()
+            job.release() if release else job.stop()
         if self.ui is not None:
             self._updateButtons()
 
+    def _pollDevices(self):
+        probe = self._deviceProbe
+        if probe is None or probe.poll():
+            return
+        self._deviceProbe = None
+        if probe.found is not None:  # else the probe has logged why
+            self._devices = probe.found
+            self._populateDevices()
+
     def _pollJob(self):
+        self._pollDevices()
         job = self._job
         if job is None:
-            self._timer.stop()
+            if self._deviceProbe is None:
+                self._timer.stop()
             return
-        try:
+        if job.exited:  # reading the results and writing nodes takes a moment
+            with slicer.util.WaitCursor():
+                running = job.poll()
+        else:
             running = job.poll()
-        except Exception as exc:
-            # Stop the timer and forget the job before any dialog: the timer would go on polling behind it.
-            self._stopJob()
-            self._showError(_("Synomaly Detection"), exc)
-            return
+        if self._runLog is not None:
+            self.ui.runTimeLabel.text = self._runLog.times()
         if running:
             return
-        self._timer.stop()
         kind, self._job = self._jobKind, None
         self._updateButtons()
-        elapsed = time.time() - self._jobStart
+        elapsed = self._runLog.clock() - self._runLog.started if self._runLog is not None else 0.0
         if kind == "detection":
             self._onDetectionFinished(job, elapsed)
         else:
@@ -431,16 +493,25 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # detection
 
+    def _busy(self, label) -> bool:
+        """A run goes on, here or from the Python console (whose wait processes events): say so."""
+        if self._job is None and not waiting_jobs():
+            return False
+        label.text = _("Another run is in progress; wait for it to end or cancel it.")
+        return True
+
     def onDetect(self):
-        if self._job is not None or not self.ensureDependencies():
+        if self._busy(self.ui.detectionStatusLabel) or not self.ensureDependencies():
             return
         self.updateParameterNodeFromGUI()
+        self._newRunLog(_("Detection"))
         self.ui.detectionProgressBar.value = 0
         self.ui.detectionStatusLabel.text = _("Starting...")
         self._startJob("detection", lambda: self.logic.start_detection(
             Parameters.from_node(self._parameterNode), self._onDetectionProgress))
 
     def _onDetectionProgress(self, fraction, message):
+        self._logProgress(fraction, message)
         self.ui.detectionProgressBar.value = int(round(100 * fraction))
         if not self._cancelling():
             self.ui.detectionStatusLabel.text = message
@@ -451,6 +522,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.detectionProgressBar.value = 100
             self.ui.detectionStatusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=elapsed)
             self.ui.reportLabel.text = format_report(outputs.report)
+            self._hideOutputs()
             self.showResults(outputs)
         elif job.state == CANCELLED:
             self.ui.detectionProgressBar.value = 0
@@ -462,9 +534,10 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     @staticmethod
     def showResults(outputs):
         """The analysed input (with the anomaly map) and the counterfactual side by side, linked, with the
-        segmentation over both."""
+        segmentation over both. The layout is switched only when the current one lacks the Red and Yellow
+        views: a layout the user chose stays."""
         layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
+        if layoutManager is not None and not shown_in_layout(slicer.mrmlScene, ("Red", "Yellow")):
             layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         show_side_by_side(outputs)
         slicer.util.resetSliceViews()
@@ -472,9 +545,10 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # training
 
     def onTrain(self, resume=False):
-        if self._job is not None or not self.ensureDependencies():
+        if self._busy(self.ui.trainingStatusLabel) or not self.ensureDependencies():
             return
         self.updateParameterNodeFromGUI()
+        self._newRunLog(_("Training (resumed)") if resume else _("Training"))
         self.ui.trainingProgressBar.value = 0
         self.ui.trainingStatusLabel.text = _("Resuming...") if resume else _("Starting...")
 
@@ -490,6 +564,7 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._startJob("training", start)
 
     def _onTrainingProgress(self, step, total, loss, message):
+        self._logProgress(float(step) / max(float(total), 1.0), message)
         self.ui.trainingProgressBar.maximum = max(int(total), 1)
         self.ui.trainingProgressBar.value = int(step)
         if not self._cancelling():
@@ -522,124 +597,3 @@ class SynomalyDetectionLogic(SynomalyLogic, ScriptedLoadableModuleLogic):
 
     def __init__(self, engine=None, user_models_dir=None):
         SynomalyLogic.__init__(self, engine=engine, user_models_dir=user_models_dir)
-
-
-class SynomalyDetectionTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: the panel, and detection on a generated phantom in a worker process, polled
-    from the main thread without sleeping (the GIL stays with Slicer's main thread)."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        for test in (self.test_widget_opens, self.test_widget_without_parent_keeps_its_setup,
-                     self.test_detection_on_phantom):
-            self.setUp()
-            test()
-        self.delayDisplay("Test passed")
-
-    def test_widget_opens(self):
-        widget = slicer.util.getModuleWidget(MODULE_NAME)
-        self.assertIsNotNone(widget.ui.detectButton)
-        self.assertGreater(widget.ui.modelComboBox.count, 0)
-
-    def test_widget_without_parent_keeps_its_setup(self):
-        widget = SynomalyDetectionWidget()
-        try:
-            self.assertIsNotNone(widget.ui, "setup() ran from the base __init__; its results must stay")
-            self.assertIsNotNone(widget.logic)
-            self.assertIsNotNone(widget._timer)
-            self.assertEqual(widget.logic.moduleName, MODULE_NAME)
-        finally:
-            widget.cleanup()
-            widget.parent.deleteLater()
-
-    def _phantom(self, name="phantom"):
-        phantom = engine_module("evaluation.phantom").make_phantom(seed=engine_module("commands.demo").DEMO_SEED)
-        return phantom, slicer.util.addVolumeFromArray(phantom.volume, phantom.geometry.ijk_to_ras(), name=name)
-
-    def test_detection_on_phantom(self):
-        import numpy as np
-
-        if missing_dependencies().any:
-            self.delayDisplay(f"Skipped: missing {missing_dependencies().describe()}; "
-                              "open the module and click Detect to install them.")
-            return
-        model_file = engine_module("files.model_file")
-        if model_file.DEMO_MODEL not in [m.name for m in model_file.list_models()]:
-            self.delayDisplay(f"Skipped: the bundled model '{model_file.DEMO_MODEL}' is missing.")
-            return
-        phantom, volume = self._phantom()
-        before = slicer.util.arrayFromVolume(volume).copy()
-        logic = SynomalyDetectionLogic()
-
-        self.delayDisplay("Detecting from the console API (a worker process, waited for)")
-        outputs = logic.detect(volume, model=model_file.DEMO_MODEL, device="cpu")
-        segmentId = outputs.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
-        segment = slicer.util.arrayFromSegmentBinaryLabelmap(outputs.segmentation, segmentId, volume) > 0
-        lesion = phantom.lesion_mask > 0
-        self.assertTrue(segment.any())
-        self.assertGreater((segment & lesion).sum(), 0.5 * lesion.sum())
-        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
-        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
-        parent = sh.GetItemParent(sh.GetItemByDataNode(volume))
-        for node in outputs.nodes():
-            self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), parent)
-
-        self.delayDisplay("Detecting in the background, polling without sleeping")
-        parameters = logic.parameters()
-        parameters.input_volume, parameters.model, parameters.device = volume, model_file.DEMO_MODEL, "cpu"
-        parameters.ensemble = 2
-        logic.save_parameters(parameters)
-        job = logic.start_detection(logic.parameters())
-        while job.poll():
-            slicer.app.processEvents()
-        self.assertEqual(job.state, SUCCEEDED)
-        self.assertIsNotNone(job.result.uncertainty, "an ensemble's uncertainty map is a node")
-
-        self.delayDisplay("Cancelling a run: its process is gone before the next one starts")
-        count = slicer.mrmlScene.GetNumberOfNodes()
-        parameters = logic.parameters()
-        parameters.update_outputs, parameters.ensemble = False, 0
-        job = logic.start_detection(parameters)
-        pid = job.pid
-        job.cancel()
-        if os.name == "posix":
-            self.assertTrue(process_gone(pid))
-        while job.poll():
-            slicer.app.processEvents()
-        self.assertEqual(job.state, CANCELLED)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
-
-        self.delayDisplay("The panel: results over the analysed volume, side by side with the counterfactual")
-        widget = slicer.util.getModuleWidget(MODULE_NAME)
-        widget.initializeParameterNode()
-        other = self._phantom("selected later")[1]
-        parameters = widget.logic.parameters()
-        parameters.input_volume, parameters.model, parameters.device = volume, model_file.DEMO_MODEL, "cpu"
-        parameters.update_outputs = False
-        widget.logic.save_parameters(parameters)
-        widget.onDetect()
-        self.assertIsNotNone(widget._job)
-        widget.ui.inputVolumeSelector.setCurrentNode(other)
-        while widget._job is not None:
-            slicer.app.processEvents()
-        layoutManager = slicer.app.layoutManager()
-        self.assertEqual(layoutManager.layout, slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
-        yellow = layoutManager.sliceWidget("Yellow").mrmlSliceCompositeNode()
-        self.assertEqual(red.GetBackgroundVolumeID(), volume.GetID())
-        counterfactual = slicer.mrmlScene.GetNodeByID(yellow.GetBackgroundVolumeID())
-        self.assertTrue(counterfactual.GetName().startswith(f"{volume.GetName()} counterfactual"))
-        self.assertTrue(red.GetLinkedControl() and yellow.GetLinkedControl())
-
-        self.delayDisplay("An error while polling stops the timer and the job before any dialog")
-        widget._job = widget.logic.start_detection(widget.logic.parameters(), lambda *args: 1 / 0)
-        widget._jobKind = "detection"
-        pid = widget._job.pid
-        widget._timer.start()
-        while widget._job is not None:
-            slicer.app.processEvents()
-        self.assertFalse(widget._timer.active)
-        if os.name == "posix":
-            self.assertTrue(process_gone(pid))

@@ -1,4 +1,5 @@
 """First-use dependency check (no torch import) and finding the bundled engine."""
+import os
 import shutil
 import subprocess
 import sys
@@ -138,9 +139,11 @@ print(synomaly.__file__)
 
 
 def locate_without_site_packages(module_dir, cwd):
-    """Run the locator for a module in ``module_dir`` when no engine is pip-installed (python -S)."""
+    """Run the locator for a module in ``module_dir`` when no engine is pip-installed (python -S, and no
+    PYTHONPATH that a developer may point at the engine)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-S", "-c", LOCATE, str(MODULE_DIR / "SynomalyDetectionLib/Engine.py"),
-                           str(module_dir)], capture_output=True, text=True, cwd=str(cwd))
+                           str(module_dir)], capture_output=True, text=True, cwd=str(cwd), env=env)
 
 
 def engine_found_from(module_dir, cwd):
@@ -166,3 +169,88 @@ def test_missing_engine_is_a_clear_error(tmp_path):
     empty.mkdir(parents=True)
     run = locate_without_site_packages(empty, tmp_path)
     assert run.returncode == 3 and "reinstall the extension" in run.stdout
+
+
+# versions (issue 20, item 2): a package older than the engine needs is as good as missing
+
+
+def versions(**found):
+    return lambda dist: found.get(dist, "99.0")
+
+
+def test_an_old_torch_counts_as_missing_and_the_question_names_its_version():
+    recorder = Recorder(ALL)
+    problem = Dependencies.ensure_dependencies(recorder.confirm, recorder.install_torch, recorder.pip_install,
+                                               find_spec=lambda name: object(),
+                                               version_of=versions(torch="1.13.1+cu117", scipy="1.5.0"))
+    assert recorder.torch_calls == [">=2.0"] and recorder.pip_calls == [["scipy>=1.7"]]
+    assert "PyTorch 1.13.1+cu117 (too old; needs >=2.0)" in recorder.questions[0]
+    assert "scipy 1.5.0 (too old; needs >=1.7)" in recorder.questions[0]
+    assert "still missing" in problem.message, "the stand-in installers changed no version"
+
+
+@pytest.mark.parametrize("version, ok", [("2.0.0", True), ("2.13.0+cpu", True), ("2.1.0.dev20230601", True),
+                                         ("1.13.1", False), ("1.9", False), ("10.0", True)])
+def test_versions_compare_as_pip_compares_them(version, ok):
+    assert Dependencies.version_at_least(version, "2.0") is ok
+
+
+def test_slicers_own_builds_without_metadata_are_kept():
+    """Slicer's SimpleITK may have no pip metadata: it is used as it is, never reinstalled over."""
+    missing = Dependencies.missing_dependencies(find_spec=lambda name: object(),
+                                                version_of=lambda dist: None if dist == "SimpleITK" else "99")
+    assert not missing.any
+    everything = Dependencies.missing_dependencies(find_spec=lambda name: object(),
+                                                   version_of=lambda dist: None if dist == "SimpleITK" else "99",
+                                                   everything=True)
+    assert everything.torch and "SimpleITK>=2.2" not in everything.pip and "numpy>=1.21" in everything.pip
+
+
+OLD_TORCH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from SynomalyDetectionLib import Dependencies
+missing = Dependencies.missing_dependencies()
+assert "torch" not in sys.modules
+print(missing.torch, missing.describe())
+"""
+
+
+def test_the_real_check_reads_the_installed_version_without_importing(tmp_path):
+    """A torch 1.13.1 distribution first on the path, as an old torch inside Slicer would be."""
+    pytest.importorskip("torch")
+    site = tmp_path / "site"
+    (site / "torch-1.13.1.dist-info").mkdir(parents=True)
+    (site / "torch-1.13.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 1.13.1\n")
+    run = subprocess.run([sys.executable, "-c", OLD_TORCH, str(MODULE_DIR), str(site)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("True") and "PyTorch 1.13.1 (too old; needs >=2.0)" in run.stdout
+
+
+# what pip said reaches the details (issue 20, item 13)
+
+
+def test_slicers_process_error_gives_text_details_not_a_file_object():
+    """slicer.util.logProcessOutput raises CalledProcessError(output=proc.stdout): a read-out pipe."""
+    proc = subprocess.Popen([sys.executable, "-c", "print('ERROR: pip says no'); raise SystemExit(1)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import slicer.util
+
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        slicer.util.logProcessOutput(proc)
+    details = Dependencies._failure_details(caught.value)
+    assert "<_io" not in details and "CalledProcessError" in details
+    assert "Python console" in details, "where its output went instead"
+
+
+def test_run_pip_gives_pips_own_output_line_by_line(tmp_path):
+    lines = []
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        Dependencies.run_pip(["synomaly-no-such-package==0.0.1"], sys.executable, on_line=lines.append,
+                             launch=lambda args: subprocess.Popen(
+                                 args[:5] + ["--no-index", "--find-links", str(tmp_path)] + args[5:],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    details = Dependencies._failure_details(caught.value)
+    assert "synomaly-no-such-package" in details and "ERROR" in details
+    assert lines and any("ERROR" in line for line in lines), "each line went to the panel as it came"

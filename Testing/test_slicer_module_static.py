@@ -281,3 +281,96 @@ def test_lib_imports_without_torch():
             "heavy = [n for n in ('torch', 'synomaly') if n in sys.modules]; assert not heavy, heavy")
     run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+# issue 20: what the Extensions Index checks, packaging, and the Qt-side fixes read from the sources
+
+
+def cmake_value(text, variable):
+    return re.search(rf'set\({variable} "([^"]*)"\)', text).group(1)
+
+
+def test_extensions_index_requirements():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "SynomalyEngine" / "pyproject.toml").read_text()
+    assert "set(EXTENSION_LICENSE_FILE ${CMAKE_CURRENT_SOURCE_DIR}/LICENSE)" in text
+    assert re.fullmatch(r"https://\S+\.png", cmake_value(text, "EXTENSION_SCREENSHOTURLS"))
+    for contributor in cmake_value(text, "EXTENSION_CONTRIBUTORS").split(","):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor.strip()), f"'Name (Organisation)': {contributor}"
+    assert cmake_value(text, "EXTENSION_HOMEPAGE").startswith("https://")
+    assert "DOCUMENTATION_URL" in MODULE_FILE.read_text(encoding="utf-8") and "{docs}" in MODULE_FILE.read_text()
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("git") is None, reason="needs cmake and git")
+@pytest.mark.parametrize("remote", [None, "https://github.com/synomaly/SlicerSynomalyDetection.git"])
+def test_packaging_without_a_git_remote_skips_only_the_description(tmp_path, remote):
+    """The block of the top-level CMakeLists, run by cmake in a git checkout with and without 'origin'."""
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    block = text[text.index("# BEGIN git-remote-check"):text.index("# END git-remote-check")]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    if remote:
+        subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", remote], check=True)
+    script = tmp_path / "check.cmake"
+    script.write_text(f'set(CMAKE_CURRENT_SOURCE_DIR "{tmp_path.as_posix()}")\n{block}\n'
+                      'message(STATUS "skip=[${Slicer_CPACK_SKIP_GENERATE_EXTENSION_DESCRIPTION}]")\n')
+    run = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert ("skip=[ON]" if remote is None else "skip=[]") in run.stdout + run.stderr
+
+
+def test_bundled_models_are_installed_once():
+    """ctkMacroCompilePythonScript installs the module's whole build folder; no second install() rule."""
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    rules = [line for line in text.splitlines() if line.strip().startswith("install(")]
+    assert "file(COPY ${ENGINE_MODEL_FILES}" in text and rules == []
+
+
+def widget_source():
+    return MODULE_FILE.read_text(encoding="utf-8")
+
+
+def test_the_folder_button_follows_every_pick_and_never_shows_the_working_directory():
+    source = widget_source()
+    assert 'trainingFolderButton.connect("directorySelected(QString)"' in source
+    assert "directoryChanged(QString)" not in source
+    assert "trainingFolderButton.text = " in source, "a label instead of Slicer's working directory"
+
+
+def test_the_widget_never_blocks_on_a_job_and_hides_its_outputs():
+    source = widget_source()
+    cleanup = source[source.index("    def cleanup(self):"):source.index("    def enter(self):")]
+    assert "_stopJob(release=True)" in cleanup
+    assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in source
+    assert 'not shown_in_layout(slicer.mrmlScene, ("Red", "Yellow"))' in source, "keep the user's layout"
+    poll = source[source.index("    def _pollJob(self):"):source.index("    def _cancelling(self)")]
+    assert "except" not in poll, "poll() fails the job itself; nothing to re-raise from a stop path"
+    assert "resumeTrainingButton" in source and "training_blocker(parameters, resume)" in source
+
+
+def test_the_self_test_drops_its_module_manager_connection():
+    source = (MODULE_DIR / "SynomalyDetectionLib" / "SelfTest.py").read_text(encoding="utf-8")
+    assert 'disconnect("moduleAboutToBeUnloaded(QString)"' in source
+    assert "from SynomalyDetectionLib.SelfTest import SynomalyDetectionTest" in widget_source()
+
+
+def test_windows_kill_runs_without_a_console_window():
+    source = (MODULE_DIR / "SynomalyDetectionLib" / "JobRunner.py").read_text(encoding="utf-8")
+    taskkill = source[source.index('["taskkill"'):]
+    assert "creationflags=subprocess.CREATE_NO_WINDOW" in taskkill[:300]
+
+
+def test_new_panel_controls_are_in_the_ui_file():
+    widgets = ui_widgets()
+    for name, cls in {"runLogCollapsibleButton": "ctkCollapsibleButton", "runLogTextEdit": "QPlainTextEdit",
+                      "runTimeLabel": "QLabel", "dependenciesCollapsibleButton": "ctkCollapsibleButton",
+                      "dependenciesLabel": "QLabel", "upgradeDependenciesButton": "QPushButton",
+                      "deviceHintLabel": "QLabel", "verifyModelButton": "QToolButton",
+                      "deleteModelButton": "QToolButton"}.items():
+        assert widgets.get(name) == cls, name
+
+
+def test_modules_stay_under_600_lines():
+    for path in [MODULE_FILE, *sorted((MODULE_DIR / "SynomalyDetectionLib").glob("*.py"))]:
+        assert len(path.read_text(encoding="utf-8").splitlines()) < 600, path.name

@@ -55,6 +55,14 @@ def errors():
     return engine_module("errors")
 
 
+def is_user_error(exc) -> bool:
+    """Errors whose message says what to do (the panel shows them as such, without a traceback)."""
+    try:
+        return isinstance(exc, errors().SynomalyError)
+    except ImportError:
+        return False
+
+
 class Engine:
     """The light engine calls the logic makes in Slicer's process (model list, settings checks, geometry);
     detection and training themselves run in a worker process (JobRunner). A test can pass another

@@ -3,11 +3,13 @@
 Inside Slicer the main thread holds the GIL while the Qt event loop idles, so the engine cannot run on
 a Python thread there; it runs in a process of its own, and no thread is started here. The job folder
 holds the request, the inputs and the outputs as files. The main thread calls ``poll()`` (from a
-qt.QTimer in the widget, in a loop in ``wait()``): it reads the progress lines the worker appended
-since the last poll, and once the process has ended it reads the result and runs ``finish``, which
-writes MRML nodes. Cancel asks the worker to stop (it saves a training checkpoint) and kills the
-process and its children if they are still there after ``grace_s``; a cancelled job never runs
-``finish``, so cancelling leaves the scene untouched.
+qt.QTimer in the widget, in a loop in ``wait()`` that keeps Slicer's GUI responsive): it reads the
+progress lines the worker appended since the last poll, and once the process has ended it reads the
+result and runs ``finish``, which writes MRML nodes. Cancel asks the worker to stop (it saves a
+training checkpoint) and kills the process and its children if they are still there after ``grace_s``;
+a cancelled job never runs ``finish``, so cancelling leaves the scene untouched. Whatever fails while
+polling (a progress callback included) fails the job: ``poll()`` never raises, so a caller's error
+path cannot leave a process or a job folder behind.
 """
 import json
 import os
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -23,9 +26,66 @@ from .Engine import engine_root, errors
 from .Messages import panel_wording
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
-REQUEST_FILE, PROGRESS_FILE, RESULT_FILE, CANCEL_FILE, LOG_FILE = (
-    "request.json", "progress.jsonl", "result.json", "cancel", "worker.log")
+REQUEST_FILE, PROGRESS_FILE, RESULT_FILE, CANCEL_FILE, LOG_FILE, PID_FILE = (
+    "request.json", "progress.jsonl", "result.json", "cancel", "worker.log", "worker.pid")
 LOG_TAIL_CHARS = 4000
+JOB_PREFIX = "synomaly-job-"
+STALE_AFTER_S = 60.0  # a job folder younger than this may still be starting: its PID file is not written yet
+
+_waiting: List["WorkerJob"] = []
+
+
+def waiting_jobs() -> List["WorkerJob"]:
+    """The jobs a ``wait()`` (the Python console's ``detect``/``train``) is blocked on: that wait processes
+    GUI events, so the panel must not start another run meanwhile."""
+    return list(_waiting)
+
+
+def gui_events() -> Optional[Callable[[], None]]:
+    """Slicer's ``processEvents`` inside the application (a wait there must keep the GUI alive), else None."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    return getattr(app, "processEvents", None)
+
+
+def jobs_root() -> Path:
+    """Where job folders go: Slicer's temporary folder (the user's setting) inside Slicer, the system's
+    elsewhere."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    path = getattr(app, "temporaryPath", None)
+    return Path(path) if path else Path(tempfile.gettempdir())
+
+
+def new_job_folder() -> Path:
+    """A new job folder, or an OutputError that says where and what to do."""
+    root = jobs_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=JOB_PREFIX, dir=str(root)))
+    except OSError as exc:
+        raise errors().OutputError(f"No job folder can be made in {root} ({exc.strerror or exc}); choose another "
+                                   "temporary folder in Slicer's Application Settings (General).") from None
+
+
+def remove_stale_job_folders(root: Optional[Path] = None, min_age_s: float = STALE_AFTER_S) -> List[Path]:
+    """Remove the job folders that a crashed Slicer, or a worker let go at exit, left behind (they hold
+    patient images): those whose worker has ended, or that never got one. Returns what was removed."""
+    removed = []
+    for folder in sorted(Path(root or jobs_root()).glob(JOB_PREFIX + "*")):
+        try:
+            if not folder.is_dir() or time.time() - folder.stat().st_mtime < min_age_s:
+                continue
+            pid_text = (folder / PID_FILE).read_text(encoding="utf-8") if (folder / PID_FILE).is_file() else ""
+        except OSError:
+            continue
+        if pid_text.strip().isdigit() and not process_gone(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class WorkerError(RuntimeError):
@@ -64,8 +124,25 @@ def worker_error(record: dict) -> Exception:
     return WorkerError(f"{record.get('type', 'Error')}: {message}", record.get("traceback", ""))
 
 
+def _windows_process_gone(pid: int) -> bool:
+    """Windows: no process of that ID, or one that has exited (os.kill would terminate it there)."""
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return True
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value != 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def process_gone(pid: int) -> bool:
     """True once ``pid`` has ended (POSIX: no such process, or a zombie that nobody reaped yet)."""
+    if os.name == "nt":
+        return _windows_process_gone(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +159,7 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     if process.poll() is None:
         if os.name == "nt":
             subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
+                           stderr=subprocess.DEVNULL, check=False, creationflags=subprocess.CREATE_NO_WINDOW)
         else:
             try:
                 os.killpg(process.pid, signal.SIGKILL)  # the worker leads its own process group
@@ -93,16 +170,19 @@ def kill_process_tree(process: subprocess.Popen) -> None:
 
 class WorkerJob:
     def __init__(self, folder: Path, request: dict, finish: Optional[Callable] = None,
-                 on_progress: Optional[Callable] = None, grace_s: float = 0.0, python: Optional[str] = None):
+                 on_progress: Optional[Callable] = None, grace_s: float = 0.0, python: Optional[str] = None,
+                 after_progress: Optional[Callable[[], None]] = None):
         """``folder``: the job folder, holding the input files; it is removed when the job ends.
         ``request``: the worker's request (see ``synomaly.commands.worker``), paths relative to ``folder``.
         ``finish(result)`` runs on the polling thread with the worker's result (output paths made
         absolute) and returns the job's result; ``on_progress(*args)`` receives, on the polling thread,
         what the engine passed to ``progress``. ``grace_s``: how long a cancelled worker may take to stop
-        by itself (a training run saves its checkpoint) before it is killed."""
+        by itself (a training run saves its checkpoint) before it is killed. ``after_progress()`` runs once
+        after the lines of a poll were delivered, so that a plot can redraw once per poll, not per line."""
         self.folder = Path(folder)
         self.request = dict(request, parent_pid=os.getpid())
         self._finish, self._on_progress, self._grace_s = finish, on_progress, grace_s
+        self._after_progress = after_progress
         self._python = python
         self._process: Optional[subprocess.Popen] = None
         self._offset = 0
@@ -118,6 +198,11 @@ class WorkerJob:
     @property
     def done(self) -> bool:
         return self.state != RUNNING
+
+    @property
+    def exited(self) -> bool:
+        """The worker has ended and the next poll reads its results (and may write nodes)."""
+        return self._process is not None and self._process.poll() is not None
 
     @property
     def cancelling(self) -> bool:
@@ -142,7 +227,10 @@ class WorkerJob:
                 self._process = subprocess.Popen(self.command(), cwd=str(self.folder), env=env,
                                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                  **options)
+            (self.folder / PID_FILE).write_text(str(self._process.pid), encoding="utf-8")
         except BaseException:
+            if self._process is not None:
+                kill_process_tree(self._process)
             self._remove_folder()
             raise
         return self
@@ -160,30 +248,49 @@ class WorkerJob:
         if self._grace_s <= 0 and self._process is not None:
             kill_process_tree(self._process)
 
-    def stop(self, timeout_s: Optional[float] = None) -> None:
-        """Cancel and return only once the process is gone (killed after ``timeout_s``, default the grace)."""
+    def stop(self, timeout_s: Optional[float] = None, process_events: Optional[Callable[[], None]] = None) -> None:
+        """Cancel and return only once the process is gone (killed after ``timeout_s``, default the grace).
+        ``process_events`` (Slicer's, by default inside Slicer) runs while waiting, so the GUI stays alive."""
         self.cancel()
+        process_events = process_events if process_events is not None else gui_events()
         deadline = time.monotonic() + (self._grace_s if timeout_s is None else timeout_s)
         while self.poll():
             if time.monotonic() >= deadline:
                 kill_process_tree(self._process)
-            time.sleep(0.05)
+            if process_events is not None:
+                process_events()
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        """Let go of the job without waiting (module reload, Slicer exit): a worker with a grace period is
+        asked to stop and ends by itself (training saves its checkpoint first), one without is killed.
+        The folder of a worker still stopping is left to ``remove_stale_job_folders``."""
+        if self.done:
+            return
+        self.cancel()
+        if self._process.poll() is None:
+            self.state = CANCELLED
+            return
+        self.poll()
 
     def poll(self) -> bool:
-        """Deliver new progress; once the worker has ended, finish the job. True while running."""
+        """Deliver new progress; once the worker has ended, finish the job. True while running. Never
+        raises: an error here (in a progress callback, say) fails the job and stops its worker."""
         if self.done:
             return False
-        self._deliver_progress()
-        if self._process.poll() is None:
-            if self._cancel_at is not None and time.monotonic() - self._cancel_at >= self._grace_s:
-                kill_process_tree(self._process)
-            else:
-                return True
-        self._deliver_progress()
         try:
+            self._deliver_progress()
+            if self._process.poll() is None:
+                if self._cancel_at is not None and time.monotonic() - self._cancel_at >= self._grace_s:
+                    kill_process_tree(self._process)
+                else:
+                    return True
+            self._deliver_progress()
             self._complete()
-        finally:
-            self._remove_folder()
+        except Exception as exc:
+            kill_process_tree(self._process)
+            self.state, self.error = FAILED, exc
+        self._remove_folder()
         return False
 
     def _deliver_progress(self) -> None:
@@ -196,12 +303,13 @@ class WorkerJob:
             return
         end = data.rfind(b"\n") + 1
         self._offset += end
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
+        lines = [line for line in data[:end].splitlines() if line.strip()]
+        for line in lines:
             args = json.loads(line.decode("utf-8")).get("progress", [])
             if self._on_progress is not None:
                 self._on_progress(*args)
+        if lines and self._after_progress is not None:
+            self._after_progress()
 
     def _read_result(self) -> Optional[dict]:
         try:
@@ -245,17 +353,26 @@ class WorkerJob:
     def _remove_folder(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def wait(self, interval_s: float = 0.05, cancel: Optional[Callable[[], bool]] = None):
-        """Poll until done (for the Python console and tests); return the result or raise the error.
-        ``cancel()`` is asked between polls; an interrupt (Ctrl-C) stops the worker before it propagates."""
+    def wait(self, interval_s: float = 0.02, cancel: Optional[Callable[[], bool]] = None,
+             process_events: Optional[Callable[[], None]] = None):
+        """Poll until done (the Python console, tests); return the result or raise the error.
+        ``cancel()`` is asked between polls; ``process_events`` (Slicer's by default, inside Slicer) runs
+        between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
+        (Ctrl-C) stops the worker before it propagates."""
+        process_events = process_events if process_events is not None else gui_events()
+        _waiting.append(self)
         try:
             while self.poll():
                 if cancel is not None and not self._cancel_at and cancel():
                     self.cancel()
+                if process_events is not None:
+                    process_events()
                 time.sleep(interval_s)
         except BaseException:
-            self.stop()
+            self.stop(process_events=process_events)
             raise
+        finally:
+            _waiting.remove(self)
         if self.state == SUCCEEDED:
             return self.result
         if self.state == CANCELLED and self.error is None:

@@ -8,8 +8,8 @@ engine in Slicer's process, so torch is never imported there and Slicer's GIL ne
 """
 import dataclasses
 import json
+import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -18,10 +18,13 @@ import numpy as np
 import slicer
 
 from . import MrmlBridge
+from .Dependencies import missing_dependencies
 from .Engine import Engine, engine_module, errors
-from .JobRunner import WorkerJob
+from .JobFiles import read_nrrd_array, write_nrrd
+from .JobRunner import WorkerJob, new_job_folder
 from .LossCurve import LossCurve
-from .Models import ModelEntry, available_models, default_user_models_dir, model_file_name
+from .Models import (ModelEntry, available_models, default_user_models_dir, delete_user_model, model_file_name,
+                     verify_model_file)
 from .Parameters import Parameters, get_parameter_node
 
 # How long a cancelled training run may take to save its checkpoint and stop before it is killed.
@@ -57,10 +60,6 @@ class TrainingRequest:
     resume: bool
 
 
-def new_job_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="synomaly-job-"))
-
-
 class SynomalyLogic:
     def __init__(self, engine=None, user_models_dir=None, scene=None, **kwargs):
         """``engine``: the object the light engine calls go through (Engine by default; tests may pass
@@ -83,6 +82,49 @@ class SynomalyLogic:
 
     def default_model(self) -> str:
         return self.engine.default_model()
+
+    def default_model_name(self) -> str:
+        """The default model's name; "" when the engine cannot be imported (the run then says why)."""
+        try:
+            return self.default_model()
+        except ImportError:
+            return ""
+
+    def preset_names(self) -> List[str]:
+        """The engine's presets; the default one alone when the engine cannot be imported (logged)."""
+        try:
+            return self.engine.presets()
+        except ImportError as exc:
+            logging.warning(f"Synomaly presets unavailable: {exc}")
+            return [Parameters().preset]
+
+    def model_choices(self) -> List[ModelEntry]:
+        """The panel's model list: [] until the engine's packages are installed (reading model files needs
+        them) or when the list cannot be read (logged); the panel then offers the default model."""
+        if missing_dependencies().any:
+            return []
+        try:
+            return self.models()
+        except Exception as exc:
+            logging.warning(f"Synomaly models could not be listed: {exc}")
+            return []
+
+    def is_user_model(self, identifier) -> bool:
+        """A model trained here (in the user models folder): the only kind the panel may delete."""
+        return bool(identifier) and Path(str(identifier)).parent.resolve() == self.user_models_dir.resolve()
+
+    def model_path(self, model) -> Path:
+        """The file of a model of the list (name or path)."""
+        return engine_module("files.model_file").resolve(self.check_model(model))
+
+    def verify_model(self, model) -> str:
+        """"" when the model file matches its id (its weights and settings are those it was saved with),
+        else what is wrong."""
+        return verify_model_file(self.model_path(model))
+
+    def delete_model(self, model) -> List[Path]:
+        """Delete a model trained here and its training run folder; a bundled model is refused."""
+        return delete_user_model(self.model_path(model), self.user_models_dir)
 
     def parameter_node(self):
         return get_parameter_node(self.scene)
@@ -176,14 +218,13 @@ class SynomalyLogic:
                             remember: bool = False) -> WorkerJob:
         """Write the inputs into a job folder and start the worker; ``apply_detection`` runs when it is done.
         ``on_progress(fraction, message)`` runs on the polling thread."""
-        volume_io = engine_module("files.volume_io")
         folder = new_job_folder()
         try:
-            volume_io.write_volume(folder / "input.nrrd", request.volume, request.geometry)
+            _write_job_volume(folder / "input.nrrd", request.volume, request.geometry)
             mask = None
             if request.mask is not None:
                 mask = "mask.nrrd"
-                volume_io.write_volume(folder / mask, request.mask.astype(np.uint8), request.geometry)
+                _write_job_volume(folder / mask, request.mask.astype(np.uint8), request.geometry)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -219,6 +260,39 @@ class SynomalyLogic:
         """
         request = self.prepare_detection(volumeNode, maskNode, model, outputs, **settings)
         return self.start_detection_job(request, progress).wait(cancel=cancel)
+
+    def detect_many(self, volumeNodes, maskNode=None, model=None, replace: bool = False, progress=None,
+                    cancel=None, **settings) -> List[MrmlBridge.OutputNodes]:
+        """``detect`` on several volumes, one after the other; every input is checked before the first run.
+        ``replace``: each volume's last outputs are overwritten instead of adding new nodes.
+        ``progress(fraction of the whole batch, message)``. A failure or a cancel stops the batch; the
+        outputs of the volumes done by then stay."""
+        volumeNodes = list(volumeNodes or [])
+        if not volumeNodes:
+            raise errors().InputError("No input volumes: select the volumes to analyse.")
+        for node in volumeNodes:
+            self.check_detection_input(node, maskNode, model)
+        results = []
+        for index, node in enumerate(volumeNodes):
+            def part(fraction, message, index=index, name=node.GetName()):
+                if progress is not None:
+                    count = len(volumeNodes)
+                    progress((index + fraction) / count, f"[{index + 1}/{count}] {name}: {message}")
+
+            reuse = MrmlBridge.latest_outputs(node) if replace else None
+            results.append(self.detect(node, maskNode, model, reuse, part, cancel, **settings))
+        return results
+
+    def check_detection_input(self, volumeNode, maskNode=None, model=None) -> None:
+        """The checks of ``prepare_detection`` that copy nothing: the volume, the mask, the model and
+        whether it needs a mask."""
+        MrmlBridge.check_input_volume(volumeNode)
+        MrmlBridge.check_mask(maskNode)
+        preset = self.model_preset(model)
+        missing = self.engine.missing_mask_message(preset) if maskNode is None else None
+        if missing:
+            raise errors().InputError(missing)
+        MrmlBridge.check_dimensions(volumeNode, preset or None)
 
     def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None) -> WorkerJob:
         """Detection in a worker process from the panel's settings; on success the parameter node
@@ -280,22 +354,21 @@ class SynomalyLogic:
             raise InputError(f"No {role} mask for {len(unmasked)} of {len(healthy)} volumes ({shown}): {mask_needed}")
         return cases
 
-    def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None) -> WorkerJob:
+    def start_training_job(self, request: TrainingRequest, on_progress: Optional[Callable] = None,
+                           after_progress: Optional[Callable[[], None]] = None) -> WorkerJob:
         """Write volume-node cases into a job folder and start the worker; the job's result is the new
         model's entry in the model list. ``on_progress(step, total, loss, message)`` runs on the polling thread."""
-        volume_io = engine_module("files.volume_io")
         folder = new_job_folder()
         try:
             healthy = []
             for index, case in enumerate(request.healthy):
                 if isinstance(case, HealthyVolume):
                     image = f"case-{index:03d}.nrrd"
-                    volume_io.write_volume(folder / image, case.array, case.geometry)
+                    _write_job_volume(folder / image, case.array, case.geometry)
                     healthy.append({"name": case.name, "image": image})
                     if case.mask is not None:
                         healthy[-1]["mask"] = f"case-{index:03d}-mask.nrrd"
-                        volume_io.write_volume(folder / healthy[-1]["mask"], case.mask.astype(np.uint8),
-                                               case.geometry)
+                        _write_job_volume(folder / healthy[-1]["mask"], case.mask.astype(np.uint8), case.geometry)
                 else:
                     healthy.append(str(case))
             try:
@@ -310,7 +383,26 @@ class SynomalyLogic:
         job = {"kind": "training", "healthy": healthy, "output": str(request.output), "settings": request.settings,
                "resume": request.resume}
         return WorkerJob(folder, job, lambda result: self.model_entry(Path(result["model"])), on_progress,
-                         grace_s=TRAINING_GRACE_S).start()
+                         grace_s=TRAINING_GRACE_S, after_progress=after_progress).start()
+
+    def training_blocker(self, parameters: Parameters, resume: bool = False) -> str:
+        """Why the panel's Start (or Resume) training button is disabled ("" when it may run): no healthy
+        cases, or, for Resume, no checkpoint of a run of that name to continue."""
+        if not parameters.training_source():
+            return "Choose a folder of healthy volumes, or check loaded volumes."
+        if not resume:
+            return ""
+        try:
+            output = self.user_models_dir / model_file_name(parameters.model_name)
+            checkpoint = engine_module("training.checkpoints").run_dir_for(output) / "checkpoint.pt"
+        except ImportError:
+            return ""  # no engine: the run itself says so
+        except errors().SynomalyError as exc:
+            return str(exc)
+        if not checkpoint.is_file():
+            return (f"No cancelled run of '{parameters.model_name}' to resume (no checkpoint in {checkpoint.parent}); "
+                    "click Start training.")
+        return ""
 
     def model_entry(self, path: Path) -> ModelEntry:
         """The list entry of a freshly trained model (the list is re-read, so it includes it)."""
@@ -342,23 +434,43 @@ class SynomalyLogic:
         curve = LossCurve(self.scene, parameters.loss_table)
         if not resume:
             curve.clear()
-        stored = self.parameters()
-        stored.loss_table = curve.table
-        self.save_parameters(stored)
+        self.loss_curve = curve
+        self._remember_loss_table()
 
         def progress(step, total, loss, message):
-            curve.add(step, loss)
+            self._live_loss_curve().add(step, loss)
             if on_progress is not None:
                 on_progress(step, total, loss, message)
 
-        self.loss_curve = curve
-        return self.start_training_job(request, progress)
+        return self.start_training_job(request, progress, after_progress=lambda: self._live_loss_curve().flush())
+
+    def _remember_loss_table(self) -> None:
+        stored = self.parameters()
+        stored.loss_table = self.loss_curve.table
+        self.save_parameters(stored)
+
+    def _live_loss_curve(self) -> LossCurve:
+        """The plot in the current scene: a run goes on when the scene is closed, and draws into a new one."""
+        if self.loss_curve.table.GetScene() is not self.scene:
+            self.loss_curve = LossCurve(self.scene)
+            self._remember_loss_table()
+        return self.loss_curve
+
+
+def _write_job_volume(path: Path, array, geometry) -> None:
+    """A job volume, or an OutputError that says where and what to do (a full disk, a read-only folder)."""
+    try:
+        write_nrrd(path, array, geometry)
+    except OSError as exc:
+        raise errors().OutputError(f"The job file {path.name} could not be written in {path.parent.parent} "
+                                   f"({exc.strerror or exc}); free some disk space, or choose another temporary "
+                                   "folder in Slicer's Application Settings (General).") from None
 
 
 def read_detection_result(result: dict):
-    """The worker's output files as the engine's DetectionResult (arrays on the input's grid)."""
-    read_volume = engine_module("files.volume_io").read_volume
-    arrays = {kind: read_volume(path)[0] for kind, path in result["outputs"].items()}
+    """The worker's output files as the engine's DetectionResult (arrays on the input's grid), read
+    without SimpleITK: nothing redirects Slicer's stderr meanwhile."""
+    arrays = {kind: read_nrrd_array(path) for kind, path in result["outputs"].items()}
     return engine_module("inference.detection").DetectionResult(
         arrays["anomaly_map"], arrays["segmentation"], arrays["counterfactual"], arrays.get("uncertainty"),
         result.get("report") or {})

@@ -1,10 +1,16 @@
-"""The training loss as a Slicer plot: a table node (step, loss) drawn by a plot chart node."""
+"""The training loss as a Slicer plot: a table node (step, loss) drawn by a plot chart node.
+
+Points are added without notifying the scene; ``flush()`` (once per poll of the worker) tells the plot
+to redraw, and thins out the oldest points past ``MAX_POINTS``: a redraw per training step, or a
+table of a hundred thousand rows, would make Slicer crawl during a long run.
+"""
 import math
 
 import slicer
 import vtk
 
 CHART_ROLE = "SynomalyLossChart"
+MAX_POINTS = 2000
 
 
 class LossCurve:
@@ -45,7 +51,7 @@ class LossCurve:
         self.table.Modified()
 
     def add(self, step: int, loss: float) -> None:
-        """Append a point; a NaN loss (before the first step) is not drawn."""
+        """Append a point, drawn at the next ``flush()``; a NaN loss (before the first step) is not drawn."""
         if loss is None or math.isnan(loss):
             return
         steps, losses = self._columns()
@@ -53,8 +59,25 @@ class LossCurve:
             return
         steps.InsertNextValue(float(step))
         losses.InsertNextValue(float(loss))
+
+    def flush(self) -> None:
+        """Redraw once for the points added since the last flush; past MAX_POINTS, every other point of the
+        older half is dropped (the newest stay dense)."""
+        steps, losses = self._columns()
+        count = steps.GetNumberOfTuples()
+        was_modifying = self.table.StartModify()
+        if count > MAX_POINTS:
+            keep = list(range(0, count // 2, 2)) + list(range(count // 2, count))
+            values = [(steps.GetValue(i), losses.GetValue(i)) for i in keep]
+            self.table.GetTable().SetNumberOfRows(len(values))
+            for row, (step, loss) in enumerate(values):
+                steps.SetValue(row, step)
+                losses.SetValue(row, loss)
+        steps.Modified()
+        losses.Modified()
         self.table.GetTable().Modified()
         self.table.Modified()
+        self.table.EndModify(was_modifying)
 
     def points(self):
         steps, losses = self._columns()

@@ -1,11 +1,13 @@
-"""The models a user can pick: those bundled with the engine, then those trained locally."""
+"""The models a user can pick: those bundled with the engine, then those trained locally; checking a
+model file against its id, and deleting a locally trained one."""
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
-from .Engine import errors
+from .Engine import engine_module, errors
 
 USER_MODELS_ENV = "SYNOMALY_MODELS_DIR"
 
@@ -46,3 +48,40 @@ def model_file_name(name: str) -> str:
     if not cleaned:
         raise errors().InputError("Give the new model a name (letters, digits, '-' or '_').")
     return cleaned + ".safetensors"
+
+
+def computed_model_id(path) -> str:
+    """The id of the weights and settings in the file, as the engine computes it when it saves a model,
+    read with numpy: no torch in Slicer's process."""
+    return engine_module("files.model_file").file_model_id(path)
+
+
+def verify_model_file(path) -> str:
+    """"" when the file's weights and settings give the id it declares, else what is wrong with it."""
+    path = Path(path)
+    try:
+        declared = str(engine_module("files.model_file").read_metadata(path).get("model_id") or "")
+        computed = computed_model_id(path)
+    except errors().SynomalyError as exc:
+        return str(exc)
+    except Exception as exc:  # a damaged tensor block: safetensors' own error
+        return f"{path} cannot be read ({type(exc).__name__}: {exc}); download or train it again."
+    if declared != computed:
+        return (f"{path.name} does not match its id (declared {declared or 'none'}, its contents give "
+                f"{computed}): it was changed or damaged; download or train it again.")
+    return ""
+
+
+def delete_user_model(path, user_models_dir: Path) -> List[Path]:
+    """Delete a model trained here, with its training run folder (checkpoint); bundled models and files
+    outside the user models folder are refused. Returns what was deleted."""
+    path, folder = Path(path).resolve(), Path(user_models_dir).resolve()
+    if path.parent != folder or path.suffix != ".safetensors":
+        raise errors().InputError(f"Only models trained here ({folder}) can be deleted, not {path}.")
+    run_dir = engine_module("training.checkpoints").run_dir_for(path)
+    deleted = [p for p in (path, run_dir) if p.exists()]
+    if not deleted:
+        raise errors().InputError(f"No model file {path}.")
+    for item in deleted:
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    return deleted

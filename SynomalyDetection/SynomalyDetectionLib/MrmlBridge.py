@@ -18,6 +18,16 @@ ANOMALY_COLOR = (0.9, 0.1, 0.1)
 ANOMALY_MAP_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 MAP_DISPLAY_FLOOR = 1e-6  # the anomaly map is coloured from here (or half the threshold) up: zero stays clear
 INPUT_ATTRIBUTE = "SynomalyDetection.InputVolume"
+OUTPUT_ATTRIBUTE = "SynomalyDetection.Output"  # which output a node is: an OutputNodes field name
+# The Anomaly segment's standard terminology (SNOMED CT "Lesion" under "Morphologically Altered Structure"),
+# serialized as Slicer's terminology logic does: a DICOM SEG export then codes it, instead of leaving it
+# with Slicer's generic default.
+ANOMALY_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered "
+                       "Structure~SCT^52988006^Lesion~^^~Anatomic codes - DICOM master list~^^~^^")
+# Volume classes that derive from vtkMRMLScalarVolumeNode but are not images to analyse (the panel's
+# selectors hide them; colour images, vtkMRMLVectorVolumeNode, stay)
+NOT_INPUT_TYPES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode",
+                   "vtkMRMLDiffusionTensorVolumeNode")
 
 
 @dataclass
@@ -167,6 +177,25 @@ def organ_segments(mask_node, organ: str) -> Optional[List[str]]:
     return named
 
 
+def _with_binary_labelmap(mask_node, target, same_frame: bool):
+    """``mask_node`` itself when it has binary labelmaps; else (imported closed surfaces) a copy outside
+    the scene converted to them, on the input's grid where the frames agree: the user's node is not
+    changed."""
+    if mask_node.GetSegmentation().ContainsRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()):
+        return mask_node
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.GetSegmentation().DeepCopy(mask_node.GetSegmentation())
+    if same_frame:
+        copy.GetSegmentation().SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            slicer.vtkSegmentationConverter.SerializeImageGeometry(target))
+    if not copy.CreateBinaryLabelmapRepresentation():
+        raise errors().InputError(f"The mask '{mask_node.GetName()}' cannot be converted to a binary labelmap; "
+                                  "convert it in the Segmentations module, or pick another mask.")
+    return copy
+
+
 def _segmentation_labels(mask_node, reference_volume, target, shape, segment_ids=None) -> np.ndarray:
     merged = slicer.vtkOrientedImageData()
     same_frame = _same_frame(mask_node, reference_volume)
@@ -176,8 +205,12 @@ def _segmentation_labels(mask_node, reference_volume, target, shape, segment_ids
         selected = vtk.vtkStringArray()
         for segment_id in segment_ids:
             selected.InsertNextValue(segment_id)
-    if not mask_node.GenerateMergedLabelmapForAllSegments(merged, mode, target if same_frame else None, selected):
+    source = _with_binary_labelmap(mask_node, target, same_frame)
+    if not source.GenerateMergedLabelmapForAllSegments(merged, mode, target if same_frame else None, selected):
         raise errors().InputError(f"The mask '{mask_node.GetName()}' has no segments to use.")
+    if merged.GetPointData().GetScalars() is None or merged.GetNumberOfPoints() == 0:
+        raise errors().InputError(f"The mask '{mask_node.GetName()}' is empty: its segments hold no voxels; draw "
+                                  "the region to analyse, or run without a mask.")
     if same_frame:
         return _oriented_image_to_array(merged, shape)
     _move_to_frame_of(merged, mask_node, reference_volume)
@@ -260,6 +293,43 @@ def place_beside(node, reference) -> None:
     sh.SetItemParent(_sh_item(sh, node), parent)
 
 
+def output_node_ids(scene) -> List[str]:
+    """The nodes a detection wrote: the panel's input, mask and training selectors hide them."""
+    ids = []
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        if node.GetAttribute(INPUT_ATTRIBUTE):
+            ids.append(node.GetID())
+    return ids
+
+
+def is_input_candidate(node) -> bool:
+    """What the panel's input selector offers: scalar volumes, colour images included, but no label map,
+    diffusion volume or detection output."""
+    return (node is not None and node.IsA("vtkMRMLScalarVolumeNode")
+            and not any(node.IsA(cls) for cls in NOT_INPUT_TYPES) and not node.GetAttribute(INPUT_ATTRIBUTE))
+
+
+def default_input_volume(scene):
+    """The first volume the input selector offers, or None."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for node in (nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())):
+        if is_input_candidate(node):
+            return node
+    return None
+
+
+def latest_outputs(input_node) -> Optional[OutputNodes]:
+    """The last outputs written for ``input_node`` (to replace them in a batch run), or None."""
+    scene, found = input_node.GetScene(), {}
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        if node.GetAttribute(INPUT_ATTRIBUTE) == input_node.GetID() and node.GetAttribute(OUTPUT_ATTRIBUTE):
+            found[node.GetAttribute(OUTPUT_ATTRIBUTE)] = node  # scene order: the last one wins
+    return reusable_outputs(input_node, found.get("segmentation"), found.get("counterfactual"),
+                            found.get("anomaly_map"), found.get("uncertainty"))
+
+
 def _is_output_of(node, input_node) -> bool:
     return (node is not None and node.GetScene() is not None
             and node.GetAttribute(INPUT_ATTRIBUTE) == input_node.GetID())
@@ -304,14 +374,17 @@ def _write_scalar_volume(node, array, input_node) -> None:
 
 
 def _write_segmentation(node, array, input_node) -> None:
-    node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+    """The parent transform first: the reference geometry is stored in the segmentation's own frame, so
+    the other order would store a transformed input's grid transformed once more."""
     node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+    node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     segmentation = node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(ANOMALY_SEGMENT_NAME)
     if not segment_id:
         segment_id = segmentation.AddEmptySegment(ANOMALY_SEGMENT_NAME, ANOMALY_SEGMENT_NAME, ANOMALY_COLOR)
+    segmentation.GetSegment(segment_id).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), ANOMALY_TERMINOLOGY)
     labelmap = _binary_labelmap(array, _vtk_matrix(ijk_to_ras(input_node)))
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(labelmap, node, segment_id):
         raise RuntimeError(f"Could not write the segment '{ANOMALY_SEGMENT_NAME}' into '{node.GetName()}'.")
@@ -391,9 +464,12 @@ def write_outputs(input_node, result, reuse: Optional[OutputNodes] = None) -> Ou
         if result.uncertainty is not None:
             outputs.uncertainty = node_for(reuse and reuse.uncertainty, "vtkMRMLScalarVolumeNode", "uncertainty")
             _write_scalar_volume(outputs.uncertainty, result.uncertainty, input_node)
-        for node in outputs.nodes():
-            node.SetAttribute(INPUT_ATTRIBUTE, input_node.GetID())
-            place_beside(node, input_node)
+        for kind in ("segmentation", "counterfactual", "anomaly_map", "uncertainty"):
+            node = getattr(outputs, kind)
+            if node is not None:
+                node.SetAttribute(INPUT_ATTRIBUTE, input_node.GetID())
+                node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+                place_beside(node, input_node)
     except Exception:
         for node in created:
             scene.RemoveNode(node)
@@ -409,6 +485,13 @@ def _slice_nodes(scene, class_name, layout_name):
         if node.GetLayoutName() == layout_name:
             return node
     return None
+
+
+def shown_in_layout(scene, views=("Red", "Yellow")) -> bool:
+    """Whether the current layout shows all these slice views. Views stay in the scene after a layout
+    change (the view factory keeps them), so their presence says nothing: their mapped flag does."""
+    nodes = [_slice_nodes(scene, "vtkMRMLSliceNode", name) for name in views]
+    return all(node is not None and node.IsMappedInLayout() for node in nodes)
 
 
 def show_side_by_side(outputs: OutputNodes, left: str = "Red", right: str = "Yellow") -> None:

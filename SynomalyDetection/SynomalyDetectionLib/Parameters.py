@@ -56,11 +56,16 @@ class Parameters:
         return {"device": self.device, "stages": self.stages or None, "noise_level": self.noise_level or None,
                 "threshold": self.threshold or None, "ensemble": self.ensemble or None}
 
+    @property
+    def chosen_folder(self) -> str:
+        """The training folder, "" when none was chosen: an empty path, or "." (what a ctkDirectoryButton
+        holds before a folder is picked, while it shows Slicer's working directory)."""
+        return self.training_folder if self.training_folder.strip() not in ("", ".") else ""
+
     def training_source(self):
-        """What the panel trains on: the chosen folder, or the checked volumes. An empty folder path and
-        "." (what a directory button holds before a folder is chosen) mean none was chosen."""
+        """What the panel trains on: the chosen folder, or the checked volumes."""
         if self.training_from_folder:
-            return self.training_folder if self.training_folder.strip() not in ("", ".") else []
+            return self.chosen_folder or []
         return list(self.training_volumes)
 
     def report(self) -> Optional[dict]:

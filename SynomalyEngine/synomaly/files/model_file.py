@@ -67,14 +67,31 @@ ID_KEYS = ("preprocessing", "schedule", "inference", "threshold")
 
 
 def model_id_of(state_dict, metadata: Dict) -> str:
-    """A content hash of the weights and of the settings that shape the output (``ID_KEYS``): the same
-    model always gets the same id, and new inference settings or a new threshold give a new one."""
+    """A content hash of the weights (torch tensors or numpy arrays) and of the settings that shape the output
+    (``ID_KEYS``): the same model always gets the same id, and new inference settings or a new threshold give
+    a new one."""
+    import numpy as np
+
     h = hashlib.sha256()
     for key in sorted(state_dict):
+        value = state_dict[key]
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().contiguous().numpy()
         h.update(key.encode())
-        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+        h.update(np.ascontiguousarray(value).tobytes())
     h.update(json.dumps({k: metadata.get(k) for k in ID_KEYS}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
+
+
+def file_model_id(path) -> str:
+    """The id a model file's weights and settings give, read with numpy (no torch: Slicer's process verifies
+    model files with it); compare it with the id the file declares (``read_metadata(path)["model_id"]``)."""
+    from safetensors import safe_open
+
+    metadata = read_metadata(path)
+    with safe_open(str(path), framework="numpy") as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    return model_id_of(state, metadata)
 
 
 def save_model(path, network, metadata: Dict) -> Path:
