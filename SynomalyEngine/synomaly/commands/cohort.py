@@ -363,13 +363,15 @@ def summary_files(folder: Path, shard: Tuple[int, int]) -> Dict[str, Path]:
 
 
 def _ours(path: Path) -> bool:
-    """A summary file of ours: its first line is exactly our header."""
+    """A summary file of ours: a header that names each input and uses only our columns (an older engine's
+    files had fewer of them)."""
     columns = FAILURE_COLUMNS if path.name == "failures.csv" else SUMMARY_COLUMNS
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), None) == list(columns)
+            header = next(csv.reader(f), None)
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
+    return bool(header) and "name" in header and set(header) <= set(columns)
 
 
 def check_summary_files(folder: Path, shard: Tuple[int, int]) -> None:

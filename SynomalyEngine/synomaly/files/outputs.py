@@ -129,6 +129,10 @@ def is_our_output(path: Path) -> bool:
 
 def refuse_foreign(paths: Dict) -> None:
     """Refuse, before any work, to replace a file of this set's names that synomaly did not write."""
+    in_the_way = [p for p in dict.fromkeys(paths.values()) if p.is_dir()]
+    if in_the_way:
+        raise OutputError(f"{in_the_way[0]}: cannot be written (a folder of that name is in the way); remove it or "
+                          "choose another -o folder.")
     foreign = [p for p in dict.fromkeys(paths.values()) if p.exists() and not written_by_us(p, paths["report"])]
     if foreign:
         raise OutputError(f"{foreign[0]} exists and was not written by synomaly ({len(foreign)} such files); "
