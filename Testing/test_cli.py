@@ -21,7 +21,7 @@ from synomaly.evaluation.phantom import make_phantom, write_phantom_case
 
 OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
 REPORT_KEYS = {"anomalous_volume_ml", "n_components", "components", "max_score", "mean_score", "threshold",
-               "settings", "model", "timings_s"}
+               "settings", "model", "timings_s", "map_level"}
 HELP_OPTIONS = {
     None: ["detect", "train", "evaluate", "demo", "--version"],
     "detect": ["--output", "--mask", "--model", "--device", "--stages", "--noise-level", "--threshold",

@@ -117,8 +117,14 @@ def tiny_user_model(tmp_path):
     (tmp_path / "models").mkdir()
     network = UNet(UNetConfig(base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
                               num_heads=1, image_size=16))
+    from synomaly.files.model_file import BUNDLED_DIR, read_metadata
+
+    # A whole description (a model file is checked before it is listed): the demo model's, for this network.
+    meta = {k: v for k, v in read_metadata(BUNDLED_DIR / "demo-phantom.safetensors").items()
+            if k in ("noise", "schedule", "preprocessing", "inference")}
+    meta["preprocessing"]["image_size"] = 16
     path = save_model(tmp_path / "models" / "site-a.safetensors", network,
-                      {"name": "site-a", "preset": "brain-flair", "threshold": 0.1})
+                      {"name": "site-a", "preset": "brain-flair", "threshold": 0.1, **meta})
     return path
 
 

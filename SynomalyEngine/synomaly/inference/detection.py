@@ -309,7 +309,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     """Detect anomalies in one volume. ``slices`` limits processing to these axial indices
     (of the reoriented volume; used by calibration). A model whose preset names an organ (liver-ct)
     needs ``mask``. Raises InputError, DeviceError, Cancelled."""
-    from synomaly.inference.postprocessing import inner_region, scale_by_volume, segment
+    from synomaly.inference.postprocessing import inner_region, segment, typical_level
     from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
     from synomaly.inference.runtime import resolve_precision
     from synomaly.method.presets import missing_mask_message
@@ -351,8 +351,11 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     del diffs
     if float(params["rim_mm"]) > 0:
         anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
-    if params["map_scale"] == "volume" and indices:
-        scale_by_volume(anomaly_map, uncertainty, fg, indices)
+    level = typical_level(anomaly_map, fg, indices) if indices else None
+    if params["map_scale"] == "volume" and indices:  # one threshold across scanners whose maps differ in scale
+        anomaly_map /= level
+        if uncertainty is not None:
+            uncertainty /= level
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
@@ -377,6 +380,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
                              "user" if settings.threshold is not None else "model calibration"),
         "slices_processed": len(indices),
         "mean_stages": float(np.mean(stages_per_slice)) if stages_per_slice else 0.0,
+        "map_level": level,
         "settings": dict(params, seed=int(settings.seed), device=str(device), precision=precision),
         "skull_check": skull,
         "model": {"name": model.name, "model_id": model.model_id},

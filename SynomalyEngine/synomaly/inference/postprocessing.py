@@ -115,15 +115,21 @@ def inner_region(foreground: np.ndarray, rim_mm: float, spacing_zyx) -> np.ndarr
     return inner
 
 
-def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices) -> float:
-    """Divide the map (and its uncertainty), in place, by the volume's own typical level, and return that
-    level: the 75th percentile over the processed foreground, robust while lesions cover under a quarter
-    of it. Lets one threshold hold across scanners whose healthy maps differ in scale."""
+def typical_level(anomaly_map: np.ndarray, foreground: np.ndarray, indices) -> float:
+    """The map's typical level over the processed foreground: its 75th percentile, robust while lesions cover
+    under a quarter of it. How much the network changed the volume as a whole: small for a volume like those
+    it learnt, large for one of another kind, which it turns into what it knows everywhere."""
     region = np.zeros(foreground.shape, dtype=bool)
     region[list(indices)] = True
     region &= foreground
-    level = float(np.percentile(anomaly_map[region], 75, overwrite_input=True)) if region.any() else 0.0
-    level = max(level, 1e-4)
+    level = float(np.percentile(anomaly_map[region], 75)) if region.any() else 0.0
+    return max(level, 1e-4)
+
+
+def scale_by_volume(anomaly_map: np.ndarray, uncertainty, foreground: np.ndarray, indices) -> float:
+    """Divide the map (and its uncertainty), in place, by the volume's own typical level (``typical_level``),
+    and return that level. Lets one threshold hold across scanners whose healthy maps differ in scale."""
+    level = typical_level(anomaly_map, foreground, indices)
     anomaly_map /= level
     if uncertainty is not None:
         uncertainty /= level
