@@ -430,3 +430,47 @@ def test_a_nifti_whose_sform_and_qform_disagree_is_read_by_its_sform(phantom_cas
     for kind in ("anomaly_seg", "anomaly_map", "counterfactual"):
         written = nibabel.load(str(tmp_path / "out" / f"scan_{kind}.nii.gz"))
         assert np.allclose(written.affine, moved, atol=1e-3), kind
+
+
+# --- headers that are read in silence ------------------------------------------------------------------------
+
+def test_an_nrrd_without_a_patient_space_is_named(phantom_case, tmp_path):
+    nrrd = tmp_path / "scan.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(phantom_case["flair"])), str(nrrd))
+    header, _, data = nrrd.read_bytes().partition(b"\n\n")
+    lines = [b"space: scanner-xyz" if line.startswith(b"space:") else line for line in header.split(b"\n")]
+    nrrd.write_bytes(b"\n".join(lines) + b"\n\n" + data)
+    result = ok(run_detect(nrrd, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    assert "NRRD space 'scanner-xyz'" in result.stderr and "left and right" in result.stderr
+    report = json.loads((tmp_path / "out" / "scan_report.json").read_text())
+    assert any("scanner-xyz" in w for w in report["warnings"])
+
+
+def test_a_nifti_without_a_voxel_size_is_named(phantom_case, tmp_path):
+    """pixdim 0 (nibabel would mend it on saving: the bytes are set here), no sform: ITK takes 1 mm."""
+    import gzip
+    import struct
+
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(sitk.ReadImage(str(phantom_case["flair"])), str(plain))
+    data = bytearray(plain.read_bytes())
+    struct.pack_into("<3f", data, 80, 0.0, 0.0, 0.0)  # pixdim[1:4]
+    struct.pack_into("<h", data, 254, 0)  # sform_code
+    path = tmp_path / "nosize.nii.gz"
+    path.write_bytes(gzip.compress(bytes(data)))
+    from synomaly.files.volume_io import read_volume
+
+    notes = []
+    read_volume(path, notes)
+    assert any("gives no voxel size" in note for note in notes), notes
+
+
+def test_a_16_bit_copy_of_an_8_bit_ultrasound_image_is_refused(tmp_path, shared_data):
+    image = sorted((shared_data / "carotid-us" / "images").glob("*.png"))[0]
+    mask = shared_data / "carotid-us" / "lumen_masks" / image.name
+    wide = tmp_path / "wide.png"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image), sitk.sitkUInt8)).astype(np.uint16) * 257
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(wide))
+    assert_refused(run_cli("detect", wide, "--mask", mask, "--model", "carotid-us", "-o", tmp_path / "out", "-q"),
+                   "grey levels up to", "divide by 257")
+    ok(run_cli("detect", image, "--mask", mask, "--model", "carotid-us", "-o", tmp_path / "out8", "-q"))

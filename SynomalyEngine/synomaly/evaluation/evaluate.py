@@ -23,7 +23,8 @@ from synomaly.evaluation.report import ORACLE_LABEL, THRESHOLD_METRICS, jsonable
 from synomaly.files.geometry import Geometry, grid_difference
 from synomaly.files.outputs import our_report
 from synomaly.files.output_set import OutputFolder, OutputSet
-from synomaly.files.volume_io import atomic_write_bytes, library_messages, read_volume
+from synomaly.files.library_messages import library_messages
+from synomaly.files.volume_io import atomic_write_bytes, read_volume
 
 BASELINE_METHOD = ("3D median filter of the normalised input intensity (negated for models of darker lesions), "
                    "thresholded inside the foreground")

@@ -7,14 +7,8 @@ A 2D image (PNG, JPEG, a single-frame DICOM file, any one-slice file) is a volum
 (1, H, W) with spacing (sx, sy, 1). Grey stored as RGB(A) is converted to grey, for 2D images only.
 PNG files hold 2D images of 8- or 16-bit integers and their pixel spacing, but no origin or direction.
 """
-import contextlib
-import logging
 import os
-import re
-import sys
 import tempfile
-import warnings
-import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -22,6 +16,8 @@ import numpy as np
 
 from synomaly.errors import InputError, OutputError
 from synomaly.files.geometry import Geometry, geometry_problem
+from synomaly.files.header_checks import check_claimed_size, check_nifti_data, header_remarks, nifti_sform
+from synomaly.files.library_messages import last_line, library_messages, report
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")  # always 2D; single-frame DICOM files are read when named
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_2D_SUFFIXES
@@ -35,9 +31,6 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 # A 2D image counts as colour (a Doppler or annotation overlay, not RGB-encoded grey) when more than this
 # fraction of its pixels have channels further apart than COLOUR_SPREAD grey levels of 255.
 COLOUR_FRACTION, COLOUR_SPREAD = 0.01, 32.0
-_ITK_WARNING = re.compile(r"^\s*WARNING: In .*, line \d+\s*$")
-_ITK_OBJECT = re.compile(r"^\s*\w+ \(0x[0-9a-fA-F]+\):\s*")
-log = logging.getLogger(__name__)
 
 
 def is_image_file(path: Path) -> bool:
@@ -103,80 +96,10 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def last_line(exc: BaseException) -> str:
-    """ITK errors span several lines (source file, object address, ...); the last one says what failed."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def _discard(tmp) -> None:
     """Remove an unpublished temporary file, also after Ctrl-C (a KeyboardInterrupt is no Exception)."""
     if tmp is not None and os.path.exists(tmp):
         os.unlink(tmp)
-
-
-def _library_lines(text: str) -> List[str]:
-    """What ITK, GDCM or niftilib printed, one entry per message, without source-file lines and addresses."""
-    messages, current = [], []
-    for line in text.splitlines():
-        if _ITK_WARNING.match(line) or not line.strip():
-            if current:
-                messages.append(" ".join(current))
-            current = []
-            continue
-        current.append(_ITK_OBJECT.sub("", line.strip()))
-    if current:
-        messages.append(" ".join(current))
-    return messages
-
-
-@contextlib.contextmanager
-def library_messages(sink: List[str]):
-    """Catch what C++ libraries (ITK, GDCM, niftilib) print on the process's stderr, and Python warnings,
-    into ``sink`` instead of the user's terminal: they become our errors or report warnings.
-
-    Works on file descriptor 2, since the libraries write there directly; where it cannot be
-    redirected (no console), ITK's warning display is switched off instead.
-    """
-    import SimpleITK as sitk
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, AttributeError, ValueError):
-        saved = None
-    display = sitk.ProcessObject.GetGlobalWarningDisplay()
-    if saved is None:
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    capture = tempfile.TemporaryFile() if saved is not None else None
-    try:
-        if capture is not None:
-            os.dup2(capture.fileno(), 2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(display)
-        if capture is not None:
-            try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            sink.extend(_library_lines(capture.read().decode("utf-8", "replace")))
-            capture.close()
-    sink.extend(str(w.message) for w in caught)
-
-
-def _report(notes: Optional[List[str]], messages) -> None:
-    """Warnings go into the caller's list (a detection report), or to the log when it keeps none."""
-    for message in messages:
-        if notes is None:
-            log.warning(message)
-        else:
-            notes.append(message)
 
 
 def _slice_positions(reader, image) -> np.ndarray:
@@ -258,7 +181,7 @@ def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool):
         raise InputError(f"{path}: {problem}. Add the missing files, or pass --resample-slice-gaps to "
                          "interpolate onto an even grid.")
     resampled = _resample_slices(image, positions)
-    _report(notes, [f"{problem}; resampled by linear interpolation onto an even grid of "
+    report(notes, [f"{problem}; resampled by linear interpolation onto an even grid of "
                     f"{resampled.GetSize()[2]} slices, {resampled.GetSpacing()[2]:.2f} mm apart "
                     "(outputs are on that grid)"])
     return resampled
@@ -277,114 +200,13 @@ def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = Fa
     try:
         with library_messages(messages):
             if not path.is_dir():
-                _check_claimed_size(path)
+                check_claimed_size(path)
             image = _read_series(path, notes, resample_gaps) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
     # The series check above replaces ITK's own vague "non uniform sampling" warning.
-    _report(notes, [f"{path.name}: {m}" for m in messages if "Non uniform sampling" not in m])
+    report(notes, [f"{path.name}: {m}" for m in messages if "Non uniform sampling" not in m])
     return image
-
-
-def _nifti_sform(path: Path, read: Geometry, notes: Optional[List[str]]) -> Optional[Geometry]:
-    """The geometry of the sform where a NIfTI header's sform and qform disagree: ITK (and so Slicer) reads the
-    qform, nibabel, FSL and most NIfTI tools the sform; outputs written in one and read in the other would not
-    overlay the input. The sform is followed, as the NIfTI readers of the field do, and the report says so."""
-    import nibabel
-
-    try:
-        with library_messages([]):
-            header = nibabel.load(str(path)).header
-        sform, s_code = header.get_sform(coded=True)
-        _, q_code = header.get_qform(coded=True)
-    except Exception:  # a header nibabel does not know: SimpleITK's reading stands
-        return None
-    if not s_code or not q_code or sform is None:
-        return None
-    lps = np.diag([-1.0, -1.0, 1.0])
-    matrix = lps @ np.asarray(sform[:3, :3], dtype=float)
-    spacing = np.linalg.norm(matrix, axis=0)
-    if np.any(spacing <= 0):
-        return None
-    origin = lps @ np.asarray(sform[:3, 3], dtype=float)
-    geometry = Geometry(tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
-                        tuple(float(v) for v in (matrix / spacing).ravel()))
-    moved = float(np.linalg.norm(origin - np.asarray(read.origin)))
-    turned = float(np.abs(geometry.direction_matrix - read.direction_matrix).max())
-    if moved <= 0.01 and turned <= 1e-4 and np.allclose(spacing, read.spacing, rtol=1e-4):
-        return None
-    _report(notes, [f"{path.name}: its NIfTI header's sform and qform disagree (origins {moved:.1f} mm apart"
-                    f"{', axes turned' if turned > 1e-4 else ''}); read by the sform, as nibabel and FSL do (ITK and "
-                    "Slicer read the qform), and the outputs carry it in both"])
-    return geometry
-
-
-# deflate cannot shrink data more than about 1032 times: a .gz file claiming more is cut short or lies.
-MAX_DEFLATE_RATIO = 1100
-
-
-def _check_claimed_size(path: Path) -> None:
-    """Compare the size a file's header claims with the file and with the machine's memory before anything is
-    allocated: a 360-byte NIfTI claiming 2000^3 voxels must not take 16 GB before its truncation is found."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return  # ReadImage says what is wrong with the file
-    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
-    claimed = voxels * reader.GetNumberOfComponents() * _bytes_per_component(reader.GetPixelID())
-    on_disk = path.stat().st_size
-    name = path.name.lower()
-    short = (name.endswith(".nii") and claimed > on_disk) or \
-        (name.endswith((".nii.gz", ".gz")) and claimed > on_disk * MAX_DEFLATE_RATIO)
-    if short:
-        raise InputError(f"{path}: its header claims {reader.GetSize()} voxels ({claimed / 1e6:.0f} MB), far more than "
-                         f"the {on_disk} bytes of the file hold: it is truncated or damaged; copy or export it again.")
-    memory = _memory_bytes()
-    if memory and claimed > memory // 2:
-        raise InputError(f"{path}: its header claims {reader.GetSize()} voxels ({claimed / 1e9:.1f} GB), more than "
-                         f"half of this machine's memory ({memory / 1e9:.1f} GB); crop or resample it first.")
-
-
-def _bytes_per_component(pixel_id: int) -> int:
-    import SimpleITK as sitk
-
-    sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
-             sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
-    return sizes.get(pixel_id, 8)
-
-
-def _memory_bytes() -> int:
-    """Physical memory, or 0 where the system does not say."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _check_nifti_data(path: Path) -> None:
-    """ITK's NIfTI reader turns NaN and infinite voxels into 0 and fills a truncated data block with 0,
-    without a word. The raw block, read with nibabel (the field's NIfTI library), is checked for both."""
-    import nibabel
-
-    with library_messages([]):  # nibabel's header remarks: SimpleITK has read the file already
-        try:
-            image = nibabel.load(str(path))
-        except Exception:  # a header nibabel does not know: SimpleITK's reading stands
-            return
-        try:
-            raw = np.asanyarray(image.dataobj.get_unscaled())
-        except (OSError, EOFError, zlib.error) as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # nibabel's first line says it
-            raise InputError(f"{path}: its data block is truncated or damaged ({detail}); "
-                             "copy or export the file again.") from None
-    if raw.dtype.kind in "fc":
-        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-        if bad:
-            raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
 
 
 def rgb_to_grey(channels: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -424,7 +246,7 @@ def _grey(image, path, notes: Optional[List[str]]):
     grey, coloured = rgb_to_grey(sitk.GetArrayViewFromImage(image))
     warning = colour_warning(Path(path).name, coloured)
     if warning:
-        _report(notes, [warning])
+        report(notes, [warning])
     out = sitk.GetImageFromArray(grey)
     out.CopyInformation(image)
     return out
@@ -473,10 +295,11 @@ def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = F
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is a {image.GetDimension()}D image; a 2D image or a 3D volume is needed.")
     if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
-        _check_nifti_data(Path(path))
+        check_nifti_data(Path(path))
+    report(notes, header_remarks(Path(path)) if not Path(path).is_dir() else [])
     geometry = Geometry.from_sitk(image)
     if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
-        geometry = _nifti_sform(Path(path), geometry, notes) or geometry
+        geometry = nifti_sform(Path(path), geometry, notes) or geometry
     problem = geometry_problem(tuple(reversed(image.GetSize())), geometry)
     if problem:
         raise InputError(f"{path}: {problem}.")
@@ -547,7 +370,7 @@ def write_volume(path, array: np.ndarray, geometry: Geometry, notes: Optional[Li
 
     with library_messages(messages):
         _write_atomically(path, suffix, write_and_read_back)
-    _report(notes, [f"{path.name}: {m}" for m in messages])
+    report(notes, [f"{path.name}: {m}" for m in messages])
 
 
 def _check_written(tmp: str, image, lossy: bool) -> None:

@@ -185,6 +185,22 @@ def check_dimensions(volume: np.ndarray, model, what: str = "the input") -> None
                          "file), or use a model of a 3D preset.")
 
 
+def check_grey_levels(volume: np.ndarray, model) -> None:
+    """A 2D model's fixed window is that of the images it learnt (8-bit B-mode: 0-255); an image on another
+    scale (a 16-bit PNG of the same picture holds 257 times its values) would be all white to it."""
+    from synomaly.method.presets import PRESETS
+
+    preset = PRESETS.get(model.preset)
+    window = (model.metadata.get("preprocessing") or {}).get("window")
+    if preset is None or not preset.two_d or not window:
+        return
+    top = float(volume.max())
+    if top > 4 * float(window[1]):
+        raise InputError(f"the image holds grey levels up to {top:g}, and the {model.name} model works on levels "
+                         f"from {window[0]:g} to {window[1]:g} (8-bit images): bring it to that scale first (a "
+                         "16-bit export of an 8-bit picture: divide by 257).")
+
+
 def check_organ_mask(mask: np.ndarray, model) -> None:
     """An organ preset's mask is the organ alone: a label map of several organs taken whole would make the
     whole body the organ (1,048 mL of 'liver')."""
@@ -331,6 +347,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     t0 = time.perf_counter()
     report_progress(0.0, "preprocessing")
     check_dimensions(volume, model)
+    check_grey_levels(volume, model)
     if mask is not None:
         check_organ_mask(mask, model)
     mask, skull = brain_input(volume, geometry, model, mask, settings, device)

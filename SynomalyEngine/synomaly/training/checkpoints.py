@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict
 
 from synomaly.errors import InputError, OutputError
-from synomaly.files.volume_io import last_line
+from synomaly.files.library_messages import last_line
 from synomaly.training.settings import TrainingSettings
 
 

@@ -18,7 +18,8 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from synomaly.errors import Cancelled, InputError, OutputError
-from synomaly.files.volume_io import is_2d, last_line
+from synomaly.files.library_messages import last_line
+from synomaly.files.volume_io import is_2d
 from synomaly.training.calibration import calibrate
 from synomaly.training.cases import find_cases
 from synomaly.training.checkpoints import (check_run, read_checkpoint, remove_leftovers, run_dir_for,
