@@ -474,3 +474,23 @@ def test_a_16_bit_copy_of_an_8_bit_ultrasound_image_is_refused(tmp_path, shared_
     assert_refused(run_cli("detect", wide, "--mask", mask, "--model", "carotid-us", "-o", tmp_path / "out", "-q"),
                    "grey levels up to", "divide by 257")
     ok(run_cli("detect", image, "--mask", mask, "--model", "carotid-us", "-o", tmp_path / "out8", "-q"))
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (4_000_000_000, 4_000_000_000))
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_line_and_leaves_no_run_folder(tmp_path):
+    """A real allocation failure (the process's address space capped at 4 GB; 4096 slices need more)."""
+    from synomaly.evaluation.phantom import write_phantom_case
+
+    healthy = tmp_path / "healthy"
+    for seed in range(2):
+        write_phantom_case(healthy / f"case{seed}", seed=seed, lesion=False, shape=(16, 64, 64))
+    model = tmp_path / "m.safetensors"
+    args = [sys.executable, "-m", "synomaly", "train", str(healthy), "-o", str(model), "--steps", "2", "--image-size",
+            "32", "--base-channels", "8", "-q"]
+    result = subprocess.run(args + ["--batch-size", "4096"], capture_output=True, text=True, timeout=300,
+                            preexec_fn=_limit_memory, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_refused(result, "does not fit in this machine's memory", "--batch-size")
+    assert not model.exists() and not (tmp_path / "m.run").exists()

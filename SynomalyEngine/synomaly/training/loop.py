@@ -172,11 +172,28 @@ def _train(team, healthy, output, settings: TrainingSettings, progress, cancel, 
             except OSError as exc:
                 raise OutputError(f"{run.run_dir}: cannot be created ({exc.strerror or exc}); "
                                   "choose another model file.") from None
-    _steps(run, report, cancel)
+    try:
+        _steps(run, report, cancel)
+    except (RuntimeError, MemoryError) as exc:
+        if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
+            raise
+        _refuse_batch(run, exc)
     run.stop_if_asked(settings.steps, cancel)
     if not team.main:
         return run.output
     return _finish(run, report, cancel)
+
+
+def _refuse_batch(run: _Run, exc: BaseException) -> None:
+    """A batch that does not fit in memory: one line saying what to change; a run that had saved nothing leaves
+    no run folder behind (it would block the next run)."""
+    if run.team.main and not (run.run_dir / "checkpoint.pt").exists():
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+    detail = next((line.strip() for line in str(exc).splitlines() if "memory" in line.lower()), type(exc).__name__)
+    smaller = max(1, run.settings.batch_size // 4)
+    raise InputError(f"a batch of {run.settings.batch_size} slices of {run.settings.image_size} px does not fit in "
+                     f"this machine's memory ({detail[:160]}); train with a smaller --batch-size (e.g. {smaller}).") \
+        from None
 
 
 def _prepare(team, healthy, output, settings: TrainingSettings, report, resume: bool, overwrite: bool) -> _Run:
