@@ -82,6 +82,7 @@ class CohortInput:
     path: Path
     mask: Optional[Path] = None
     name: str = ""
+    series: Optional[str] = None  # the Series Instance UID, where a DICOM folder holds several
 
 
 @dataclass
@@ -321,7 +322,26 @@ def find_inputs(arguments, masks: Optional[Sequence] = None, output=None) -> Fou
     for item in items:
         unique.setdefault(_real(item.path), item)
     items = _name(list(unique.values()))
-    return FoundInputs(items, cohort=len(arguments) > 1 or not named_alone, lists=lists)
+    cohort = len(arguments) > 1 or not named_alone
+    return FoundInputs(_each_series(items) if cohort else items, cohort=cohort, lists=lists)
+
+
+def _each_series(items: List[CohortInput]) -> List[CohortInput]:
+    """In a cohort, each series of a DICOM folder of several is one input, named after its folder and its
+    Series Number (its UID where numbers repeat); a folder given alone is refused with the list instead."""
+    from synomaly.files.dicom_series import list_series
+
+    expanded: List[CohortInput] = []
+    for item in items:
+        listed = list_series(item.path) if Path(item.path).is_dir() else []
+        if len(listed) < 2:
+            expanded.append(item)
+            continue
+        numbers = [what.split()[1] if what.startswith("series ") else "" for _, what, _ in listed]
+        unique = all(numbers) and len(set(numbers)) == len(numbers)
+        expanded.extend(replace(item, series=uid, name=f"{item.name}_series{number}" if unique else
+                                f"{item.name}_{uid}") for (uid, _, _), number in zip(listed, numbers))
+    return expanded
 
 
 # --- the summary ------------------------------------------------------------------------------------

@@ -157,9 +157,10 @@ def refuse_existing(paths) -> None:
                           "use --overwrite to replace them, or another -o folder.")
 
 
-def write_outputs(output_set, paths: dict, result, geometry, volume, ground_truth=None) -> None:
+def write_outputs(output_set, paths: dict, result, geometry, volume, ground_truth=None, more=None) -> None:
     """Write one case's outputs as a set (see ``output_set``): staged, then moved into place, the report
-    last. Files already staged in ``output_set`` (the demo's inputs) are moved with them."""
+    last. Files already staged in ``output_set`` (the demo's inputs) are moved with them; ``more(output_set)``
+    stages further files of the set (DICOM, Slicer, BIDS sidecars), which the report lists as the others."""
     notes = result.report.setdefault("warnings", [])
     if "anomaly_map_values" in paths:
         _write_png_outputs(output_set, paths, result, geometry, volume, notes)
@@ -173,6 +174,8 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
                     output_set.stage(paths["overview"]), ground_truth=ground_truth, geometry=geometry,
                     map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
+    if more is not None:
+        more(output_set)
     result.report["outputs"] = {p.name: p.stat().st_size for p in sorted(output_set.staging.iterdir())}
     refuse_foreign(paths)  # again: a file may have appeared while the run worked
     atomic_write_bytes(output_set.stage(paths["report"]), (json.dumps(result.report, indent=2) + "\n").encode())
