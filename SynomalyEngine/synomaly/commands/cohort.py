@@ -2,9 +2,10 @@
 
 Inputs (``find_inputs``). Each INPUT of ``synomaly detect`` is
   - an image file (NIfTI, NRRD, MHA, ...): one volume;
-  - a folder holding DICOM files and no image files: one DICOM series, as before;
+  - a folder holding DICOM files and no image files: one DICOM series (of several, the one --series names);
   - any other folder: a cohort. Every image file in it or in a folder below it is a volume, and every
-    folder below it that holds DICOM files (and no image files) is a series. A file whose name holds
+    folder below it that holds DICOM files (and no image files) is a series (each of its series one
+    input, NAME_seriesN, where it holds several: ``_each_series``). A file whose name holds
     'mask' is the mask of the image it is named after (pat1_brainmask goes with pat1_flair, as in
     training); lesion labels (*seg*, *label*, *lesion*), hidden files and folders and this run's own
     outputs are not inputs. A folder in which none of these is found is tried as a DICOM series;

@@ -16,7 +16,8 @@ DETECT_EPILOG = """\
 cohorts:
   An INPUT folder that holds DICOM files and no image files is one series. Any other
   folder is a cohort: every image file in it or below it is a volume, every folder
-  below it holding DICOM files a series; a file named *mask* is the mask of the image
+  below it holding DICOM files a series (each series an input where it holds several;
+  NAME_seriesN); a file named *mask* is the mask of the image
   named before it (pat1_brainmask goes with pat1_flair), *seg*/*label*/*lesion* files
   are not inputs. An INPUT may also be a quoted glob ('scans/**/*.nii.gz') or a CSV
   list with the header image[,mask][,name] (paths relative to the CSV's folder).
