@@ -94,6 +94,15 @@ def test_cohort_summary_covers_both_shards_and_a_rerun_skips(dataset, derived):
     assert snapshot(*[p for p in out.rglob("sub-*") if p.is_file()]) == before
 
 
+def test_derivatives_are_never_inputs_of_a_plain_run(dataset, derived):
+    from synomaly.commands.cohort import find_inputs
+
+    root, images = dataset
+    found = find_inputs([str(root)])
+    assert sorted(p.name for p in (item.path for item in found.items)) == sorted(
+        [p.name for p in images.values()] + [p.name.replace("FLAIR", "T1w") for p in images.values()])
+
+
 def test_filter_selects_by_entities(dataset, tmp_path):
     from synomaly.commands.bids import find_bids_inputs, parse_filter
 

@@ -110,6 +110,17 @@ def test_nothing_else_of_the_source_is_carried_over(series, detected, name):
     assert ds.get("SeriesDescription", "").startswith("synomaly")
 
 
+def test_dicom_outputs_are_never_inputs(series, detected, tmp_path):
+    import shutil
+
+    from synomaly.commands.cohort import find_inputs
+
+    shutil.copytree(series["folder"], tmp_path / "tree" / "flair")
+    shutil.copytree(detected / "cli", tmp_path / "tree" / "results")
+    found = find_inputs([str(tmp_path / "tree")])
+    assert [item.path for item in found.items] == [tmp_path / "tree" / "flair"]
+
+
 def test_each_run_gets_new_uids(detected):
     a = pydicom.dcmread(detected / "cli" / "flair_anomaly_seg.dcm")
     b = pydicom.dcmread(detected / "api" / "flair_anomaly_seg.dcm")

@@ -16,11 +16,12 @@ from typing import Dict, List, Optional
 
 from synomaly.commands.cohort import CohortInput, FoundInputs
 from synomaly.errors import InputError, OutputError
+from synomaly.files.outputs import BIDS_REPORT, BIDS_SPACE
 from synomaly.files.volume_io import atomic_write_bytes
 
 BIDS_VERSION = "1.9.0"
 DERIVATIVES_NAME = "synomaly"
-SPACE = "orig"  # outputs lie on the input's own voxel grid
+SPACE = "orig"  # outputs lie on the input's own voxel grid (files/outputs.BIDS_SPACE: the names known as ours)
 NIFTI_EXTENSIONS = [".nii.gz", ".nii"]
 
 
@@ -101,7 +102,7 @@ def bids_output_paths(out_dir: Path, root: Path, item: CohortInput) -> Dict[str,
             "map_sidecar": folder / f"{base}_desc-anomaly_map.json",
             "counterfactual_sidecar": folder / f"{base}_desc-counterfactual_FLAIR.json",
             "overview": folder / f"{base}_desc-anomaly_overview.png",
-            "report": folder / f"{base}_desc-anomaly_mask.json"}
+            "report": folder / f"{item.name}{BIDS_SPACE}{BIDS_REPORT}"}
 
 
 def _source(root: Path, path: Path) -> str:

@@ -169,7 +169,7 @@ def _walk(root: Path, output: Optional[Path]) -> List[Tuple[str, Path, Optional[
         if images:
             found.extend((image.relative_to(root).as_posix(), image, mask)
                          for image, mask in _pair(images, str(folder)))
-        elif _holds_dicom(entries):
+        elif _holds_dicom([p for p in entries if not _is_output(p, output)]):  # our SEG files are no series
             found.append((folder.relative_to(root).as_posix(), folder, None))
             return
         for sub in entries:

@@ -27,6 +27,8 @@ INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (
 MAP_PNG_FULL_SCALE = 2.0
 # What ends the name of every file of a set (NAME_anomaly_map.nii.gz, NAME_report.json, ...).
 SET_SUFFIXES = tuple(f"_{kind}" for kind in OUTPUT_KINDS + ("uncertainty", "overview", "report"))
+# The names of a BIDS derivatives set (``commands/bids``): sub-X_ses-Y_space-orig_desc-..., its report the mask's sidecar.
+BIDS_SPACE, BIDS_REPORT = "_space-orig_", "desc-anomaly_mask.json"
 
 
 def case_name(path: Path) -> str:
@@ -122,7 +124,10 @@ def is_our_output(path: Path) -> bool:
     """A file of one of our sets (never an input to detect or train on), told by its name and its set's report."""
     from synomaly.files.volume_io import image_stem
 
-    stem = image_stem(path) if not path.name.endswith(".json") else path.name[:-len(".json")]
+    stem = image_stem(path) if not path.name.endswith((".json", ".dcm")) else path.name.rsplit(".", 1)[0]
+    bids_report = path.parent / f"{stem.split(BIDS_SPACE)[0]}{BIDS_SPACE}{BIDS_REPORT}"
+    if BIDS_SPACE in stem and written_by_us(path, bids_report):  # BIDS derivatives: the mask's sidecar reports
+        return True
     suffix = next((s for s in SET_SUFFIXES if stem.endswith(s)), None)
     return suffix is not None and written_by_us(path, path.parent / f"{stem[:-len(suffix)]}_report.json")
 
