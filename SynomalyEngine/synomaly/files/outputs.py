@@ -27,7 +27,7 @@ INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (
 MAP_PNG_FULL_SCALE = 2.0
 # What ends the name of every file of a set (NAME_anomaly_map.nii.gz, NAME_report.json, ...).
 SET_SUFFIXES = tuple(f"_{kind}" for kind in OUTPUT_KINDS + ("uncertainty", "overview", "report"))
-# The names of a BIDS derivatives set (``commands/bids``): sub-X_ses-Y_space-orig_desc-..., its report the mask's sidecar.
+# A BIDS derivatives set (``commands/bids``): sub-X_ses-Y_space-orig_desc-..., its report the mask's sidecar.
 BIDS_SPACE, BIDS_REPORT = "_space-orig_", "desc-anomaly_mask.json"
 
 
