@@ -38,8 +38,9 @@ def detected(series, tmp_path_factory):
     from synomaly.commands.cli import main
 
     out = tmp_path_factory.mktemp("detected")
-    ok(run_detect(series["folder"], "-o", out / "cli", "--stages", "1", "-q",
-                  "--dicom-outputs", "seg,map,counterfactual"))
+    result = ok(run_detect(series["folder"], "-o", out / "cli", "--stages", "1", "-q",
+                           "--dicom-outputs", "seg,map,counterfactual"))
+    assert result.stderr == "", "no library message reaches the terminal"
     assert main(["detect", str(series["folder"]), "-o", str(out / "api"), "--model", "demo-phantom",
                  "--stages", "1", "-q"]) == 0
     return out
@@ -119,6 +120,21 @@ def test_dicom_outputs_are_never_inputs(series, detected, tmp_path):
     shutil.copytree(detected / "cli", tmp_path / "tree" / "results")
     found = find_inputs([str(tmp_path / "tree")])
     assert [item.path for item in found.items] == [tmp_path / "tree" / "flair"]
+
+
+def test_a_scan_without_anomaly_gives_a_valid_seg_of_empty_frames(series, tmp_path, capfd):
+    from synomaly.files.dicom_outputs import save_dataset, segmentation_dataset, series_sources
+
+    report = {"model": {"name": "demo-phantom", "model_id": "0123456789ab"},
+              "engine": {"name": "synomaly", "version": "0"}, "threshold": 0.2}
+    dataset = segmentation_dataset(series_sources(series["folder"]), np.zeros(series["volume"].shape, np.uint8),
+                                   report)
+    save_dataset(dataset, tmp_path / "empty.dcm")
+    assert "omit" not in capfd.readouterr().err, "highdicom's own warning reached the terminal"
+    back = hd.seg.segread(tmp_path / "empty.dcm")
+    assert int(back.NumberOfFrames) == series["volume"].shape[0] and not back.pixel_array.any()
+    if has_dciodvfy():
+        assert not dciodvfy_errors(dciodvfy(tmp_path / "empty.dcm"))
 
 
 def test_each_run_gets_new_uids(detected):

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from synomaly.errors import InputError, OutputError
+from synomaly.files.volume_io import library_messages
 
 DICOM_KINDS = ("seg", "map", "counterfactual")
 DEFAULT_DICOM_KINDS = ("seg",)
@@ -104,12 +105,15 @@ def segmentation_dataset(sources: Sequence, segmentation: np.ndarray, report: di
         algorithm_identification=_algorithm(report),
         tracking_uid=hd.UID(), tracking_id="Anomaly",
         display_color=hd.color.CIELabColor(60.0, 60.0, 60.0))
+    labels = (np.asarray(segmentation) > 0).astype(np.uint8)
+    # A SEG holds at least one frame: a scan without anomaly keeps its (empty) frames, said so here, not by highdicom.
     return hd.seg.Segmentation(
-        source_images=list(sources), pixel_array=(np.asarray(segmentation) > 0).astype(np.uint8),
+        source_images=list(sources), pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
         series_instance_uid=hd.UID(), series_number=SERIES_NUMBERS["seg"], sop_instance_uid=hd.UID(),
         instance_number=1, content_label="ANOMALY", content_description="synomaly anomaly segmentation",
-        series_description="synomaly anomaly segmentation", omit_empty_frames=True, **_equipment(report))
+        series_description="synomaly anomaly segmentation", omit_empty_frames=bool(labels.any()),
+        **_equipment(report))
 
 
 def parametric_map_dataset(sources: Sequence, values: np.ndarray, report: dict, kind: str):
@@ -160,7 +164,15 @@ def save_dataset(dataset, path: Path) -> None:
 
 
 def write_dicom_outputs(output_set, paths: Dict[str, Path], sources: Sequence, result) -> None:
-    """Stage the DICOM objects named in ``paths`` (see ``dicom_output_paths``) in ``output_set``."""
+    """Stage the DICOM objects named in ``paths`` (see ``dicom_output_paths``) in ``output_set``; what the DICOM
+    libraries warn about goes into the report's warnings, not to the terminal."""
+    messages: List[str] = []
+    with library_messages(messages):
+        _write_each(output_set, paths, sources, result)
+    result.report.setdefault("warnings", []).extend(f"DICOM outputs: {m}" for m in messages)
+
+
+def _write_each(output_set, paths: Dict[str, Path], sources: Sequence, result) -> None:
     if "dicom_seg" in paths:
         save_dataset(segmentation_dataset(sources, result.segmentation, result.report),
                      output_set.stage(paths["dicom_seg"]))
