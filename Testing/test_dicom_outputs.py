@@ -14,7 +14,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).parent))
 from dicom_phantoms import (PRIVATE_CREATOR, dciodvfy, dciodvfy_errors, has_dciodvfy,  # noqa: E402
                             phantom_volume, write_mr_series)
-from test_cli import assert_refused, ok, run_detect, snapshot  # noqa: E402
+from test_cli import assert_refused, ok, run_detect, snapshot, write_dicom_series  # noqa: E402
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -206,3 +206,23 @@ def test_bad_dicom_outputs_option_is_refused(series, tmp_path):
     assert_refused(run_detect(series["folder"], "-o", tmp_path / "out", "--dicom-outputs", "seg,mesh"),
                    "--dicom-outputs", "seg, map, counterfactual")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_series_without_frame_of_reference_gets_the_other_outputs(phantom_case, tmp_path):
+    folder = write_dicom_series(phantom_case["flair"], tmp_path / "capture")  # secondary capture, as ITK writes it
+    result = ok(run_detect(folder, "-o", tmp_path / "out", "--stages", "1", "-q"))
+    assert "no DICOM outputs" in result.stderr and "Frame of Reference" in result.stderr
+    assert not list((tmp_path / "out").glob("*.dcm")) and (tmp_path / "out" / "capture_anomaly_seg.nrrd").is_file()
+    report = json.loads((tmp_path / "out" / "capture_report.json").read_text())
+    assert any("no DICOM outputs" in w for w in report["warnings"])
+
+
+def test_a_resampled_gap_gets_no_dicom_outputs(series, tmp_path):
+    import shutil
+
+    gapped = tmp_path / "gapped"
+    shutil.copytree(series["folder"], gapped)
+    sorted(gapped.iterdir())[10].unlink()
+    result = ok(run_detect(gapped, "-o", tmp_path / "out", "--stages", "1", "-q", "--resample-slice-gaps"))
+    assert "no DICOM outputs: the volume has 32 slices and the series 31 images" in result.stderr
+    assert not list((tmp_path / "out").glob("*.dcm"))

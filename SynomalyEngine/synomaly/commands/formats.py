@@ -114,12 +114,16 @@ def _write_dicom(output_set, item: CohortInput, paths, result, volume, geometry)
     folder = Path(item.path)
     sources = (series_sources(folder, item.series) if folder.is_dir() else [_header(folder)])
     problem = sources_problem(sources, volume.shape, geometry)
-    if problem:
-        result.report.setdefault("warnings", []).append(
-            f"no DICOM outputs: {problem} (the outputs lie on a resampled grid, which no DICOM image of the "
-            "series references)")
-        return
-    write_dicom_outputs(output_set, {k: v for k, v in paths.items() if k.startswith("dicom_")}, sources, result)
+    dicom = {k: v for k, v in paths.items() if k.startswith("dicom_")}
+    if problem is None:
+        try:
+            write_dicom_outputs(output_set, dicom, sources, result)
+            return
+        except ValueError as exc:  # highdicom's checks of the source images (their modules, their values)
+            problem = f"highdicom cannot derive from the series ({exc})"
+            for path in dicom.values():
+                output_set.stage(path).unlink(missing_ok=True)
+    result.report.setdefault("warnings", []).append(f"no DICOM outputs: {problem}; the other outputs are written")
 
 
 def _header(path: Path):

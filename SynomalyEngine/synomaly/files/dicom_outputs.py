@@ -59,7 +59,10 @@ def series_sources(folder: Path, series_uid: Optional[str] = None) -> List:
 
 
 def sources_problem(sources: Sequence, shape, geometry) -> Optional[str]:
-    """Why the volume's slices are not the source instances one by one (a resampled gap), else None."""
+    """Why DICOM outputs cannot reference the source images: no Frame of Reference (a secondary capture), or the
+    volume's slices are not the source instances one by one (a resampled gap); else None."""
+    if not getattr(sources[0], "FrameOfReferenceUID", None):
+        return "the series has no Frame of Reference UID, which places a DICOM SEG on its images"
     if len(sources) != shape[0]:
         return f"the volume has {shape[0]} slices and the series {len(sources)} images"
     for k, ds in enumerate(sources):
