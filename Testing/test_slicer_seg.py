@@ -81,3 +81,16 @@ def test_seg_format_chooses_for_any_input(phantom_case, tmp_path):
     ok(run_detect(phantom_case["flair"], "-o", tmp_path / "c", "--stages", "1", "-q", "--format", "nrrd",
                   "--seg-format", "volume"))
     assert not list((tmp_path / "c").glob("*.seg.nrrd"))
+
+
+def test_the_file_and_the_slicer_module_code_the_segment_alike():
+    """A .seg.nrrd loaded in Slicer and the module's own segment carry one terminology, so Slicer's DICOM export
+    codes both as the SEG does (SCT 52988006 Lesion under 49755003)."""
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SynomalyDetection"))
+    from SynomalyDetectionLib.MrmlBridge import ANOMALY_TERMINOLOGY as module_terminology
+
+    from synomaly.files.slicer_seg import ANOMALY_TERMINOLOGY
+
+    assert module_terminology == ANOMALY_TERMINOLOGY
+    assert "SCT^49755003^" in ANOMALY_TERMINOLOGY and "SCT^52988006^Lesion" in ANOMALY_TERMINOLOGY
