@@ -111,6 +111,12 @@ def _write_dicom(output_set, item: CohortInput, paths, result, volume, geometry)
     resampled has no source image for some slices: the report says why they are left out)."""
     from synomaly.files.dicom_outputs import series_sources, sources_problem, write_dicom_outputs
 
+    try:
+        import highdicom  # noqa: F401  (a dependency of the engine; an environment may still lack it)
+    except ImportError:
+        result.report.setdefault("warnings", []).append("no DICOM outputs: highdicom is not installed "
+                                                        "(pip install highdicom); the other outputs are written")
+        return
     folder = Path(item.path)
     sources = (series_sources(folder, item.series) if folder.is_dir() else [_header(folder)])
     problem = sources_problem(sources, volume.shape, geometry)
