@@ -127,6 +127,7 @@ def test_bad_bids_inputs_are_refused(dataset, tmp_path):
                    "not a BIDS dataset")
     assert_refused(run_cli("detect", root, "--bids-filter", '{"session": "01"}', "-o", tmp_path / "o"),
                    "--bids-filter goes with --bids")
+    assert_refused(run_cli("detect", root, "--bids", "--format", "nrrd", "-o", tmp_path / "o"), "NIfTI")
     assert not (tmp_path / "o").exists() and snapshot(root) == before
 
 

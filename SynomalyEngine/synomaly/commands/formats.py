@@ -43,6 +43,8 @@ def find_detect_inputs(args, find_inputs) -> FoundInputs:
 
         if args.series is not None:
             raise InputError("--series does not go with --bids.")
+        if args.format not in ("auto", "nii.gz"):
+            raise InputError(f"--format {args.format} does not go with --bids: BIDS derivatives are NIfTI (.nii.gz).")
         if args.output is None:
             args.output = str(default_output(Path(args.inputs[0]).expanduser()))
         return find_bids_inputs(args.inputs, args.mask, Path(args.output), parse_filter(args.bids_filter))
