@@ -2,9 +2,10 @@
 
 Inputs (``find_inputs``). Each INPUT of ``synomaly detect`` is
   - an image file (NIfTI, NRRD, MHA, ...): one volume;
-  - a folder holding DICOM files and no image files: one DICOM series, as before;
+  - a folder holding DICOM files and no image files: one DICOM series (of several, the one --series names);
   - any other folder: a cohort. Every image file in it or in a folder below it is a volume, and every
-    folder below it that holds DICOM files (and no image files) is a series. A file whose name holds
+    folder below it that holds DICOM files (and no image files) is a series (each of its series one
+    input, NAME_seriesN, where it holds several: ``_each_series``). A file whose name holds
     'mask' is the mask of the image it is named after (pat1_brainmask goes with pat1_flair, as in
     training); lesion labels (*seg*, *label*, *lesion*), hidden files and folders and this run's own
     outputs are not inputs. A folder in which none of these is found is tried as a DICOM series;
@@ -82,6 +83,7 @@ class CohortInput:
     path: Path
     mask: Optional[Path] = None
     name: str = ""
+    series: Optional[str] = None  # the Series Instance UID, where a DICOM folder holds several
 
 
 @dataclass
@@ -167,7 +169,7 @@ def _walk(root: Path, output: Optional[Path]) -> List[Tuple[str, Path, Optional[
         if images:
             found.extend((image.relative_to(root).as_posix(), image, mask)
                          for image, mask in _pair(images, str(folder)))
-        elif _holds_dicom(entries):
+        elif _holds_dicom([p for p in entries if not _is_output(p, output)]):  # our SEG files are no series
             found.append((folder.relative_to(root).as_posix(), folder, None))
             return
         for sub in entries:
@@ -321,7 +323,26 @@ def find_inputs(arguments, masks: Optional[Sequence] = None, output=None) -> Fou
     for item in items:
         unique.setdefault(_real(item.path), item)
     items = _name(list(unique.values()))
-    return FoundInputs(items, cohort=len(arguments) > 1 or not named_alone, lists=lists)
+    cohort = len(arguments) > 1 or not named_alone
+    return FoundInputs(_each_series(items) if cohort else items, cohort=cohort, lists=lists)
+
+
+def _each_series(items: List[CohortInput]) -> List[CohortInput]:
+    """In a cohort, each series of a DICOM folder of several is one input, named after its folder and its
+    Series Number (its UID where numbers repeat); a folder given alone is refused with the list instead."""
+    from synomaly.files.dicom_series import list_series
+
+    expanded: List[CohortInput] = []
+    for item in items:
+        listed = list_series(item.path) if Path(item.path).is_dir() else []
+        if len(listed) < 2:
+            expanded.append(item)
+            continue
+        numbers = [what.split()[1] if what.startswith("series ") else "" for _, what, _ in listed]
+        unique = all(numbers) and len(set(numbers)) == len(numbers)
+        expanded.extend(replace(item, series=uid, name=f"{item.name}_series{number}" if unique else
+                                f"{item.name}_{uid}") for (uid, _, _), number in zip(listed, numbers))
+    return expanded
 
 
 # --- the summary ------------------------------------------------------------------------------------

@@ -5,17 +5,19 @@ import sys
 from pathlib import Path
 from typing import List
 
+from synomaly.commands.formats import add_format_options, extra_writer, find_detect_inputs, item_paths, set_folder
 from synomaly.commands.options import KeepLines, detection_options, detection_settings
 from synomaly.commands.terminal import Progress, error_line
 from synomaly.errors import InputError, OutputError, SynomalyError
-from synomaly.files.outputs import (FORMATS, check_output_format, check_writable, output_format, output_paths,
-                                    refuse_existing, refuse_foreign, refuse_inputs_as_outputs, write_outputs)
+from synomaly.files.outputs import (FORMATS, check_output_format, check_writable, refuse_existing, refuse_foreign,
+                                    refuse_inputs_as_outputs, write_outputs)
 
 DETECT_EPILOG = """\
 cohorts:
   An INPUT folder that holds DICOM files and no image files is one series. Any other
   folder is a cohort: every image file in it or below it is a volume, every folder
-  below it holding DICOM files a series; a file named *mask* is the mask of the image
+  below it holding DICOM files a series (each series an input where it holds several;
+  NAME_seriesN); a file named *mask* is the mask of the image
   named before it (pat1_brainmask goes with pat1_flair), *seg*/*label*/*lesion* files
   are not inputs. An INPUT may also be a quoted glob ('scans/**/*.nii.gz') or a CSV
   list with the header image[,mask][,name] (paths relative to the CSV's folder).
@@ -59,16 +61,15 @@ def run(args) -> int:
     from synomaly.files.output_set import OutputFolder, OutputSet
     from synomaly.inference.detection import resolve_device
 
-    out_dir = Path(args.output)
     shard = parse_shard(args.shard) if args.shard is not None else None
-    found = find_inputs(args.inputs, masks=args.mask, output=out_dir)
+    found = find_detect_inputs(args, find_inputs)
+    out_dir = Path(args.output)
     # A cohort (see ``cohort``): outputs that exist are skipped, not refused, and a summary is kept.
     cohort = found.cohort or shard is not None
     items = take_shard(found.items, *shard) if shard else found.items
     settings = detection_settings(args, batch_size=args.batch_size, seed=args.seed,
                                   skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
-    sets = {item.name: output_paths(out_dir, item.name, output_format(item.path, args.format))
-            for item in found.items}
+    sets = {item.name: item_paths(out_dir, item, args) for item in found.items}
     if cohort:
         sets["the summary"] = summary_files(out_dir, shard or (1, 1))
     refuse_inputs_as_outputs([p for item in found.items for p in (item.path, item.mask) if p is not None]
@@ -88,13 +89,17 @@ def run(args) -> int:
         device = resolve_device(args.device)
         model = load_model(args.model, device=str(device))
         print(_threshold_line(model, settings, device), flush=True)
+        if args.bids:
+            from synomaly.commands.bids import write_dataset_description
+
+            write_dataset_description(out_dir, Path(args.inputs[0]).expanduser(), model, args.overwrite)
         if cohort:
             book = held.enter_context(CohortLog(out_dir, items, shard or (1, 1)))
         for item, paths in zip(items, all_paths):
             output_set = None if cohort else single
             try:
                 if cohort:
-                    output_set = OutputSet(out_dir, item.name).acquire()
+                    output_set = OutputSet(set_folder(paths), item.name).acquire()
                     refuse_foreign(paths)
                     if not args.overwrite and paths["report"].exists():
                         if book.existing(item, paths["report"]):
@@ -113,7 +118,7 @@ def run(args) -> int:
             finally:
                 if output_set is not None:
                     output_set.release()
-            _say_done(item, result.report, out_dir)
+            _say_done(item, result.report, paths["report"].parent)
             if cohort:
                 book.done(item, result.report)
         if cohort:
@@ -134,7 +139,7 @@ def _detect_one(item, paths: dict, model, settings, args, output_set):
 
     path, mask_path = item.path, item.mask
     notes: List[str] = []
-    volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps)
+    volume, geometry = read_volume(path, notes, resample_gaps=args.resample_slice_gaps, series=item.series)
     check_output_format(path, paths, volume, geometry)
     mask = None
     if mask_path is not None:
@@ -151,7 +156,8 @@ def _detect_one(item, paths: dict, model, settings, args, output_set):
     result.report = {"input": os.path.realpath(path),
                      "mask": os.path.realpath(mask_path) if mask_path is not None else None,
                      **result.report, "warnings": notes}
-    write_outputs(output_set, paths, result, geometry, volume)
+    write_outputs(output_set, paths, result, geometry, volume,
+                  more=extra_writer(item, paths, result, geometry, volume, args))
     for note in notes:
         print(f"synomaly: warning: {path}: {note}", file=sys.stderr)
     return result
@@ -177,7 +183,8 @@ def add_parser(sub) -> None:
                    help="image files (NIfTI, NRRD, MHA, ...), DICOM folders, folders of them (searched below too), "
                         "quoted glob patterns, or CSV lists (image[,mask][,name]); see 'cohorts' below; 2D images (PNG, JPEG, a single-frame DICOM file) for a 2D "
                         "model (carotid-us)")
-    p.add_argument("-o", "--output", default=".", help="output folder (default: current folder)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: current folder; with --bids "
+                   "BIDS_ROOT/derivatives/synomaly)")
     p.add_argument("--mask", action="append", help="organ/foreground mask, one per input (default: found "
                    "automatically); for the brain model, a brain mask when the input is not skull-stripped; for "
                    "a carotid model, the vessel's lumen mask (required: the model looks at a disc around it)")
@@ -197,6 +204,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resample-slice-gaps", action="store_true",
                    help="a DICOM series with missing or unevenly spaced slices is refused; with this, it is "
                         "interpolated onto an even grid instead (the report says so; outputs are on that grid)")
+    add_format_options(p)
     p.add_argument("--shard", metavar="K/N", default=None,
                    help="take the K-th of N shares of the inputs (K from 1 to N), for a job array: "
                         "--shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")

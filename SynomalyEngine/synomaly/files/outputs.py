@@ -27,6 +27,8 @@ INPUT_FORMATS = ((".nii.gz", "nii.gz"), (".nii", "nii.gz"), (".nrrd", "nrrd"), (
 MAP_PNG_FULL_SCALE = 2.0
 # What ends the name of every file of a set (NAME_anomaly_map.nii.gz, NAME_report.json, ...).
 SET_SUFFIXES = tuple(f"_{kind}" for kind in OUTPUT_KINDS + ("uncertainty", "overview", "report"))
+# A BIDS derivatives set (``commands/bids``): sub-X_ses-Y_space-orig_desc-..., its report the mask's sidecar.
+BIDS_SPACE, BIDS_REPORT = "_space-orig_", "desc-anomaly_mask.json"
 
 
 def case_name(path: Path) -> str:
@@ -122,7 +124,10 @@ def is_our_output(path: Path) -> bool:
     """A file of one of our sets (never an input to detect or train on), told by its name and its set's report."""
     from synomaly.files.volume_io import image_stem
 
-    stem = image_stem(path) if not path.name.endswith(".json") else path.name[:-len(".json")]
+    stem = image_stem(path) if not path.name.endswith((".json", ".dcm")) else path.name.rsplit(".", 1)[0]
+    bids_report = path.parent / f"{stem.split(BIDS_SPACE)[0]}{BIDS_SPACE}{BIDS_REPORT}"
+    if BIDS_SPACE in stem and written_by_us(path, bids_report):  # BIDS derivatives: the mask's sidecar reports
+        return True
     suffix = next((s for s in SET_SUFFIXES if stem.endswith(s)), None)
     return suffix is not None and written_by_us(path, path.parent / f"{stem[:-len(suffix)]}_report.json")
 
@@ -157,9 +162,10 @@ def refuse_existing(paths) -> None:
                           "use --overwrite to replace them, or another -o folder.")
 
 
-def write_outputs(output_set, paths: dict, result, geometry, volume, ground_truth=None) -> None:
+def write_outputs(output_set, paths: dict, result, geometry, volume, ground_truth=None, more=None) -> None:
     """Write one case's outputs as a set (see ``output_set``): staged, then moved into place, the report
-    last. Files already staged in ``output_set`` (the demo's inputs) are moved with them."""
+    last. Files already staged in ``output_set`` (the demo's inputs) are moved with them; ``more(output_set)``
+    stages further files of the set (DICOM, Slicer, BIDS sidecars), which the report lists as the others."""
     notes = result.report.setdefault("warnings", [])
     if "anomaly_map_values" in paths:
         _write_png_outputs(output_set, paths, result, geometry, volume, notes)
@@ -173,6 +179,8 @@ def write_outputs(output_set, paths: dict, result, geometry, volume, ground_trut
                     output_set.stage(paths["overview"]), ground_truth=ground_truth, geometry=geometry,
                     map_max=max(result.report["threshold"] * 2, 1e-6)
                     if result.report["threshold"] < float("inf") else None)
+    if more is not None:
+        more(output_set)
     result.report["outputs"] = {p.name: p.stat().st_size for p in sorted(output_set.staging.iterdir())}
     refuse_foreign(paths)  # again: a file may have appeared while the run worked
     atomic_write_bytes(output_set.stage(paths["report"]), (json.dumps(result.report, indent=2) + "\n").encode())

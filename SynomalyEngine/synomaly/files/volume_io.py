@@ -15,12 +15,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from synomaly.errors import InputError, OutputError
+from synomaly.files.dicom_series import choose_series
 from synomaly.files.geometry import Geometry, geometry_problem
 from synomaly.files.header_checks import check_claimed_size, check_nifti_data, header_remarks, nifti_sform
 from synomaly.files.library_messages import last_line, library_messages, report
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")  # always 2D; single-frame DICOM files are read when named
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_2D_SUFFIXES
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_2D_SUFFIXES
 MASK_WORDS = ("mask",)
 LABEL_WORDS = ("seg", "label", "lesion")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -158,16 +159,15 @@ def _resample_slices(image, positions: np.ndarray):
     return out
 
 
-def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool):
+def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool, chosen: Optional[str] = None):
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(path))
     if not series:
         raise InputError(f"{path}: folder holds no DICOM series; give an image file or a DICOM folder.")
-    if len(series) > 1:
-        raise InputError(f"{path}: folder holds {len(series)} DICOM series; put one series per folder.")
-    files = list(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    uid = choose_series(path, list(series), chosen)
+    files = list(reader.GetGDCMSeriesFileNames(str(path), uid))
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
@@ -187,7 +187,7 @@ def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool):
     return resampled
 
 
-def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = False):
+def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = False, series: Optional[str] = None):
     """Read with SimpleITK; what its libraries print becomes our error or a warning in ``notes``."""
     import SimpleITK as sitk
 
@@ -201,7 +201,7 @@ def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = Fa
         with library_messages(messages):
             if not path.is_dir():
                 check_claimed_size(path)
-            image = _read_series(path, notes, resample_gaps) if path.is_dir() else sitk.ReadImage(str(path))
+            image = _read_series(path, notes, resample_gaps, series) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
     # The series check above replaces ITK's own vague "non uniform sampling" warning.
@@ -268,18 +268,19 @@ def _as_volume(image):
     return volume
 
 
-def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = False
+def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = False, series: Optional[str] = None
                 ) -> Tuple[np.ndarray, Geometry]:
     """Read a scalar volume (anything SimpleITK reads, or a DICOM series folder), or a 2D image as a
     volume of one slice (see the module's docstring; ``is_2d`` tells them apart).
 
     Warnings (a library's, a resampled DICOM gap, colour converted to grey) are appended to ``notes``,
     or logged when it is None. A DICOM series with missing or unevenly spaced slices is refused unless
-    ``resample_gaps``; NaN or infinite voxels are refused, and so is a truncated NIfTI data block.
+    ``resample_gaps``; NaN or infinite voxels are refused, and so is a truncated NIfTI data block. A folder of
+    several series is refused with their list unless ``series`` names one (its Series Instance UID).
     """
     import SimpleITK as sitk
 
-    image = _grey(_read_sitk(path, notes, resample_gaps), path, notes)
+    image = _grey(_read_sitk(path, notes, resample_gaps, series), path, notes)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(vector/RGB image); give a single-channel (scalar) volume.")
