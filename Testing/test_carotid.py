@@ -236,16 +236,24 @@ def test_single_frame_dicom_outputs_keep_its_geometry(carotid_run, tmp_path):
     frame, geometry = read_volume(tmp_path / "frame.dcm")
     assert frame.shape == grey.shape
     write_volume(tmp_path / "lumen.nrrd", lumen, geometry)
-    ok(run_cli("detect", tmp_path / "frame.dcm", "--mask", tmp_path / "lumen.nrrd", "--model", carotid_run["model"],
-               "-o", tmp_path / "out", "-q"))
+    result = ok(run_cli("detect", tmp_path / "frame.dcm", "--mask", tmp_path / "lumen.nrrd", "--model",
+                        carotid_run["model"], "-o", tmp_path / "out", "-q"))
+    # ITK's single frame is not a source a DICOM SEG can reference: the other outputs, and a word.
+    assert "no DICOM outputs" in result.stderr, result.stderr
     for kind in ("anomaly_seg", "anomaly_map", "counterfactual"):
         array, kept = read_volume(tmp_path / "out" / f"frame_{kind}.nrrd")
         assert array.shape == frame.shape and kept == geometry, kind
     report = json.loads((tmp_path / "out" / "frame_report.json").read_text())
     assert report["pixel_spacing_known"] is True
     assert report["anomalous_area_mm2"] == pytest.approx(report["anomalous_area_px"] * 0.06 * 0.07)
-    assert_refused(run_cli("detect", tmp_path / "frame.dcm", "--mask", tmp_path / "lumen.nrrd", "--model",
-                           carotid_run["model"], "--format", "png", "-o", tmp_path / "png"), "origin", "nrrd")
+    # PNG keeps no origin: refused for a frame that has one (ITK's DICOM writer may store none for a single
+    # frame, so the frame with an origin is an NRRD here).
+    framed = tmp_path / "framed.nrrd"
+    write_volume(framed, frame, Geometry((0.06, 0.07, 1.0), (12.5, -3.0, 40.0), geometry.direction))
+    write_volume(tmp_path / "framed_lumen.nrrd", lumen, Geometry((0.06, 0.07, 1.0), (12.5, -3.0, 40.0),
+                                                                  geometry.direction))
+    assert_refused(run_cli("detect", framed, "--mask", tmp_path / "framed_lumen.nrrd", "--model", carotid_run["model"],
+                           "--format", "png", "-o", tmp_path / "png"), "origin", "nrrd")
     assert not (tmp_path / "png").exists()
 
 

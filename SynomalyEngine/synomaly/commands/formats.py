@@ -127,8 +127,10 @@ def _write_dicom(output_set, item: CohortInput, paths, result, volume, geometry)
         try:
             write_dicom_outputs(output_set, dicom, sources, result)
             return
-        except ValueError as exc:  # highdicom's checks of the source images (their modules, their values)
-            problem = f"highdicom cannot derive from the series ({exc})"
+        except (ValueError, AttributeError, TypeError) as exc:  # highdicom's checks of the source images: a
+            # value it refuses (ValueError), or an attribute the images lack (SliceThickness of a single frame)
+            detail = f"it lacks {exc.args[0].split()[-1]}" if isinstance(exc, AttributeError) and exc.args else exc
+            problem = f"highdicom cannot derive from the series ({detail})"
             for path in dicom.values():
                 output_set.stage(path).unlink(missing_ok=True)
     result.report.setdefault("warnings", []).append(f"no DICOM outputs: {problem}; the other outputs are written")
