@@ -494,3 +494,22 @@ def test_a_batch_that_does_not_fit_in_memory_is_one_line_and_leaves_no_run_folde
                             preexec_fn=_limit_memory, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert_refused(result, "does not fit in this machine's memory", "--batch-size")
     assert not model.exists() and not (tmp_path / "m.run").exists()
+
+
+def test_runs_that_create_the_same_output_folders_at_once_all_succeed(tmp_path):
+    """Shards started together on one node make the same missing parents at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from synomaly.files.output_set import OutputFolder
+
+    parent = tmp_path / "a" / "b" / "c"
+
+    def enter(i):
+        with OutputFolder(parent / str(i)):
+            (parent / str(i) / "written").write_text("x")
+        return (parent / str(i) / "written").exists()
+
+    for _ in range(20):
+        shutil.rmtree(tmp_path / "a", ignore_errors=True)
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(enter, range(8)))

@@ -109,7 +109,12 @@ class OutputFolder:
             folder = folder.parent
         try:
             for folder in reversed(missing):
-                folder.mkdir()
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # another run (a shard started at the same moment) made it first
+                    if not folder.is_dir():
+                        raise
+                    continue
                 self.created.append(folder)
         except OSError as exc:
             self._remove_empty()
