@@ -513,3 +513,10 @@ def test_runs_that_create_the_same_output_folders_at_once_all_succeed(tmp_path):
         shutil.rmtree(tmp_path / "a", ignore_errors=True)
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(enter, range(8)))
+
+
+def test_dicom_outputs_asked_for_a_nifti_input_are_refused_not_ignored(phantom_case, tmp_path):
+    assert_refused(run_detect(phantom_case["flair"], "-o", tmp_path / "out", "--dicom-outputs", "seg", "-q"),
+                   "--dicom-outputs goes with DICOM inputs")
+    assert not (tmp_path / "out").exists()
+    ok(run_detect(phantom_case["flair"], "-o", tmp_path / "out", "--dicom-outputs", "none", "--stages", "1", "-q"))

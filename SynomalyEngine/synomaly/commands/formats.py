@@ -37,8 +37,10 @@ def add_format_options(p) -> None:
 def find_detect_inputs(args, find_inputs) -> FoundInputs:
     """The inputs of a run: a BIDS dataset's FLAIR images (``--bids``), else ``find_inputs``'s, with
     ``--series`` for the one DICOM folder named alone. Options checked before any work."""
-    parse_dicom_kinds(args.dicom_outputs)
+    asked_dicom = args.dicom_outputs is not None and bool(parse_dicom_kinds(args.dicom_outputs))
     if args.bids:
+        if asked_dicom:
+            raise InputError("--dicom-outputs goes with DICOM inputs; a BIDS dataset's images are NIfTI.")
         from synomaly.commands.bids import default_output, find_bids_inputs, parse_filter
 
         if args.series is not None:
@@ -53,6 +55,9 @@ def find_detect_inputs(args, find_inputs) -> FoundInputs:
     if args.output is None:
         args.output = "."
     found = find_inputs(args.inputs, masks=args.mask, output=Path(args.output))
+    if asked_dicom and not any(is_dicom_input(item.path) for item in found.items):
+        raise InputError(f"--dicom-outputs goes with DICOM inputs (a DICOM folder or .dcm file), and none of the "
+                         f"{len(found.items)} inputs is one; leave it out (the other outputs are written as ever).")
     alone = not found.cohort and Path(found.items[0].path).is_dir()
     if args.series is not None and not alone:
         raise InputError("--series goes with one DICOM folder named alone; in a folder of several series "
