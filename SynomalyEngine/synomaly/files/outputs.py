@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from synomaly.errors import InputError, OutputError
 from synomaly.files.overview import render_overview
-from synomaly.files.volume_io import IMAGE_SUFFIXES, atomic_write_bytes, is_2d, write_volume
+from synomaly.files.volume_io import IMAGE_SUFFIXES, atomic_write_bytes, image_stem, is_2d, write_volume
 
 OUTPUT_KINDS = ("anomaly_seg", "anomaly_map", "counterfactual")
 FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "png": ".png"}
@@ -122,8 +122,6 @@ def written_by_us(path: Path, report_path: Path) -> bool:
 
 def is_our_output(path: Path) -> bool:
     """A file of one of our sets (never an input to detect or train on), told by its name and its set's report."""
-    from synomaly.files.volume_io import image_stem
-
     stem = image_stem(path) if not path.name.endswith((".json", ".dcm")) else path.name.rsplit(".", 1)[0]
     bids_report = path.parent / f"{stem.split(BIDS_SPACE)[0]}{BIDS_SPACE}{BIDS_REPORT}"
     if BIDS_SPACE in stem and written_by_us(path, bids_report):  # BIDS derivatives: the mask's sidecar reports
@@ -149,9 +147,10 @@ def refuse_inputs_as_outputs(inputs: List[Path], sets: Dict[str, Dict]) -> None:
     real = {os.path.realpath(Path(p).expanduser()): Path(p) for p in inputs}
     for name, paths in sets.items():
         for path in paths.values():
-            if os.path.realpath(path.expanduser()) in real:
-                raise InputError(f"{real[os.path.realpath(path.expanduser())]} is an input of this run and would be "
-                                 f"replaced by the outputs of {name}; choose another -o folder.")
+            clash = real.get(os.path.realpath(path.expanduser()))
+            if clash is not None:
+                raise InputError(f"{clash} is an input of this run and would be replaced by the outputs of {name}; "
+                                 "choose another -o folder.")
 
 
 def refuse_existing(paths) -> None:

@@ -325,7 +325,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     """Detect anomalies in one volume. ``slices`` limits processing to these axial indices
     (of the reoriented volume; used by calibration). A model whose preset names an organ (liver-ct)
     needs ``mask``. Raises InputError, DeviceError, Cancelled."""
-    from synomaly.inference.postprocessing import inner_region, segment, typical_level
+    from synomaly.inference.postprocessing import inner_region, scale_by_volume, segment, typical_level
     from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
     from synomaly.inference.runtime import resolve_precision
     from synomaly.method.presets import missing_mask_message
@@ -368,11 +368,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     del diffs
     if float(params["rim_mm"]) > 0:
         anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
-    level = typical_level(anomaly_map, fg, indices) if indices else None
-    if params["map_scale"] == "volume" and indices:  # one threshold across scanners whose maps differ in scale
-        anomaly_map /= level
-        if uncertainty is not None:
-            uncertainty /= level
+    if params["map_scale"] == "volume" and indices:
+        level = scale_by_volume(anomaly_map, uncertainty, fg, indices)
+    else:
+        level = typical_level(anomaly_map, fg, indices) if indices else None
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
