@@ -2,8 +2,8 @@
 
 A liver model (preset ``liver-ct``) needs a liver mask: detection and training refuse without one, on the
 command line, in the Python API and in the Slicer logic (real MRML from slicer-core), each with words that
-say where a mask comes from. Blobs are placed and the map is kept inside the mask; HU window 0-150; the
-baseline scores darkness (direction -1). Real-data tests: the crop to the liver's bounding box on a 512 x 512
+say where a mask comes from. Blobs are placed and the map is kept inside the mask; HU window 0-150; blobs
+and map go both ways (darker and brighter), and so does the baseline. Real-data tests: the crop to the liver's bounding box on a 512 x 512
 anisotropic CT, and a short training on ircad17 with detection on lits117 and the 3 mm TotalSegmentator CT,
 every output in its input's geometry.
 """
@@ -90,9 +90,11 @@ def assert_same_geometry(output: Path, reference: Path):
 
 # the preset and its messages
 
-def test_liver_preset_is_the_published_one_and_names_its_organ():
+def test_liver_preset_is_the_published_one_both_ways_and_names_its_organ():
     liver = get_preset("liver-ct")
-    assert (liver.sigma, liver.threshold, liver.offset, liver.direction) == (3.0, 175.0, 1.0, (-1,))
+    # The published LiTS parameters, with blobs darker or brighter (liver tumours are either, by phase).
+    assert (liver.sigma, liver.threshold, liver.offset, liver.direction) == (3.0, 175.0, 1.0, (-1, 1))
+    assert liver.noise_params()["direction"] == [-1, 1]
     assert liver.intensity == "window" and liver.window == (0.0, 150.0) and liver.organ == "liver"
     assert missing_mask_message("brain-flair") is None
     cli = missing_mask_message("liver-ct")
@@ -173,9 +175,9 @@ def test_baseline_of_a_darker_lesion_model_scores_darkness_and_not_the_organ_bor
     assert np.array_equal(bright, baseline_score_map(orient.invert(prepared.normalised),
                                                      orient.invert(prepared.foreground), 3))
     assert lesion_direction({"inference": {"direction": -1, "signed": True}}) == -1
-    assert lesion_direction({"inference": {"direction": -1, "signed": False}}) == 1
+    assert lesion_direction({"inference": {"direction": 1, "signed": False}}) == 0  # both ways
     with pytest.raises(InputError):
-        baseline_for(prepared, 3, direction=0)
+        baseline_for(prepared, 3, direction=2)
 
 
 # real CT
@@ -229,8 +231,8 @@ def test_short_liver_training_on_ircad17_then_detection_in_each_input_geometry(l
                "--device", "cpu", "-q"))
     meta = read_metadata(model)
     assert meta["preset"] == "liver-ct" and meta["preprocessing"]["window"] == [0.0, 150.0]
-    assert meta["inference"]["direction"] == -1 and meta["calibration"]["baseline_direction"] == -1
-    assert meta["noise"]["direction"] == -1 and meta["noise"]["offset"] == 1.0
+    assert meta["inference"]["signed"] is False and meta["calibration"]["baseline_direction"] == 0
+    assert meta["noise"]["direction"] == [-1, 1] and meta["noise"]["offset"] == 1.0
     tumour = read_volume(case / "tumour.nii.gz")[0] > 0
     trained = {c["case"]: c for c in meta["training"]["data"]["cases"]}["ircad17"]
     assert 0 < trained["train_slices"] + trained["validation_slices"] <= 119 - int(tumour.any(axis=(1, 2)).sum())

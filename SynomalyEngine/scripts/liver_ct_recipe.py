@@ -1,9 +1,11 @@
-"""The recipe of the liver CT model: which cases, which settings. Used by train_liver_model.py and
-evaluate_liver_model.py so both see exactly the same data and split.
+"""The recipe of the liver CT model: which cases, which settings. Used by train_liver_model.py,
+evaluate_liver_model.py and liver_ct_benchmark.py so all see exactly the same data and split.
 
-Data: ../shared/data/liver-ct (see its README). Training: the tumour-free liver slices of ircad17
-(contrast-enhanced, 0.74 x 0.74 x 1.6 mm, 512 x 512) and totalseg-example (unenhanced, 3 mm).
-Evaluation: the tumour slices of lits117 (another patient) and, marked as same-patient, of ircad17.
+Data: ../shared/data/liver-ct (see its README). Training (v2): every liver slice of ircad17 (contrast-enhanced,
+0.74 x 0.74 x 1.6 mm, 512 x 512; its tumours grown by 10 mm left out of the loss and of the blobs) and of
+totalseg-example (unenhanced, 3 mm), with copies of both resliced at 2.5 and 5 mm (``thicker_slices``), each
+copy in its scan's group so that it holds out the same stretch of the body. Evaluation: lits117 (another
+patient) and, marked as same-patient, ircad17; altered copies of them built by liver_ct_benchmark.py.
 Nothing is chosen on the evaluation labels: every setting below was fixed before the first evaluation.
 """
 import csv
@@ -12,6 +14,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "liver-ct"
 TRAINING = ("ircad17", "totalseg-example")
 EVALUATION = (("lits117", "another patient"), ("ircad17", "same patient as training"))
+THICKER_MM = (2.5, 5.0)  # training copies of each scan at these slice thicknesses (where thicker than its own)
 
 
 def case_files(name: str) -> dict:
@@ -23,16 +26,48 @@ def case_files(name: str) -> dict:
     return files
 
 
-def write_training_csv(path: Path) -> Path:
-    """The training cases as the CSV list `synomaly train` takes (image,mask,label,name): the liver
-    files are not named *mask*, so a folder would not pair them."""
-    path = Path(path)
+def thicker_copy(name: str, thickness_mm: float, folder: Path) -> dict:
+    """The case resliced at ``thickness_mm`` into ``folder`` (written once); its files as ``case_files``."""
+    from synomaly.evaluation.liver_phantoms import thicker_slices
+    from synomaly.files.volume_io import read_volume, write_volume
+
+    source = case_files(name)
+    out = Path(folder) / f"{name}-{thickness_mm:g}mm"
+    files = {"image": out / "ct.nii.gz", "mask": out / "liver.nii.gz",
+             "label": out / "tumour.nii.gz" if source["label"] else "", "name": f"{name}-{thickness_mm:g}mm"}
+    if files["image"].exists():
+        return files
+    image, geometry = read_volume(source["image"])
+    masks = [read_volume(source["mask"])[0]] + ([read_volume(source["label"])[0]] if source["label"] else [])
+    new, new_geometry, new_masks = thicker_slices(image, geometry, thickness_mm, masks)
+    out.mkdir(parents=True, exist_ok=True)
+    write_volume(files["mask"], new_masks[0].astype("uint8"), new_geometry)
+    if source["label"]:
+        write_volume(files["label"], new_masks[1].astype("uint8"), new_geometry)
+    write_volume(files["image"], new.round().astype("int16"), new_geometry)
+    return files
+
+
+def write_training_csv(path: Path, thicker: bool = True) -> Path:
+    """The training cases as the CSV list `synomaly train` takes (image,mask,label,name,group): the liver
+    files are not named *mask*, so a folder would not pair them. ``thicker``: with the resliced copies
+    (v2); without them, the v1 list."""
+    from synomaly.files.volume_io import read_volume
+
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in TRAINING:
+        rows.append(dict(case_files(name), group=name))
+        if thicker:
+            spacing = read_volume(case_files(name)["image"])[1].spacing[2]
+            rows += [dict(thicker_copy(name, t, path.parent / "liver-thicker"), group=name)
+                     for t in THICKER_MM if t > spacing]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "mask", "label", "name"])
+        writer = csv.DictWriter(f, fieldnames=["image", "mask", "label", "name", "group"])
         writer.writeheader()
-        for name in TRAINING:
-            writer.writerow({k: str(v) for k, v in case_files(name).items()})
+        for row in rows:
+            writer.writerow({k: str(v) for k, v in row.items()})
     return path
 
 
@@ -42,6 +77,9 @@ def training_settings(steps: int, device: str = "auto"):
     # min_slice_foreground is a fraction of the whole slice: the liver covers 1-15 % of a 512 x 512 CT slice.
     return TrainingSettings(preset="liver-ct", steps=steps, batch_size=8, num_res_blocks=1, base_channels=32,
                             min_slice_foreground=0.01, checkpoint_every=50, preview_every=250, device=device,
+                            lesion_slices="mask", lesion_margin_mm=10.0, intensity_shift=0.2,
                             name="liver-ct",
-                            description="Liver CT (tumour-free liver slices of one IRCAD patient and the "
-                                        "TotalSegmentator example CT), Synomaly liver preset; needs a liver mask")
+                            description="Liver CT, tumours darker or brighter than the liver (all liver slices "
+                                        "of one IRCAD patient, tumours masked out, and the TotalSegmentator "
+                                        "example CT, at their own and thicker slices), Synomaly liver preset; "
+                                        "needs a liver mask")

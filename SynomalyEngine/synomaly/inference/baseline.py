@@ -89,21 +89,31 @@ __all__ = ["baseline_score_map", "calibrate_threshold", "calibrate_baseline_thre
 
 
 def lesion_direction(metadata) -> int:
-    """+1 when a model's lesions are brighter than the tissue, -1 when darker (liver CT); +1 for a model that
-    scores both (unsigned)."""
+    """+1 when a model's lesions are brighter than the tissue, -1 when darker; 0 for a model that scores both
+    (unsigned: liver CT v2), whose baseline is two-sided too."""
     inference = metadata.get("inference") or {}
-    return int(inference.get("direction", 1)) if inference.get("signed", True) else 1
+    return int(inference.get("direction", 1)) if inference.get("signed", True) else 0
 
 
 def baseline_for(prepared, size: int = 5, direction: int = 1) -> np.ndarray:
     """Baseline scores in the input's grid, from the normalised volume the model saw (a PreparedVolume).
 
-    ``direction`` -1 (lesions darker than the organ, liver CT) scores the negated intensity: a threshold
-    on the darkness. Outside the foreground the filter sees -1, the least anomalous score, so the organ's
-    border does not look anomalous; for +1 that is the normalised volume's own background, unchanged.
+    ``direction`` -1 (lesions darker than the organ) scores the negated intensity: a threshold on the
+    darkness. Outside the foreground the filter sees -1, the least anomalous score, so the organ's border
+    does not look anomalous; for +1 that is the normalised volume's own background, unchanged.
+    ``direction`` 0 (either way) scores the filtered intensity's distance from the foreground's own median,
+    which also takes away the level a contrast phase gives the whole organ; outside, the filter sees that
+    median.
     """
-    if direction not in (1, -1):
-        raise InputError(f"The baseline's direction must be +1 or -1, got {direction!r}.")
+    if direction not in (1, -1, 0):
+        raise InputError(f"The baseline's direction must be +1, -1 or 0 (both), got {direction!r}.")
     orient = prepared.orientation
+    fg = orient.invert(prepared.foreground)
+    if direction == 0:
+        level = float(np.median(prepared.normalised[prepared.foreground])) if prepared.foreground.any() else 0.0
+        centred = np.where(prepared.foreground, prepared.normalised - level, 0.0).astype(np.float32)
+        scores = np.abs(baseline_score_map(orient.invert(centred), fg, size))
+        scores[~fg] = scores[fg].min() if fg.any() else 0.0
+        return scores
     signed = np.where(prepared.foreground, direction * prepared.normalised, -1.0).astype(np.float32)
-    return baseline_score_map(orient.invert(signed), orient.invert(prepared.foreground), size)
+    return baseline_score_map(orient.invert(signed), fg, size)

@@ -38,9 +38,11 @@ PRESETS = {
     "brain-flair": Preset("brain-flair", 3.0, 175.0, 0.5, (1,), "robust",
                           description="Brain MRI FLAIR: tumours are hyperintense (BraTS preset). "
                                       "Input: skull-stripped FLAIR.", skull_stripped=True),
-    "liver-ct": Preset("liver-ct", 3.0, 175.0, 1.0, (-1,), "window", (0.0, 150.0),
-                       description="Liver CT clipped to [0, 150] HU; blobs restricted to the liver mask (LiTS). "
-                                   "Input: CT in HU with a liver mask; tumours are darker than liver.",
+    # Both directions: liver tumours are darker or brighter than the liver by lesion and contrast phase
+    # (the published LiTS preset had darker blobs only, and missed enhancing tumours).
+    "liver-ct": Preset("liver-ct", 3.0, 175.0, 1.0, (-1, 1), "window", (0.0, 150.0),
+                       description="Liver CT clipped to [0, 150] HU; blobs restricted to the liver mask, darker "
+                                   "or brighter. Input: CT in HU with a liver mask.",
                        organ="liver",
                        mask_source="TotalSegmentator (`TotalSegmentator -i ct.nii.gz -o seg --roi_subset liver` "
                                    "writes seg/liver.nii.gz)",

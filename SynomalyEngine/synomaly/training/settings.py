@@ -28,6 +28,9 @@ class TrainingSettings:
     attention_resolutions: Tuple[int, ...] = (16, 8)
     flips: str = "h"  # "h", "hv" or "none"
     intensity_augment: float = 0.1
+    # Additive shift inside the mask, up to this share of the intensity window each way: another contrast
+    # phase of CT (0.2 of liver-ct's 150 HU window is +-30 HU).
+    intensity_shift: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 100
@@ -97,6 +100,7 @@ class TrainingSettings:
         check_number(self.grad_clip, "gradient clipping norm", 0.0, math.inf)
         check_number(self.ema_decay, "EMA decay", 0.0, 1.0, low_included=True)
         check_number(self.intensity_augment, "intensity augmentation", 0.0, 1.0, low_included=True)
+        check_number(self.intensity_shift, "intensity shift", 0.0, 1.0, low_included=True)
         check_number(self.min_slice_foreground, "minimum slice foreground", 0.0, 1.0, low_included=True)
         check_number(self.validation_fraction, "validation fraction", 0.0, 1.0, low_included=True)
         check_number(self.lesion_margin_mm, "lesion margin (mm)", 0.0, math.inf, low_included=True)

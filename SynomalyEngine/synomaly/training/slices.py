@@ -42,6 +42,25 @@ def grown_lesion(labels: np.ndarray, margin_mm: float, spacing) -> np.ndarray:
     return ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm
 
 
+def _held_out_slices(cases, prepared_cases, val_blocks) -> List[set]:
+    """Per case, the axial indices kept out of training. 3D volumes of one group (the same scan at other
+    slice thicknesses, or rescans of a patient) hold out the same stretch of the body: the first of them
+    chooses its blocks, the others leave out the slices that overlap them (and calibrate on none)."""
+    held = []
+    leaders = {}
+    for ci, (case, prepared) in enumerate(zip(cases, prepared_cases)):
+        nz = prepared.foreground.shape[0]
+        leader = leaders.setdefault(case.group, ci) if case.group and not is_2d(case.image.shape) else ci
+        if leader == ci:
+            held.append({z for z in range(nz) if z // 8 in val_blocks[ci]})
+            continue
+        n_lead = prepared_cases[leader].foreground.shape[0]
+        ranges = [(8 * b / n_lead, min(8 * (b + 1), n_lead) / n_lead) for b in val_blocks[leader]]
+        held.append({z for z in range(nz) if any(z / nz < hi and (z + 1) / nz > lo for lo, hi in ranges)})
+        val_blocks[ci] = set()
+    return held
+
+
 def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, preprocess) -> SliceSet:
     """Healthy axial slices of every case, split by blocks of 8 slices into training and validation;
     2D images (one slice each) by whole groups (``TrainingCase.group``). With ``lesion_slices="mask"``
@@ -95,11 +114,12 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         blocks = sorted({z // 8 for z in healthy_slices[ci]})
         if len(blocks) > 1:
             val_blocks[ci] = {int(rng.choice(blocks))}
+    held_out = _held_out_slices(cases, prepared_cases, val_blocks)
     masking = any(m is not None for m in masked)
     images, masks, keeps, validation, per_case = [], [], [], {}, []
     for ci, (case, prepared, healthy, chosen) in enumerate(zip(cases, prepared_cases, healthy_slices, val_blocks)):
-        val = [z for z in healthy if z // 8 in chosen]
-        train = [z for z in usable_slices[ci] if z // 8 not in chosen]
+        val = [z for z in healthy if z in held_out[ci]] if chosen else []
+        train = [z for z in usable_slices[ci] if z not in held_out[ci]]
         lesion_slices = 0
         if train:
             im, m = prepared.network_slices(train)
@@ -131,7 +151,8 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
 
 
 def augment(x, m, settings: TrainingSettings, generator, keep=None):
-    """Random flips (the same for image, mask and ``keep``) and a mild gamma / contrast change inside the mask."""
+    """Random flips (the same for image, mask and ``keep``), a mild gamma / contrast change and (``intensity_shift``)
+    a shift of the level inside the mask."""
     import torch
 
     b = x.shape[0]
@@ -147,4 +168,7 @@ def augment(x, m, settings: TrainingSettings, generator, keep=None):
         gain = (1 + (torch.rand(b, generator=generator) * 2 - 1) * a / 2).view(-1, 1, 1, 1)
         y = (((x + 1) / 2).clamp(0, 1) ** gamma * gain * 2 - 1).clamp(-1, 1)
         x = torch.where(m, y, x)
+    if settings.intensity_shift > 0:
+        shift = ((torch.rand(b, generator=generator) * 2 - 1) * settings.intensity_shift * 2).view(-1, 1, 1, 1)
+        x = torch.where(m, (x + shift).clamp(-1, 1), x)
     return x, m, keep
