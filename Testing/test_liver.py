@@ -228,8 +228,9 @@ def test_short_liver_training_on_ircad17_then_detection_in_each_input_geometry(l
     model = tmp_path / "liver.safetensors"
     ok(run_cli("train", listing, "--preset", "liver-ct", "-o", model, "--steps", "4", "--batch-size", "4",
                "--image-size", "32", "--base-channels", "8", "--res-blocks", "1", "--checkpoint-every", "2",
-               "--device", "cpu", "-q"))
+               "--intensity-shift", "0.2", "--device", "cpu", "-q"))
     meta = read_metadata(model)
+    assert meta["training"]["settings"]["intensity_shift"] == 0.2
     assert meta["preset"] == "liver-ct" and meta["preprocessing"]["window"] == [0.0, 150.0]
     assert meta["inference"]["signed"] is False and meta["calibration"]["baseline_direction"] == 0
     assert meta["noise"]["direction"] == [-1, 1] and meta["noise"]["offset"] == 1.0

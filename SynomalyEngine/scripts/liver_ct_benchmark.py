@@ -117,29 +117,33 @@ def measure(segmentation, liver, tumour, lesions, spacing_zyx):
     return row
 
 
-def run_model(path, volumes, base_threshold, inference):
+def run_model(path, volumes, base_threshold, inference, min_sizes):
+    """Each volume's measures for the model at its own minimum component size and at each of ``min_sizes``
+    (the same map: only the removal of small components differs), and for the baseline."""
     model = load_model(path)
     model.metadata["inference"].update(inference)
-    params = model.metadata["inference"]
+    own = float(model.metadata["inference"]["min_component_mm3"])
     rows = []
     for label, image, geometry, liver, tumour, lesions in volumes:
         t0 = time.time()
         result = detect(image, geometry, model, liver, DetectionSettings(device="cpu"))
         spacing = tuple(reversed(geometry.spacing))
+        row = {"volume": label, "seconds": round(time.time() - t0, 1)}
+        for size in sorted({own, *min_sizes}):
+            seg = segment(result.anomaly_map, model.threshold, size, geometry.voxel_volume_mm3)[0] > 0
+            row[f"ours {size:g} mm3"] = measure(seg, liver, tumour, lesions, spacing)
         base = baseline_for(result.prepared, 5, 0)
-        base_seg = segment(np.where(liver, base, 0), base_threshold, params["min_component_mm3"],
-                           geometry.voxel_volume_mm3)[0] > 0
-        rows.append({"volume": label, "seconds": round(time.time() - t0, 1),
-                     "ours": measure(result.segmentation > 0, liver, tumour, lesions, spacing),
-                     "baseline": measure(base_seg, liver, tumour, lesions, spacing)})
-        print(label, json.dumps(rows[-1]), flush=True)
+        base_seg = segment(np.where(liver, base, 0), base_threshold, own, geometry.voxel_volume_mm3)[0] > 0
+        row["baseline"] = measure(base_seg, liver, tumour, lesions, spacing)
+        rows.append(row)
+        print(label, json.dumps(row), flush=True)
     return {"model": str(path), "model_id": model.model_id, "threshold": model.threshold,
             "inference": inference, "rows": rows}
 
 
 def summary(result):
     lines = []
-    for who in ("ours", "baseline"):
+    for who in [k for k in result["rows"][0] if k.startswith("ours")] + ["baseline"]:
         rows = [r[who] for r in result["rows"]]
         names = [r["volume"] for r in result["rows"]]
         fprs = [r["fpr"] for r in rows]
@@ -165,6 +169,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--inference", default="{}", help="JSON: inference settings to override in every model")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--min-components", default="", help="more minimum component sizes (mm^3) to measure, "
+                        "comma-separated, e.g. 250,500")
     args = parser.parse_args()
     first = load_model(args.models[0])
     config = PreprocessConfig.from_dict(first.metadata["preprocessing"])
@@ -172,7 +178,8 @@ def main():
     volumes = [v for name in ("lits117", "ircad17", "totalseg-example") for v in test_volumes(name, args.seed)]
     results = {"baseline_threshold": base_threshold, "models": []}
     for path in args.models:
-        results["models"].append(run_model(path, volumes, base_threshold, json.loads(args.inference)))
+        sizes = [float(v) for v in args.min_components.split(",") if v]
+        results["models"].append(run_model(path, volumes, base_threshold, json.loads(args.inference), sizes))
         print(summary(results["models"][-1]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

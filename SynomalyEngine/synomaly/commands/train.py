@@ -22,7 +22,8 @@ def run(args) -> int:
                                 num_res_blocks=args.res_blocks, device=args.device, seed=args.seed,
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr, lesion_slices=args.lesion_slices,
-                                lesion_margin_mm=args.lesion_margin_mm, precision=args.precision,
+                                lesion_margin_mm=args.lesion_margin_mm, intensity_shift=args.intensity_shift,
+                                precision=args.precision,
                                 min_slice_foreground=args.min_slice_foreground, context_slices=args.context_slices,
                                 compile=args.compile)
     team = Team.from_environment()
@@ -210,6 +211,9 @@ def add_parser(sub) -> None:
                         "grown by --lesion-margin-mm, left out of the loss and of the synthetic anomalies")
     p.add_argument("--lesion-margin-mm", type=float, default=5.0,
                    help="how far around a labelled lesion is left out with --lesion-slices mask (default: 5)")
+    p.add_argument("--intensity-shift", type=float, default=0.0,
+                   help="shift each training slice's level inside the mask by up to this share of the intensity "
+                        "window each way: another contrast phase (liver-ct v2: 0.2, +-30 HU; default: 0)")
     p.add_argument("--min-slice-foreground", type=float, default=0.05,
                    help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -26,8 +26,8 @@ from synomaly.files.output_set import OutputFolder, OutputSet
 from synomaly.files.library_messages import library_messages
 from synomaly.files.volume_io import atomic_write_bytes, read_volume
 
-BASELINE_METHOD = ("3D median filter of the normalised input intensity (negated for models of darker lesions), "
-                   "thresholded inside the foreground")
+BASELINE_METHOD = ("3D median filter of the normalised input intensity (negated for models of darker lesions; its "
+                   "distance from the foreground's median for models of either), thresholded inside the foreground")
 
 
 def _axial_axis(shape, geometry: Geometry) -> int:

@@ -2,8 +2,9 @@
 
 On BraTS FLAIR a median-filtered input intensity, thresholded, reaches Dice about 0.74-0.75
 (Meissen et al.; Kascenas et al. 2022). The score map is the normalised input ([-1, 1], as the
-engine feeds the network) after a 3D median filter, negated for models of darker lesions (liver CT:
-a threshold on the darkness in HU); the segmentation is ``score > threshold``.
+engine feeds the network) after a 3D median filter, negated for models of darker lesions (a threshold on
+the darkness), or its distance from the organ's median for models of lesions either way (liver CT v2); the
+segmentation is ``score > threshold``.
 The threshold comes from healthy data only, with the same rule as the model's
 (``calibrate_threshold``), so the comparison needs no test-set tuning.
 """
