@@ -258,6 +258,25 @@ def test_a_mask_on_a_shifted_grid_is_refused(phantom_case, tmp_path):
                               "-q"), "voxel grid", "30.0 mm")
 
 
+@pytest.mark.parametrize("role, change, words", [
+    ("brainmask", {"origin": (12.0, 0.0, 0.0)}, ("the mask", "12.0 mm away")),
+    ("seg", {"spacing": (1.5, 1.5, 2.0)}, ("the label", "spacing (1.5, 1.5, 2.0) mm")),
+])
+def test_training_refuses_a_mask_or_label_of_the_same_size_on_another_grid(role, change, words, tmp_path):
+    """Same array size, other place in space: a mask of another series, or a resampled one."""
+    from synomaly.evaluation.phantom import write_phantom_case
+
+    case = write_phantom_case(tmp_path / "healthy" / "h0", seed=3, lesion=False, shape=(32, 48, 48))
+    moved = sitk.ReadImage(str(case[role]))
+    moved.SetOrigin(change.get("origin", moved.GetOrigin()))
+    moved.SetSpacing(change.get("spacing", moved.GetSpacing()))
+    sitk.WriteImage(moved, str(case[role]))
+    model = tmp_path / "m.safetensors"
+    assert_refused(run_cli("train", tmp_path / "healthy", "-o", model, "--steps", "1", "-q"),
+                   str(case[role]), *words, "flair.nii.gz's voxel grid", "resample")
+    assert not model.exists() and not (tmp_path / "m.run").exists()
+
+
 # --- inputs that claim more than they hold, and paths that lead nowhere --------------------------------
 
 def _lying_nifti(path: Path) -> Path:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from synomaly.errors import InputError
-from synomaly.files.geometry import Geometry
+from synomaly.files.geometry import Geometry, grid_difference
 from synomaly.files.outputs import is_our_output
 from synomaly.files.volume_io import (LABEL_WORDS, MASK_WORDS, csv_row_files, file_role, image_stem, is_image_file,
                                       read_volume)
@@ -96,15 +96,19 @@ def pair_files(files: Sequence[Path], where: str) -> List[Tuple[Path, Optional[P
 
 def read_case(name: str, image_path: Path, mask_path: Optional[Path], labels_path: Optional[Path],
                group: Optional[str] = None) -> TrainingCase:
-    """One case from its files; a mask or label image must have the image's size."""
+    """One case from its files; a mask or label image must lie on the image's voxel grid (size, spacing,
+    direction, origin), as detection checks its mask: one of another series or resampled would train on
+    the wrong voxels."""
     image, geometry = read_volume(image_path)
     extras = {}
     for role, path in (("mask", mask_path), ("labels", labels_path)):
         if path is not None:
-            arr, _ = read_volume(path)
-            if arr.shape != image.shape:
-                raise InputError(f"{path}: size {tuple(reversed(arr.shape))} differs from {image_path.name}'s "
-                                 f"{tuple(reversed(image.shape))}.")
+            arr, arr_geometry = read_volume(path)
+            difference = grid_difference(arr.shape, arr_geometry, image.shape, geometry)
+            if difference:
+                kind = _ROLE_NAMES[role]
+                raise InputError(f"{path}: the {kind} does not lie on {image_path.name}'s voxel grid ({difference}); "
+                                 f"resample the {kind} onto the image.")
             extras[role] = arr > 0
     return TrainingCase(name, image, geometry, extras.get("mask"), extras.get("labels"), group)
 
