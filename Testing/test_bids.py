@@ -141,3 +141,21 @@ def test_derivatives_of_another_engine_are_not_replaced(dataset, tmp_path):
     assert_refused(run_cli("detect", root, "--bids", "-o", out, "--model", "demo-phantom", "-q"),
                    "not written by synomaly")
     assert snapshot(out) == before and not np.any([p.name.startswith("sub-") for p in out.iterdir()])
+
+
+def test_a_failed_subject_leaves_no_folder_the_run_made(tmp_path):
+    """sub-02's and sub-03's FLAIR cannot be detected in (a line of voxels): sub-01 is written; of sub-02 only the
+    folder that was there before the run is left, of sub-03 nothing: the folders the run made for them are gone."""
+    root = tmp_path / "study"
+    images = write_bids_dataset(root, subjects=("01", "02", "03"), sessions=("01",))
+    for failing in ("sub-02_ses-01", "sub-03_ses-01"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((50, 1, 1), np.float32)), str(images[failing]))
+    out = tmp_path / "deriv"
+    (out / "sub-02").mkdir(parents=True)  # the user's, before the run: stays
+    result = run_cli("detect", root, "--bids", "-o", out, "--model", "demo-phantom", "--stages", "1", "-q")
+    assert result.returncode == 2 and "sub-02_ses-01_FLAIR.nii.gz" in result.stderr, result.stderr
+    assert (out / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_space-orig_desc-anomaly_mask.nii.gz").is_file()
+    assert list((out / "sub-02").iterdir()) == [] and not (out / "sub-03").exists()
+    with open(out / "summary.csv", newline="") as f:
+        assert {row["name"]: row["status"] for row in csv.DictReader(f)} == {
+            "sub-01_ses-01": "done", "sub-02_ses-01": "failed", "sub-03_ses-01": "failed"}

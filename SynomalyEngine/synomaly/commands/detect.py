@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from synomaly.commands.formats import add_format_options, extra_writer, find_detect_inputs, item_paths, set_folder
+from synomaly.commands.formats import add_format_options, extra_writer, find_detect_inputs, item_paths
 from synomaly.commands.options import KeepLines, detection_options, detection_settings
 from synomaly.commands.terminal import Progress, error_line
 from synomaly.errors import InputError, OutputError, SynomalyError
@@ -97,30 +97,32 @@ def run(args) -> int:
             book = held.enter_context(CohortLog(out_dir, items, shard or (1, 1)))
         for item, paths in zip(items, all_paths):
             output_set = None if cohort else single
-            try:
+            with ExitStack() as folders:  # the folders made for a set (BIDS sub-X/anat) go again if left empty
+                try:
+                    if cohort:
+                        folder = folders.enter_context(OutputFolder(paths["report"].parent)).folder
+                        output_set = OutputSet(folder, item.name).acquire()
+                        refuse_foreign(paths)
+                        if not args.overwrite and paths["report"].exists():
+                            if book.existing(item, paths["report"]):
+                                continue
+                            raise OutputError(f"{paths['report']} cannot be read; use --overwrite to detect again.")
+                    result = _detect_one(item, paths, model, settings, args, output_set)
+                except (Exception if cohort else SynomalyError) as exc:  # in a cohort one input never stops the rest
+                    message = str(exc) if isinstance(exc, SynomalyError) else f"{type(exc).__name__}: {exc}"
+                    if not message.startswith(str(item.path)):
+                        message = f"{item.path}: {message}"
+                    print(error_line(message), file=sys.stderr)
+                    failures += 1
+                    if cohort:
+                        book.failed(item, error_line(message)[len("synomaly: error: "):])
+                    continue
+                finally:
+                    if output_set is not None:
+                        output_set.release()
+                _say_done(item, result.report, paths["report"].parent)
                 if cohort:
-                    output_set = OutputSet(set_folder(paths), item.name).acquire()
-                    refuse_foreign(paths)
-                    if not args.overwrite and paths["report"].exists():
-                        if book.existing(item, paths["report"]):
-                            continue
-                        raise OutputError(f"{paths['report']} cannot be read; use --overwrite to detect again.")
-                result = _detect_one(item, paths, model, settings, args, output_set)
-            except (Exception if cohort else SynomalyError) as exc:  # in a cohort one input never stops the rest
-                message = str(exc) if isinstance(exc, SynomalyError) else f"{type(exc).__name__}: {exc}"
-                if not message.startswith(str(item.path)):
-                    message = f"{item.path}: {message}"
-                print(error_line(message), file=sys.stderr)
-                failures += 1
-                if cohort:
-                    book.failed(item, error_line(message)[len("synomaly: error: "):])
-                continue
-            finally:
-                if output_set is not None:
-                    output_set.release()
-            _say_done(item, result.report, paths["report"].parent)
-            if cohort:
-                book.done(item, result.report)
+                    book.done(item, result.report)
         if cohort:
             counts = merge_summary(out_dir)
             where = f"shard {shard[0]}/{shard[1]}" if shard else "this run"

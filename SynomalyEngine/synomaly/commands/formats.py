@@ -145,10 +145,3 @@ def _header(path: Path):
     import pydicom
 
     return pydicom.dcmread(str(path), stop_before_pixels=True)
-
-
-def set_folder(paths: Dict[str, Path]) -> Path:
-    """The folder of a set (the output folder, or a BIDS ``sub-X/ses-Y/anat`` below it), made if missing."""
-    folder = Path(paths["report"]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
