@@ -198,8 +198,22 @@ def test_series_takes_one_and_a_cohort_takes_each(two_series, tmp_path):
         rows = {row["name"]: row for row in csv.DictReader(f)}
     assert sorted(rows) == ["exam_series3", "exam_series7"]
     assert all(row["status"] == "done" for row in rows.values())
+    # Both rows' input is the folder; each names its own series.
+    assert {row["input"] for row in rows.values()} == {str(folder.resolve())}
+    assert [rows["exam_series3"]["series"], rows["exam_series7"]["series"]] == uids
     np.testing.assert_array_equal(nrrd(tmp_path / "cohort" / "exam_series7_anomaly_seg.nrrd"), flipped)
     assert (tmp_path / "cohort" / "exam_series3_anomaly_seg.dcm").is_file()
+
+
+def test_a_series_chosen_in_a_cohort_run_is_named_in_its_summary_row(two_series, tmp_path):
+    """--series with --shard: a cohort run of one input, the folder; its row says which series was read."""
+    folder, uids = two_series
+    ok(run_detect(folder, "-o", tmp_path / "out", "--series", uids[0], "--shard", "1/1", "--dicom-outputs", "none",
+                  "--stages", "1", "-q"))
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["name"], row["input"], row["series"], row["status"]) for row in rows] == [
+        ("exam", str(folder.resolve()), uids[0], "done")]
 
 
 def test_bad_dicom_outputs_option_is_refused(series, tmp_path):

@@ -66,9 +66,10 @@ from synomaly.files.volume_io import atomic_write_bytes, image_stem, is_image_fi
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ("name", "input", "mask", "status", "anomalous_volume_ml", "n_components", "max_score",
+# ``series``: the Series Instance UID of a DICOM input taken from a folder of several (its input is the folder).
+SUMMARY_COLUMNS = ("name", "input", "series", "mask", "status", "anomalous_volume_ml", "n_components", "max_score",
                    "threshold", "model_id", "seconds", "finished", "shard", "error")
-FAILURE_COLUMNS = ("name", "input", "mask", "error", "finished", "shard")
+FAILURE_COLUMNS = ("name", "input", "series", "mask", "error", "finished", "shard")
 SHARD_FILE = re.compile(r"^summary\.shard-(\d+)-of-(\d+)\.csv$")
 CSV_COLUMNS = ("image", "mask", "name", "label", "labels")
 OUTPUT_SUFFIXES = ("_anomaly_seg", "_anomaly_map", "_counterfactual", "_uncertainty", "_overview")
@@ -458,7 +459,7 @@ class CohortLog:
                 finished: str = "") -> None:
         report = report or {}
         self.rows[item.name] = {
-            "name": item.name, "input": str(_real(item.path)),
+            "name": item.name, "input": str(_real(item.path)), "series": item.series or "",
             "mask": str(_real(item.mask)) if item.mask is not None else "", "status": status,
             "anomalous_volume_ml": _number(report.get("anomalous_volume_ml")),
             "n_components": str(report.get("n_components", "")),

@@ -27,7 +27,8 @@ cohorts:
   submitted again unchanged; a failing input is reported, the others go on, and the
   exit code is 2. Each run keeps summary.shard-K-of-N.csv (1-of-1 without --shard)
   and, at its end, rebuilds summary.csv (a row per input: status done/failed/pending,
-  anomalous mL, components, max score, threshold, model id, seconds) and failures.csv
+  anomalous mL, components, max score, threshold, model id, seconds; the series UID of
+  a DICOM folder's series) and failures.csv
   from every shard file in the folder, under a lock. Ctrl-C or SIGTERM (a scheduler's
   time limit) stops a run cleanly: exit 130, the input in progress leaves nothing.
 
