@@ -176,6 +176,43 @@ def test_a_killed_team_resumes_at_its_saved_step_and_ctrl_c_stops_all_at_one_ste
     assert not model.exists()
 
 
+def _environment(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/self/environ").exists(),
+                    reason="confines the run with an affinity mask and reads the processes' environment in /proc")
+def test_launched_processes_share_the_cpus_the_run_may_use(healthy, tmp_path):
+    """``train --nproc 2`` confined to one CPU (as taskset or a batch system confines it) gives each process one
+    thread, not a part of all the machine's CPUs (which would oversubscribe the one it may use)."""
+    cpu = min(os.sched_getaffinity(0))
+    alone = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}
+    proc = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-m", "synomaly", "train", str(healthy),
+                             "-o", str(tmp_path / "t.safetensors"), "--steps", "100000", "--nproc", "2", *TINY_ARGS],
+                            stderr=subprocess.PIPE, text=True, env=alone)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        next(line for line in proc.stderr if line.startswith("training: step"))
+        ranks = {}
+        for pid in _process_tree(proc.pid):
+            try:
+                environment = _environment(pid)
+            except OSError:  # a helper process that has ended
+                continue
+            if "RANK" in environment:
+                ranks[environment["RANK"]] = environment.get("OMP_NUM_THREADS")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert ranks == {"0": "1", "1": "1"}, ranks
+    assert proc.returncode == 130, stderr
+
+
 def test_a_wrong_launch_is_refused_with_one_line(healthy, tmp_path):
     model = tmp_path / "m.safetensors"
     # Checked by the launcher before any process starts.

@@ -360,7 +360,7 @@ def test_a_soft_label_is_refused(phantom_case, tmp_path):
 # --- processes sharing a machine ----------------------------------------------------------------------------
 
 def test_the_thread_count_follows_the_affinity_mask_slurm_and_threads():
-    code = ("import os, sys\nfrom synomaly.commands.cli import cpu_share\n"
+    code = ("import os, sys\nfrom synomaly.inference.threads import cpu_share\n"
             "os.sched_setaffinity(0, {0})\nprint(cpu_share(), cpu_share(3))\n"
             "os.sched_setaffinity(0, set(range(os.cpu_count())))\nos.environ['SLURM_CPUS_PER_TASK'] = '1'\n"
             "print(cpu_share())")

@@ -44,7 +44,7 @@ def wall(inputs, out: Path, model: str, threads) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from synomaly.commands.cli import cpu_share
+    from synomaly.inference.threads import cpu_share
     from synomaly.evaluation.phantom import write_phantom_case
     from synomaly.inference.runtime import describe_cpu
 

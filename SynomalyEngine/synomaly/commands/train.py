@@ -105,7 +105,7 @@ def launch_training(args, settings) -> int:
             argv.append(action.option_strings[-1])
         else:
             argv.append(f"{action.option_strings[-1]}={value}")
-    return launch(args.nproc, argv)
+    return launch(args.nproc, argv, args.threads)
 
 
 class StopRequests:
@@ -235,6 +235,7 @@ def add_parser(sub) -> None:
                         "every batch (torchrun --standalone --nproc_per_node N); the batch size stays the whole "
                         "batch, and must be at least N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the CPUs this "
-                   "process may use, at most SLURM_CPUS_PER_TASK or OMP_NUM_THREADS)")
+                   "process may use, at most SLURM_CPUS_PER_TASK or OMP_NUM_THREADS; with --nproc, shared "
+                   "out evenly among the processes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=run, train_parser=p)

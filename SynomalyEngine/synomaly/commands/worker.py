@@ -165,7 +165,7 @@ def run(request_path: Path) -> int:
         print(f"synomaly.commands.worker: error: {request_path}: not a readable job request ({exc}).",
               file=sys.stderr)
         return EXIT_USER_ERROR
-    from synomaly.commands.cli import use_cpu_share
+    from synomaly.inference.threads import use_cpu_share
 
     use_cpu_share()  # Slicer's worker beside a CLI run on one machine is the normal case: each takes its share
     stop = StopRequest(folder, request.get("parent_pid"))

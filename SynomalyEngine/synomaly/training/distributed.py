@@ -206,22 +206,26 @@ class Team:
             dist.barrier()
 
 
-def launch(nproc: int, args: Sequence[str]) -> int:
+def launch(nproc: int, args: Sequence[str], threads: Optional[int] = None) -> int:
     """Run ``python -m synomaly ARGS`` in ``nproc`` processes on this machine, as ``torchrun --standalone
     --nproc_per_node NPROC`` does, and return the exit code of the process that failed (0 when all
-    succeeded). The processes print their own messages; Ctrl-C and SIGTERM are passed on to them,
-    so they save a checkpoint and stop together (exit code 130)."""
+    succeeded). Each process runs ``threads`` CPU threads (``--threads``), else an even part of the CPUs
+    this one may use (``cpu_share``: affinity, Slurm's task, ``OMP_NUM_THREADS``), at least one. The
+    processes print their own messages; Ctrl-C and SIGTERM are passed on to them, so they save a
+    checkpoint and stop together (exit code 130)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from synomaly.inference.threads import cpu_share
 
     # torchrun's log (rendezvous, workers failing and being stopped) repeats what the processes and the
     # exit code say.
     elastic, silent = logging.getLogger("torch.distributed.elastic"), logging.NullHandler()
     elastic.addHandler(silent)
     elastic.propagate = False
-    # Each process gets its share of the CPU threads (torchrun would give each one thread).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The processes inherit this; sized as if alone, each would take every CPU of a Slurm task or taskset.
+    os.environ["OMP_NUM_THREADS"] = str(threads if threads is not None else max(1, cpu_share() // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     try:
