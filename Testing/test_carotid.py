@@ -75,6 +75,57 @@ def test_real_colour_is_converted_with_a_warning(tmp_path):
     assert len(notes) == 1 and "coloured" in notes[0] and "doppler.png" in notes[0]
 
 
+def write_with_alpha(path, grey, alpha, colour=True):
+    """An RGBA PNG of the grey image (grey + alpha, a two-channel PNG, with ``colour`` False)."""
+    channels = [grey, grey, grey, alpha] if colour else [grey, alpha]
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True), str(path))
+    return path
+
+
+def test_an_opaque_alpha_channel_is_dropped_silently(tmp_path):
+    grey, lumen = ultrasound_like()
+    wide = grey.astype(np.uint16) * 257
+    for name, image in (("us8.png", grey), ("us16.png", wide)):
+        notes = []
+        array, _ = read_volume(write_with_alpha(tmp_path / name, image, np.full_like(image, np.iinfo(image.dtype).max)),
+                               notes)
+        assert np.array_equal(array[0], image) and array.dtype == image.dtype and notes == [], name
+    mask = write_with_alpha(tmp_path / "lumen.png", lumen.astype(np.uint8) * 255, np.full(lumen.shape, 255, np.uint8))
+    ok(run_cli("detect", tmp_path / "us8.png", "--mask", mask, "--model", "carotid-us", "-o", tmp_path / "out", "-q"))
+    assert (tmp_path / "out" / "us8_anomaly_seg.png").is_file()
+
+
+def test_a_png_with_transparent_pixels_is_refused_and_nothing_is_written(tmp_path):
+    """An ultrasound export whose surround is transparent, with arbitrary grey values under it (a viewer shows
+    them as its own background), is refused naming the file and what to do; so is a partly transparent pixel,
+    a transparent mask, and a grey PNG with an alpha channel (which ITK cannot read)."""
+    grey, lumen = ultrasound_like()
+    yy, xx = np.mgrid[:grey.shape[0], :grey.shape[1]]
+    outside = np.hypot(yy - 48, xx - 56) > 45
+    under = grey.copy()
+    under[outside] = np.random.default_rng(1).integers(0, 256, int(outside.sum()))
+    lumen_png = tmp_path / "lumen.png"
+    write_volume(lumen_png, lumen[None].astype(np.uint8) * 255, Geometry.identity())
+    opaque = np.full(grey.shape, 255, np.uint8)
+    faint = opaque.copy()
+    faint[3, 4] = 128
+    sector = write_with_alpha(tmp_path / "sector.png", under, np.where(outside, 0, 255).astype(np.uint8))
+    cases = [(sector, lumen_png, f"sector.png: {int(outside.sum())} of its {grey.size} pixels are transparent"),
+             (write_with_alpha(tmp_path / "faint.png", grey, faint), lumen_png, "faint.png: 1 of its"),
+             (write_with_alpha(tmp_path / "us.png", grey, opaque),
+              write_with_alpha(tmp_path / "lumen_drawn.png", lumen.astype(np.uint8) * 255,
+                               np.where(lumen, 255, 0).astype(np.uint8)), "lumen_drawn.png: "),
+             (write_with_alpha(tmp_path / "grey_alpha.png", grey, faint, colour=False), lumen_png,
+              "grey_alpha.png: a grey PNG with an alpha channel")]
+    before = snapshot(tmp_path)
+    for image, mask, words in cases:
+        out = tmp_path / f"out_{image.stem}"
+        assert_refused(run_cli("detect", image, "--mask", mask, "--model", "carotid-us", "-o", out),
+                       words, "export it again without transparency")
+        assert not out.exists()
+    assert snapshot(tmp_path) == before
+
+
 def test_png_writes_back_exactly_and_refuses_what_it_cannot_hold(tmp_path):
     grey, _ = ultrasound_like()
     geometry = Geometry((0.1, 0.2, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

@@ -86,6 +86,24 @@ def test_colour_2d_image_is_taken_as_grey_by_a_2d_model(scene, tmp_path, models)
     assert np.array_equal(slicer.util.arrayFromVolume(node), before), "the input node is not modified"
 
 
+def test_colour_image_with_transparent_pixels_is_refused_naming_it(scene, tmp_path, models):
+    rgb, lumen = grey_stored_as_rgb()
+    alpha = np.full(lumen.shape, 255, np.uint8)
+    opaque = add_volume(np.concatenate([rgb, alpha[..., None]], axis=-1)[None], SLICER_PNG_MATRIX, name="opaque",
+                        class_name="vtkMRMLVectorVolumeNode")
+    assert np.array_equal(MrmlBridge.volume_to_array(opaque), rgb[None, ..., 0]), "an opaque alpha is dropped"
+    alpha[:5] = 0
+    node = add_volume(np.concatenate([rgb, alpha[..., None]], axis=-1)[None], SLICER_PNG_MATRIX, name="sector",
+                      class_name="vtkMRMLVectorVolumeNode")
+    mask = add_volume(lumen[None].astype(np.uint8), SLICER_PNG_MATRIX, name="lumen",
+                      class_name="vtkMRMLLabelMapVolumeNode")
+    before = node_ids(scene)
+    with pytest.raises(InputError, match=f"The image 'sector': {5 * 80} of its 5760 pixels are transparent.*"
+                                         "export it again without transparency"):
+        SynomalyLogic(user_models_dir=tmp_path).prepare_detection(node, mask, model=str(models["carotid-us"]))
+    assert node_ids(scene) == before
+
+
 @pytest.mark.parametrize("colour", [True, False])
 def test_2d_image_is_refused_by_a_3d_model_with_the_reason(scene, tmp_path, models, jobs_dir, colour):
     node, mask, _ = colour_png_node(tmp_path)

@@ -121,7 +121,7 @@ def volume_to_array(volume_node) -> np.ndarray:
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
     array = numpy_support.vtk_to_numpy(scalars)
     if array.ndim == 2 and array.shape[1] > 1:
-        array = engine_module("files.volume_io").rgb_to_grey(array)[0]
+        array = engine_module("files.volume_io").rgb_to_grey(array, f"The image '{volume_node.GetName()}'")[0]
     return array.reshape(array_shape(volume_node)).copy()
 
 

@@ -4,7 +4,8 @@ Arrays are numpy in (z, y, x) order, as SimpleITK and Slicer's ``arrayFromVolume
 Geometry is kept in ITK's LPS convention; ``ijk_to_ras`` converts for Slicer.
 
 A 2D image (PNG, JPEG, a single-frame DICOM file, any one-slice file) is a volume of one slice:
-(1, H, W) with spacing (sx, sy, 1). Grey stored as RGB(A) is converted to grey, for 2D images only.
+(1, H, W) with spacing (sx, sy, 1). Grey stored as RGB(A) is converted to grey, for 2D images only; an
+alpha channel only when it is opaque everywhere.
 PNG files hold 2D images of 8- or 16-bit integers and their pixel spacing, but no origin or direction.
 """
 import os
@@ -32,6 +33,7 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 # A 2D image counts as colour (a Doppler or annotation overlay, not RGB-encoded grey) when more than this
 # fraction of its pixels have channels further apart than COLOUR_SPREAD grey levels of 255.
 COLOUR_FRACTION, COLOUR_SPREAD = 0.01, 32.0
+PNG_GREY_ALPHA = 4  # the PNG colour type of grey with an alpha channel, which ITK's reader cannot pass on
 
 
 def is_image_file(path: Path) -> bool:
@@ -187,6 +189,18 @@ def _read_series(path: Path, notes: Optional[List[str]], resample_gaps: bool, ch
     return resampled
 
 
+def _png_colour_type(path: Path) -> Optional[int]:
+    """The colour type in a PNG file's header (0 grey, 2 RGB, 4 grey + alpha, 6 RGBA); None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[25]
+
+
 def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = False, series: Optional[str] = None):
     """Read with SimpleITK; what its libraries print becomes our error or a warning in ``notes``."""
     import SimpleITK as sitk
@@ -203,17 +217,39 @@ def _read_sitk(path, notes: Optional[List[str]] = None, resample_gaps: bool = Fa
                 check_claimed_size(path)
             image = _read_series(path, notes, resample_gaps, series) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        if _png_colour_type(path) == PNG_GREY_ALPHA:
+            raise InputError(f"{path}: a grey PNG with an alpha channel (transparency), which the image library "
+                             "cannot read; export it again without transparency (as grey or RGB).") from None
         raise InputError(f"{path}: cannot be read as an image ({last_line(exc)}).") from None
     # The series check above replaces ITK's own vague "non uniform sampling" warning.
     report(notes, [f"{path.name}: {m}" for m in messages if "Non uniform sampling" not in m])
     return image
 
 
-def rgb_to_grey(channels: np.ndarray) -> Tuple[np.ndarray, float]:
+def check_opaque(channels: np.ndarray, name: str) -> None:
+    """Refuse an alpha channel (the last of C = 2 or 4) that makes any pixel see-through: the grey values stored
+    under it are arbitrary (left from editing, or zero) and not what a viewer shows, which blends them with a
+    background of its own choice. An alpha opaque everywhere, as many programs write one, changes nothing."""
+    alpha = channels[..., -1]
+    if np.issubdtype(alpha.dtype, np.integer):
+        opaque = np.iinfo(alpha.dtype).max
+    else:  # a float alpha runs to 1.0 or to 255
+        opaque = 1.0 if alpha.max() <= 1.0 else 255.0
+    hidden = int(np.count_nonzero(alpha < opaque))
+    if hidden:
+        raise InputError(f"{name}: {hidden} of its {alpha.size} pixels are transparent or partly so (an alpha "
+                         "channel), so the grey values stored there are not what a viewer shows; export it again "
+                         "without transparency (flattened onto its background, as grey or RGB).")
+
+
+def rgb_to_grey(channels: np.ndarray, name: str) -> Tuple[np.ndarray, float]:
     """Grey levels of an (..., C) array with C = 2 (grey, alpha), 3 (RGB) or 4 (RGBA) channels, in its own
-    type (luma, rounded for integers; alpha dropped), and the fraction of its pixels that hold colour
-    (channels more than COLOUR_SPREAD of 255 apart): near 0 for grey stored as RGB."""
+    type (luma, rounded for integers; an opaque alpha dropped, any other refused naming ``name``), and the
+    fraction of its pixels that hold colour (channels more than COLOUR_SPREAD of 255 apart): near 0 for grey
+    stored as RGB."""
     channels = np.asarray(channels)
+    if channels.shape[-1] in (2, 4):
+        check_opaque(channels, name)
     if channels.shape[-1] == 2:
         return np.array(channels[..., 0]), 0.0
     rgb = channels[..., :3].astype(np.float64)
@@ -243,7 +279,7 @@ def _grey(image, path, notes: Optional[List[str]]):
     one_slice = image.GetDimension() == 2 or (image.GetDimension() == 3 and size[2] == 1)
     if components == 1 or not one_slice or components not in (2, 3, 4):
         return image
-    grey, coloured = rgb_to_grey(sitk.GetArrayViewFromImage(image))
+    grey, coloured = rgb_to_grey(sitk.GetArrayViewFromImage(image), str(path))
     warning = colour_warning(Path(path).name, coloured)
     if warning:
         report(notes, [warning])
