@@ -427,6 +427,34 @@ def test_a_label_map_of_several_organs_is_not_a_liver_mask(phantom_case, tmp_pat
                            tmp_path / "body.nii.gz", "-q"), "liver mask holds 2 labels", "the liver alone")
 
 
+def test_the_organ_mask_checks_name_its_labels_and_sort_an_accepted_mask_once(monkeypatch):
+    """detect checks an organ preset's mask twice (the organ alone, then a mask at all): the refusals name the
+    labels; the values of an accepted mask are sorted (np.unique, seconds on a CT) once, not in both checks."""
+    from synomaly.errors import InputError
+    from synomaly.inference.detection import check_organ_mask
+    from synomaly.inference.preprocessing import mask_problem
+    from synomaly.method.presets import PRESETS
+
+    model = load_model("liver-ct")
+    advice = f"a label map of several structures; give the liver alone (e.g. from {PRESETS['liver-ct'].mask_source})."
+    mask = np.zeros((4, 32, 32), np.uint8)
+    mask[1:3, 8:24, 8:24] = 1
+    mask[2, 8:12, 8:12] = 5
+    many = np.arange(mask.size).reshape(mask.shape) % 9
+    soft = mask.astype(np.float32) / 20
+    for refused, labels in ((mask, "2 labels (1, 5)"), (many, "8 labels (1, 2, 3, 4, 5, 6, ...)"),
+                            (soft, "2 labels (0.05, 0.25)")):
+        with pytest.raises(InputError) as error:
+            check_organ_mask(refused, model)
+        assert str(error.value) == f"the liver mask holds {labels}: {advice}"
+    sorts, unique = [], np.unique
+    monkeypatch.setattr(np, "unique", lambda values, *a, **k: sorts.append(values.size) or unique(values, *a, **k))
+    liver = (mask > 0).astype(np.uint8) * 3
+    check_organ_mask(liver, model)
+    assert mask_problem(liver) is None
+    assert sorts == [int(np.count_nonzero(liver))]
+
+
 def test_the_2d_model_refuses_a_volume(phantom_case, tmp_path):
     assert_refused(run_cli("detect", phantom_case["flair"], "-o", tmp_path / "out", "--model", "carotid-us", "--mask",
                            phantom_case["brainmask"], "-q"), "carotid-us preset works on 2D images")

@@ -209,7 +209,11 @@ def check_organ_mask(mask: np.ndarray, model) -> None:
     preset = PRESETS.get(model.preset)
     if preset is None or not preset.organ or mask.dtype.kind == "b":
         return
-    labels = np.unique(mask[mask != 0])
+    labelled = mask[mask != 0]
+    # One label, as in an accepted mask, needs no sort here: prepare_volume's mask check sorts its values once.
+    if labelled.size == 0 or (labelled == labelled[0]).all():
+        return
+    labels = np.unique(labelled)
     if labels.size > 1:
         shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if labels.size > 6 else "")
         raise InputError(f"the {preset.organ} mask holds {labels.size} labels ({shown}): a label map of several "
