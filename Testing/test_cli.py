@@ -740,6 +740,20 @@ def test_train_writes_a_model_detect_uses(trained, phantom_case, tmp_path):
     assert report["threshold"] == pytest.approx(meta["threshold"])
 
 
+def test_train_takes_the_cpu_share_a_slurm_task_gives_it(tmp_path):
+    """Without --threads, training uses the CPUs its Slurm task was given, not every core of the node."""
+    from synomaly.files.model_file import read_metadata
+
+    write_phantom_case(tmp_path / "healthy" / "h0", seed=300, lesion=False, shape=(32, 48, 48))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["SLURM_CPUS_PER_TASK"] = "1"
+    model = tmp_path / "one.safetensors"
+    result = subprocess.run([sys.executable, "-m", "synomaly", "train", str(tmp_path / "healthy"), "-o", str(model),
+                             *TRAIN_ARGS], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert read_metadata(model)["training"]["threads"] == 1
+
+
 def test_train_refuses_existing_run_without_resume(trained):
     model = trained["model"]
     before = snapshot(model.parent)

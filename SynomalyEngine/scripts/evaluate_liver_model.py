@@ -6,7 +6,8 @@ Per case, on the axial slices that hold tumour (and that detection processes), i
 Dice at the calibrated threshold, AUPRC of the map, and the false-positive rate on the healthy liver of
 those slices; for ours and for two baselines, each thresholded at the same healthy false-positive target
 on the same held-out healthy training slices as the model (nothing is chosen on these labels):
-- "HU threshold": darkness alone, ``HU < t`` inside the liver (the input clipped to the preset's window);
+- "HU threshold": darkness alone, ``HU < t`` inside the liver (the input clipped to the preset's window); for a
+  model of lesions either way (liver-ct v2), the distance from the liver's median HU, ``|HU - median| > t``;
 - "HU median 5": the engine's baseline, the same after a 5 x 5 x 5 median filter (``baseline.baseline_for``);
 - "HU median 5, enhanced": the same, its threshold from the contrast-enhanced training patient's held-out
   slices alone (ircad17), without the unenhanced TotalSegmentator CT, whose darker liver (about 46 HU
@@ -90,10 +91,18 @@ def evaluate_case(model, config, name, thresholds, direction, device):
     return row
 
 
-def hu_of(threshold, window):
-    """The HU below which the negated, window-normalised score exceeds ``threshold``."""
+def hu_of(threshold, window, direction):
+    """The baseline's threshold in HU: below it (direction -1, the negated window-normalised score), or
+    the distance from the liver's median HU beyond which a voxel is flagged (direction 0, two-sided)."""
     lo, hi = window
+    if direction == 0:
+        return threshold / 2.0 * (hi - lo)
     return lo + (1.0 - threshold) / 2.0 * (hi - lo)
+
+
+def hu_words(threshold, window, direction):
+    value = hu_of(threshold, window, direction)
+    return f"|HU - liver median| > {value:.1f}" if direction == 0 else f"HU < {value:.1f}"
 
 
 def main():
@@ -114,7 +123,7 @@ def main():
     methods = ["ours"] + list(BASELINES)
     print(f"model {model.name} ({model.model_id}), threshold {model.threshold:.4f} at "
           f"{model.metadata['calibration']['target_fpr']:.1%} healthy FPR; baseline thresholds: "
-          + ", ".join(f"{k} {v:.4f} (HU < {hu_of(v, config.window):.1f})" for k, v in thresholds.items()))
+          + ", ".join(f"{k} {v:.4f} ({hu_words(v, config.window, direction)})" for k, v in thresholds.items()))
     print("| case | slices | " + " | ".join(f"{m} {k}" for k in ("Dice", "AUPRC", "FPR") for m in methods) + " |")
     for row in rows:
         cells = [f"{row['case']} ({row['note']})", f"{row['tumour_slices']}/{row['tumour_slices_all']}"]
@@ -129,7 +138,8 @@ def main():
             json.dump({"model": {"name": model.name, "model_id": model.model_id, "threshold": model.threshold,
                                  "calibration": model.metadata["calibration"]},
                        "baseline_thresholds": thresholds,
-                       "baseline_thresholds_hu": {k: hu_of(v, config.window) for k, v in thresholds.items()},
+                       "baseline_thresholds_hu": {k: hu_of(v, config.window, direction)
+                                                          for k, v in thresholds.items()},
                        "cases": rows}, f, indent=1, default=float)
 
 

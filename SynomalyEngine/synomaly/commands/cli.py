@@ -27,7 +27,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     log_as_warnings()
     try:
-        if getattr(args, "threads", None) is not None or args.command in ("detect", "evaluate", "demo"):
+        if getattr(args, "threads", None) is not None or args.command in ("detect", "train", "evaluate", "demo"):
             use_cpu_share(getattr(args, "threads", None))
         return args.func(args)
     except SynomalyError as exc:

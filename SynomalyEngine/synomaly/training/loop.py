@@ -321,6 +321,13 @@ def _steps(run: _Run, report, cancel) -> None:
                            preview_images, device)
 
 
+def _threads() -> int:
+    """CPU threads each process trained with: the wall time means little without it."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def _finish(run: _Run, report, cancel) -> Path:
     """Calibrate the EMA network on the held-out healthy slices and write the model file."""
     from synomaly.files.model_file import SynomalyModel, save_model
@@ -346,7 +353,7 @@ def _finish(run: _Run, report, cancel) -> Path:
         "threshold": 0.0,
         "training": {"settings": settings.to_dict(), "data": run.data.summary, "steps": settings.steps,
                      "wall_time_s": round(wall, 1), "device": str(run.device), "precision": run.precision,
-                     "world_size": run.team.world_size,
+                     "world_size": run.team.world_size, "threads": _threads(),
                      "parameters": count_parameters(run.network),
                      "final_loss": float(np.mean(run.losses[-50:])) if run.losses else None},
     }
