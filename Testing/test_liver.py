@@ -337,7 +337,7 @@ def test_bundled_liver_model_finds_lits117_tumours_on_a_block_of_slices(liver_da
     if not (BUNDLED_DIR / "liver-ct.safetensors").exists():
         pytest.skip("the liver-ct model is not bundled")
     model = load_model("liver-ct")
-    assert model.preset == "liver-ct" and model.metadata["calibration"]["baseline_direction"] == -1
+    assert model.preset == "liver-ct" and model.metadata["calibration"]["baseline_direction"] == 0
     ct, geometry = read_volume(liver_data / "lits117" / "ct.nii.gz")
     liver = read_volume(liver_data / "lits117" / "liver.nii.gz")[0] > 0
     tumour = read_volume(liver_data / "lits117" / "tumour.nii.gz")[0] > 0
@@ -348,3 +348,24 @@ def test_bundled_liver_model_finds_lits117_tumours_on_a_block_of_slices(liver_da
     assert not result.anomaly_map[~liver].any()
     assert auprc(result.anomaly_map, tumour & region, region) > 0.85
     assert dice((result.segmentation > 0) & region, tumour & region) > 0.7
+
+
+@pytest.mark.parametrize("contrast", [(-35.0, -25.0), (25.0, 35.0)], ids=["darker", "brighter"])
+def test_bundled_liver_model_finds_a_lesion_of_either_kind_in_the_unenhanced_ct(liver_data, contrast):
+    """A 20 mm lesion, darker or brighter than the liver by 25-35 HU, inserted into the healthy liver of the
+    3 mm TotalSegmentator CT (``liver_phantoms.insert_lesions``, as in scripts/liver_ct_benchmark.py): found,
+    with few healthy voxels flagged. The v1 model missed every brighter lesion."""
+    from synomaly.evaluation.liver_phantoms import insert_lesions
+    from synomaly.files.model_file import BUNDLED_DIR, load_model
+    from synomaly.inference.detection import DetectionSettings, detect
+
+    if not (BUNDLED_DIR / "liver-ct.safetensors").exists():
+        pytest.skip("the liver-ct model is not bundled")
+    ct, geometry = read_volume(liver_data / "totalseg-example" / "ct.nii.gz")
+    liver = read_volume(liver_data / "totalseg-example" / "liver.nii.gz")[0] > 0
+    inserted = insert_lesions(ct, liver, geometry, (20.0,), contrast, seed=11)
+    lesion = inserted.lesions > 0
+    result = detect(inserted.image, geometry, load_model("liver-ct"), liver, DetectionSettings(device="cpu"))
+    flagged = result.segmentation > 0
+    assert flagged[lesion].mean() > 0.3
+    assert flagged[liver & ~lesion].mean() < 0.02
