@@ -17,7 +17,6 @@ The oracle Dice (best threshold per case, chosen with its labels) is printed for
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from liver_ct_recipe import EVALUATION, case_files, write_training_csv
@@ -114,7 +113,7 @@ def main():
     model = load_model(args.model)
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     direction = lesion_direction(model.metadata)
-    csv_path = write_training_csv(Path(args.model).with_name("liver-train.csv"))
+    csv_path = write_training_csv()
     thresholds = baseline_thresholds(model, config, csv_path)
     stored = model.metadata["calibration"]["baseline_threshold"]
     assert abs(thresholds["HU median 5"] - stored) < 1e-6, (thresholds, stored)

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from liver_ct_recipe import case_files, write_training_csv
+from evaluate_liver_model import validation_region
+from liver_ct_recipe import case_files, training_settings, write_training_csv
 
-from synomaly.evaluation.liver_phantoms import insert_lesions, shift_phase, thicker_slices
+from synomaly.evaluation.liver_phantoms import BORDER_MM, insert_lesions, room_mm, shift_phase, thicker_slices
 from synomaly.evaluation.metrics import dice
 from synomaly.files.model_file import load_model
 from synomaly.files.volume_io import read_volume
@@ -33,7 +34,6 @@ from synomaly.inference.baseline import baseline_for, calibrate_threshold
 from synomaly.inference.detection import DetectionSettings, detect
 from synomaly.inference.postprocessing import segment
 from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
-from synomaly.training.calibration import settings_from_model
 from synomaly.training.cases import find_cases
 from synomaly.training.slices import extract_slices
 
@@ -42,12 +42,6 @@ CONTRASTS = {"darker": (-40.0, -20.0), "brighter": (20.0, 40.0)}
 PHASES = (-30.0, 30.0)
 FOUND_SHARE = 0.10
 FAR_MM = 5.0  # "away from lesions": healthy liver farther than this from any real or inserted lesion
-
-
-def room_mm(free, geometry):
-    from scipy import ndimage
-
-    return float(ndimage.distance_transform_edt(np.pad(free, 1), sampling=tuple(reversed(geometry.spacing))).max())
 
 
 def test_volumes(name, seed):
@@ -60,7 +54,8 @@ def test_volumes(name, seed):
     variants = [("", image.astype(np.float32), none)]
     variants += [(f" liver {s:+g} HU", shift_phase(image, liver, s), none) for s in PHASES]
     # lits117's healthy liver has no room for a 30 mm sphere (3 mm from its border and its tumours).
-    sizes = [d for d in DIAMETERS_MM if 2 * room_mm(liver & ~tumour, geometry) >= d + 6]
+    room = float(room_mm(liver & ~tumour, geometry).max())
+    sizes = [d for d in DIAMETERS_MM if room >= d / 2 + BORDER_MM]
     for i, (kind, contrast) in enumerate(CONTRASTS.items()):
         inserted = insert_lesions(image, liver, geometry, sizes, contrast, seed + i, avoid=tumour)
         variants.append((f" + {kind} lesions", inserted.image, inserted.lesions))
@@ -78,20 +73,14 @@ def test_volumes(name, seed):
 
 def baseline_threshold(target_fpr, config):
     """The two-sided baseline's threshold on the v2 recipe's held-out healthy slices."""
-    csv_path = write_training_csv(Path("runs/liver2-train.csv"))
-    cases = find_cases([csv_path])
-    from liver_ct_recipe import training_settings
-
+    cases = find_cases([write_training_csv()])
     validation = extract_slices(cases, training_settings(1), config).validation
     scores = []
     for index, slices in validation.items():
         if slices:
             case = cases[index]
             prepared = prepare_volume(case.image, case.geometry, config, case.mask)
-            region = np.zeros(prepared.foreground.shape, dtype=bool)
-            region[slices] = True
-            region = prepared.orientation.invert(region & prepared.foreground)
-            scores.append(baseline_for(prepared, 5, 0)[region])
+            scores.append(baseline_for(prepared, 5, 0)[validation_region(prepared, slices)])
     return float(calibrate_threshold(np.concatenate(scores), target_fpr))
 
 

@@ -12,6 +12,9 @@ import csv
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "liver-ct"
+# The training list and the thicker copies go to the repository's ignored runs/ folder, never beside a model
+# file (the bundled models' folder would ship them).
+TRAINING_CSV = Path(__file__).resolve().parents[2] / "runs" / "liver-train.csv"
 TRAINING = ("ircad17", "totalseg-example")
 EVALUATION = (("lits117", "another patient"), ("ircad17", "same patient as training"))
 THICKER_MM = (2.5, 5.0)  # training copies of each scan at these slice thicknesses (where thicker than its own)
@@ -48,7 +51,7 @@ def thicker_copy(name: str, thickness_mm: float, folder: Path) -> dict:
     return files
 
 
-def write_training_csv(path: Path, thicker: bool = True) -> Path:
+def write_training_csv(path: Path = TRAINING_CSV, thicker: bool = True) -> Path:
     """The training cases as the CSV list `synomaly train` takes (image,mask,label,name,group): the liver
     files are not named *mask*, so a folder would not pair them. ``thicker``: with the resliced copies
     (v2); without them, the v1 list."""

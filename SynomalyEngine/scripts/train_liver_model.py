@@ -11,7 +11,6 @@ with the CSV this script writes (the training CTs and their copies at 2.5 and 5 
 """
 import argparse
 import time
-from pathlib import Path
 
 from liver_ct_recipe import training_settings, write_training_csv
 
@@ -28,7 +27,7 @@ def main():
                         help="ircad17's tumour slices: train on them with the tumour grown by 10 mm left out "
                              "(default), or leave them out (the ablation)")
     args = parser.parse_args()
-    csv_path = write_training_csv(Path(args.output).with_name("liver-train.csv"))
+    csv_path = write_training_csv()
     t0 = time.time()
 
     def progress(step, total, loss, message):

@@ -48,20 +48,30 @@ def thicker_slices(image: np.ndarray, geometry: Geometry, thickness_mm: float,
     centres = ((np.arange(n_new) + 0.5) * thickness_mm) / step - 0.5
     sigma = np.sqrt(max((thickness_mm / 2.3548) ** 2 - (step / 2.3548) ** 2, 1e-6)) / step
 
-    def reslice(volume, order):
-        smooth = ndimage.gaussian_filter1d(volume.astype(np.float32), sigma, axis=0, mode="nearest")
-        zz = centres.reshape(-1, 1, 1) * np.ones((1,) + volume.shape[1:])
-        yy, xx = np.meshgrid(np.arange(volume.shape[1]), np.arange(volume.shape[2]), indexing="ij")
-        coords = np.stack([zz, np.broadcast_to(yy, zz.shape), np.broadcast_to(xx, zz.shape)])
-        return ndimage.map_coordinates(smooth, coords, order=order, mode="nearest")
+    # Linear interpolation between the two smoothed thin slices around each centre.
+    below = np.clip(np.floor(centres).astype(int), 0, n_old - 1)
+    above = np.minimum(below + 1, n_old - 1)
+    weight = (centres - below).astype(np.float32).reshape(-1, 1, 1)
 
-    new_image = reslice(image, 1).astype(np.float32)
-    new_masks = [reslice(np.asarray(m) > 0, 1) >= 0.5 for m in masks]
+    def reslice(volume):
+        smooth = ndimage.gaussian_filter1d(volume.astype(np.float32), sigma, axis=0, mode="nearest")
+        return smooth[below] * (1 - weight) + smooth[above] * weight
+
+    new_image = reslice(image)
+    new_masks = [reslice(np.asarray(m) > 0) >= 0.5 for m in masks]
     k_axis = geometry.direction_matrix[:, 2]
     origin = np.asarray(geometry.origin, dtype=float) + k_axis * float(centres[0]) * step
     new_geometry = Geometry((geometry.spacing[0], geometry.spacing[1], float(thickness_mm)),
                             tuple(float(v) for v in origin), geometry.direction)
     return new_image, new_geometry, new_masks
+
+
+def room_mm(free: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Each voxel's distance (mm) to the nearest voxel outside ``free``; the volume's edge counts as outside
+    (a crop to the liver cuts it there). A sphere fits around a voxel whose room is at least its radius."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(np.pad(free, 1), sampling=_spacing_zyx(geometry))[1:-1, 1:-1, 1:-1]
 
 
 def shift_phase(image: np.ndarray, liver: np.ndarray, shift_hu: float) -> np.ndarray:
@@ -96,8 +106,6 @@ def insert_lesions(image: np.ndarray, liver: np.ndarray, geometry: Geometry, dia
     """Spherical lesions of ``diameters_mm`` in the healthy liver, each ``contrast_hu`` (a range, drawn
     uniformly; negative: darker than the liver) from its surroundings. ``avoid``: labelled tumours, kept
     ``BORDER_MM`` plus the lesion's radius away. ``seed`` decides every draw. The input is not modified."""
-    from scipy import ndimage
-
     liver = np.asarray(liver) > 0
     if liver.shape != np.shape(image):
         raise InputError(f"the liver mask has shape {liver.shape}, the image {np.shape(image)}.")
@@ -111,9 +119,7 @@ def insert_lesions(image: np.ndarray, liver: np.ndarray, geometry: Geometry, dia
     centres, contrasts = [], []
     for number, diameter in enumerate(sorted(diameters_mm, reverse=True), start=1):
         radius = diameter / 2.0
-        # Padded: the volume's edge counts as the liver's border (a crop to the liver cuts it there).
-        room = ndimage.distance_transform_edt(np.pad(free, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-        candidates = np.argwhere(room >= radius + BORDER_MM)
+        candidates = np.argwhere(room_mm(free, geometry) >= radius + BORDER_MM)
         if not len(candidates):
             raise InputError(f"no room for a {diameter:g} mm lesion in this liver (with {BORDER_MM:g} mm to its "
                              "border, to tumours and to the other lesions).")
