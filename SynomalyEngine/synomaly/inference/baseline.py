@@ -114,7 +114,7 @@ def baseline_for(prepared, size: int = 5, direction: int = 1) -> np.ndarray:
         level = float(np.median(prepared.normalised[prepared.foreground])) if prepared.foreground.any() else 0.0
         centred = np.where(prepared.foreground, prepared.normalised - level, 0.0).astype(np.float32)
         scores = np.abs(baseline_score_map(orient.invert(centred), fg, size))
-        scores[~fg] = scores[fg].min() if fg.any() else 0.0
+        scores[~fg] = scores[fg].min()  # baseline_score_map refused an empty foreground
         return scores
     signed = np.where(prepared.foreground, direction * prepared.normalised, -1.0).astype(np.float32)
     return baseline_score_map(orient.invert(signed), fg, size)

@@ -4,7 +4,7 @@
 ``group`` column: one acquisition or patient), so that calibration never sees a neighbouring frame of a
 training image."""
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -42,12 +42,12 @@ def grown_lesion(labels: np.ndarray, margin_mm: float, spacing) -> np.ndarray:
     return ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm
 
 
-def _held_out_slices(cases, prepared_cases, val_blocks) -> List[set]:
-    """Per case, the axial indices kept out of training. 3D volumes of one group (the same scan at other
-    slice thicknesses, or rescans of a patient) hold out the same stretch of the body: the first of them
-    chooses its blocks, the others leave out the slices that overlap them (and calibrate on none)."""
-    held = []
-    leaders = {}
+def _held_out_slices(cases, prepared_cases, val_blocks) -> Tuple[List[set], set]:
+    """Per case, the axial indices kept out of training, and the cases that calibrate on none of theirs.
+    3D volumes of one group (the same scan at other slice thicknesses, or rescans of a patient) hold out the
+    same stretch of the body: the first of them chooses its blocks, the others leave out the slices that
+    overlap them and calibrate on none (the first one's are the same tissue)."""
+    held, followers, leaders = [], set(), {}
     for ci, (case, prepared) in enumerate(zip(cases, prepared_cases)):
         nz = prepared.foreground.shape[0]
         leader = leaders.setdefault(case.group, ci) if case.group and not is_2d(case.image.shape) else ci
@@ -57,8 +57,8 @@ def _held_out_slices(cases, prepared_cases, val_blocks) -> List[set]:
         n_lead = prepared_cases[leader].foreground.shape[0]
         ranges = [(8 * b / n_lead, min(8 * (b + 1), n_lead) / n_lead) for b in val_blocks[leader]]
         held.append({z for z in range(nz) if any(z / nz < hi and (z + 1) / nz > lo for lo, hi in ranges)})
-        val_blocks[ci] = set()
-    return held
+        followers.add(ci)
+    return held, followers
 
 
 def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, preprocess) -> SliceSet:
@@ -114,11 +114,11 @@ def extract_slices(cases: Sequence[TrainingCase], settings: TrainingSettings, pr
         blocks = sorted({z // 8 for z in healthy_slices[ci]})
         if len(blocks) > 1:
             val_blocks[ci] = {int(rng.choice(blocks))}
-    held_out = _held_out_slices(cases, prepared_cases, val_blocks)
+    held_out, followers = _held_out_slices(cases, prepared_cases, val_blocks)
     masking = any(m is not None for m in masked)
     images, masks, keeps, validation, per_case = [], [], [], {}, []
-    for ci, (case, prepared, healthy, chosen) in enumerate(zip(cases, prepared_cases, healthy_slices, val_blocks)):
-        val = [z for z in healthy if z in held_out[ci]] if chosen else []
+    for ci, (case, prepared, healthy) in enumerate(zip(cases, prepared_cases, healthy_slices)):
+        val = [] if ci in followers else [z for z in healthy if z in held_out[ci]]
         train = [z for z in usable_slices[ci] if z not in held_out[ci]]
         lesion_slices = 0
         if train:
