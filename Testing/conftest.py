@@ -16,6 +16,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def liver_data(shared_data) -> Path:
+    """The three liver CTs with their masks (../shared/data/liver-ct: ircad17, lits117, totalseg-example)."""
+    folder = shared_data / "liver-ct"
+    missing = [name for name in ("ircad17", "lits117", "totalseg-example") if not (folder / name / "ct.nii.gz").exists()]
+    if missing:
+        pytest.skip(f"liver CT data not found in {folder} ({', '.join(missing)})")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def phantom_case(tmp_path_factory):
     """A lesion phantom written once per session: {"flair", "brainmask", "seg"} -> path.
 

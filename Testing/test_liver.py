@@ -182,14 +182,6 @@ def test_baseline_of_a_darker_lesion_model_scores_darkness_and_not_the_organ_bor
 
 # real CT
 
-@pytest.fixture(scope="module")
-def liver_data(shared_data):
-    folder = shared_data / "liver-ct"
-    if not (folder / "ircad17" / "ct.nii.gz").exists():
-        pytest.skip(f"liver CT data not found in {folder}")
-    return folder
-
-
 def test_a_512_slice_anisotropic_ct_is_cropped_to_the_liver_before_resizing(liver_data):
     ct, geometry = read_volume(liver_data / "ircad17" / "ct.nii.gz")
     liver = read_volume(liver_data / "ircad17" / "liver.nii.gz")[0] > 0

@@ -138,14 +138,6 @@ def test_a_thicker_copy_in_its_scans_group_holds_out_the_same_stretch_and_calibr
     assert per_case["scan-2mm"] == len(usable) - len(set(overlapping) & set(usable))
 
 
-@pytest.fixture
-def liver_data(shared_data):
-    folder = shared_data / "liver-ct"
-    if not (folder / "lits117" / "ct.nii.gz").exists():
-        pytest.skip(f"liver CT data not found in {folder}")
-    return folder
-
-
 def test_lesions_fit_into_the_healthy_liver_of_a_real_ct(liver_data):
     from synomaly.files.volume_io import read_volume
 
