@@ -477,7 +477,7 @@ def test_healthy_volume_scores_take_every_unlabelled_foreground_voxel():
     flipped = Geometry(ph.geometry.spacing, (0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0))
     case = TrainingCase("p", ph.volume, flipped, labels=ph.lesion_mask > 0)
     model = load_model("demo-phantom")
-    ours, base = healthy_volume_scores(model, [case], "cpu")
+    ours, base, _ = healthy_volume_scores(model, [case], "cpu")
     result = detect(ph.volume, flipped, model, settings=DetectionSettings(device="cpu", maps_only=True))
     prepared = result.prepared
     assert prepared.orientation.flip != (False, False, False)
@@ -521,3 +521,10 @@ def schedule_of(model):
     from synomaly.method.schedule import DiffusionSchedule
 
     return DiffusionSchedule(**model.metadata["schedule"])
+
+
+def test_training_writes_an_input_reference(trained):
+    """The calibration records the range of each input-fit feature over its volumes (``input_fit``)."""
+    reference = read_metadata(trained[0])["calibration"]["input_reference"]
+    assert reference["volumes"] >= 1 and reference["source"].startswith("held-out slices of")
+    assert {"p05", "p95", "saturated", "region_ml", "change"} <= set(reference["features"])

@@ -23,6 +23,7 @@ from .Engine import Engine, engine_module, errors
 from .JobFiles import read_nrrd_array, write_nrrd
 from .JobRunner import WorkerJob, new_job_folder
 from .LossCurve import LossCurve
+from .Messages import panel_wording
 from .Models import (ModelEntry, available_models, default_user_models_dir, delete_user_model, model_file_name,
                      verify_model_file)
 from .Parameters import Parameters, get_parameter_node
@@ -499,7 +500,11 @@ def format_report(report: Optional[dict]) -> str:
         lines.append(f"Max score: {report['max_score']:.3f}, mean score: {report.get('mean_score', 0.0):.3f}")
     if "threshold" in report:
         lines.append(f"Threshold: {report['threshold']:.3f} ({report.get('threshold_source', 'model')})")
+    fit = report.get("input_fit") or {}
+    if fit.get("score") is not None:
+        lines.append(f"Input fit: {fit['verdict']} (score {fit['score']:.1f}; 0: like the model's calibration volumes)")
     model = report.get("model") or {}
     if model:
         lines.append(f"Model: {model.get('name', '')} ({model.get('model_id', '')})")
-    return "\n".join(lines)
+    # Warnings first: an unusual input or a geometry note must be read before the volume.
+    return "\n".join([f"Warning: {panel_wording(w)}" for w in report.get("warnings") or []] + lines)

@@ -13,6 +13,8 @@ _REPLACEMENTS = [
      r"\(--no-skull-check\)\.",
      r"Pick a brain mask as the Mask: \1. If the input is skull-stripped after all, "
      r"logic.detect(..., skull_check=False) in the Python console skips the check."),
+    (r"pass --no-fit-check \(fit_check=False in Python\) to run it anyway\.",
+     "logic.detect(..., fit_check=False) in the Python console runs it anyway."),
     (r"--device cuda was asked for but CUDA is not available here",
      "The device 'cuda' was chosen but CUDA is not available here"),
     (r"use --device cpu or auto", "choose 'cpu' or 'auto' as the device (Advanced)"),

@@ -133,7 +133,7 @@ def measure(model, fit_cases, split, selection_cases, device):
     from synomaly.training.calibration import healthy_validation_scores
 
     t0 = time.time()
-    h_in, hb_in = healthy_validation_scores(model, fit_cases, split, device)
+    h_in, hb_in, _ = healthy_validation_scores(model, fit_cases, split, device)
     cases, h_out, hb_out = [], [], []
     for case in selection_cases:
         ours, base, gt, prepared = volume_scores(model, case, device)

@@ -41,7 +41,7 @@ def main():
     fitting, selection = split_patients(training_rows())
     rows = [row for row in fitting if row["case"] not in trained_on]
     t0 = time.time()
-    ours, base = healthy_volume_scores(model, load_cases(rows, args.pack), args.device)
+    ours, base, _ = healthy_volume_scores(model, load_cases(rows, args.pack), args.device)
     log(f"healthy voxels of {len(rows)} calibration patients: {ours.size:,} ({time.time() - t0:.0f} s)")
     thresholds = {q: (float(calibrate_threshold(ours, q)), float(calibrate_threshold(base, q))) for q in args.targets}
     min_mm3 = float(model.metadata["inference"]["min_component_mm3"])

@@ -69,7 +69,8 @@ def run(args) -> int:
     cohort = found.cohort or shard is not None
     items = take_shard(found.items, *shard) if shard else found.items
     settings = detection_settings(args, batch_size=args.batch_size, seed=args.seed,
-                                  skull_check=not args.no_skull_check, skull_strip=args.skull_strip)
+                                  skull_check=not args.no_skull_check, skull_strip=args.skull_strip,
+                                  fit_check=not args.no_fit_check)
     sets = {item.name: item_paths(out_dir, item, args) for item in found.items}
     if cohort:
         sets["the summary"] = summary_files(out_dir, shard or (1, 1))
@@ -156,6 +157,7 @@ def _detect_one(item, paths: dict, model, settings, args, output_set):
         result = detect(volume, geometry, model, mask, settings, progress=bar)
     finally:
         bar.close()
+    notes.extend(result.report.get("warnings", []))
     result.report = {"input": os.path.realpath(path),
                      "mask": os.path.realpath(mask_path) if mask_path is not None else None,
                      **result.report, "warnings": notes}
@@ -171,7 +173,14 @@ def _say_done(item, r: dict, out_dir: Path) -> None:
               f"{r['anomalous_area_mm2']:.1f} mm^2" if r["pixel_spacing_known"] else
               f"{r['anomalous_area_px']} pixels")
     print(f"{item.path}: {amount} anomalous in {r['n_components']} component(s), "
-          f"max score {r['max_score']:.3f}; outputs in {out_dir}/{item.name}_*")
+          f"max score {r['max_score']:.3f}{_fit_words(r.get('input_fit'))}; outputs in {out_dir}/{item.name}_*")
+
+
+def _fit_words(fit) -> str:
+    """The input-fit verdict for the result line, so that an unusual input is seen where the answer is."""
+    if not fit or fit.get("score") is None:
+        return "; input fit unknown (the model has no input reference)"
+    return f"; input fit {fit['verdict']} (score {fit['score']:.1f})"
 
 
 def add_parser(sub) -> None:
@@ -195,6 +204,9 @@ def add_parser(sub) -> None:
                    "(pip install hd-bet) when no --mask is given")
     p.add_argument("--no-skull-check", action="store_true", help="do not refuse input that does not look "
                    "skull-stripped (brain model); for those who know better")
+    p.add_argument("--no-fit-check", action="store_true", help="answer an input far from the volumes the model "
+                   "was calibrated on (another sequence, units or organ) instead of refusing it; the report "
+                   "still gives its fit score")
     detection_options(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per network call (default: 2 on CPU, 32 on CUDA)")

@@ -218,7 +218,7 @@ def evaluate_case(case: EvalCase, model, settings, out_dir: Path, max_slices: Op
         "ours": ours, "baseline": baseline,
         "detection": {k: result.report.get(k) for k in ("threshold", "threshold_source", "anomalous_volume_ml",
                                                          "n_components", "slices_processed", "mean_stages",
-                                                         "timings_s")},
+                                                         "timings_s", "input_fit")},
         "panel": panel,
         "wall_s": round(time.perf_counter() - t0, 2),
     }

@@ -84,7 +84,24 @@ def check_description(meta: Any, path) -> Dict:
     _check_preprocessing(c, c.section(meta, "preprocessing"))
     _check_inference(c, c.section(meta, "inference"), schedule["num_steps"])
     _check_network(c, c.section(meta, "network"), meta["preprocessing"])
+    _check_input_reference(c, meta.get("calibration"))
     return meta
+
+
+def _check_input_reference(c: _Checker, calibration: Any) -> None:
+    """The ranges an input is compared with (``inference.input_fit``): optional, as models written before
+    it have none, but when present every range holds finite numbers, the lower first."""
+    if not isinstance(calibration, dict) or "input_reference" not in calibration:
+        return
+    features = calibration["input_reference"].get("features") if isinstance(calibration["input_reference"],
+                                                                             dict) else None
+    if not isinstance(features, dict):
+        c.fail("calibration.input_reference", calibration["input_reference"], "a section with features")
+    for name, ref in features.items():
+        values = [ref.get(k) for k in ("low", "median", "high")] if isinstance(ref, dict) else [None]
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+                or not values[0] <= values[1] <= values[2]:
+            c.fail(f"calibration.input_reference.features.{name}", ref, "finite low <= median <= high")
 
 
 def _check_preprocessing(c: _Checker, pre: Dict) -> None:

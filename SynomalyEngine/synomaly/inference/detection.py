@@ -58,6 +58,8 @@ class DetectionSettings:
     # skull-stripped unless a mask is given (``skullstrip.check_skull_stripped``); False skips the check.
     skull_check: bool = True
     skull_strip: Optional[str] = None  # "hd-bet": extract the brain first when no mask is given
+    # An input far from the model's calibration volumes (``input_fit``) is refused; False: warned only.
+    fit_check: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -330,6 +332,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     (of the reoriented volume; used by calibration). A model whose preset names an organ (liver-ct)
     needs ``mask``. Raises InputError, DeviceError, Cancelled."""
     from synomaly.inference.postprocessing import inner_region, scale_by_volume, segment, typical_level
+    from synomaly.inference.input_fit import check_fit, fit_score, intensity_profile
     from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
     from synomaly.inference.runtime import resolve_precision
     from synomaly.method.presets import missing_mask_message
@@ -358,6 +361,9 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     prepared = prepare_volume(volume, geometry, config, mask)
     indices = prepared.slices if slices is None else [z for z in slices if z in set(prepared.slices)]
+    reference = (model.metadata.get("calibration") or {}).get("input_reference")
+    profile = intensity_profile(prepared)
+    check_fit(fit_score(profile, reference), reference, model.name, settings.fit_check)  # before the network's work
     timings["preprocess_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -376,6 +382,10 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         level = scale_by_volume(anomaly_map, uncertainty, fg, indices)
     else:
         level = typical_level(anomaly_map, fg, indices) if indices else None
+    if level is not None:
+        profile["change"] = level
+    fit = fit_score(profile, reference)
+    fit_warnings = check_fit(fit, reference, model.name, settings.fit_check)
     voxel_mm3 = geometry.voxel_volume_mm3
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
@@ -403,6 +413,8 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         "map_level": level,
         "settings": dict(params, seed=int(settings.seed), device=str(device), precision=precision),
         "skull_check": skull,
+        "input_fit": fit,
+        "warnings": fit_warnings,
         "model": {"name": model.name, "model_id": model.model_id},
         "engine": {"name": "synomaly", "version": __version__},
         "timings_s": {key: round(v, 3) for key, v in timings.items()},

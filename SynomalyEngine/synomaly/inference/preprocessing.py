@@ -109,8 +109,26 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def background_lowest(array: np.ndarray) -> np.ndarray:
+    """``array``, or a copy in which a constant background inside the intensity range (0 in a volume
+    z-scored within its brain mask) is set below every other value, so that "background" is "lowest" for
+    the foreground and skull-stripping checks, as it is for raw and min-filled volumes. A value is such a
+    background when it fills over a tenth of the volume."""
+    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    low = sample.min()
+    if np.count_nonzero(sample == low) > 0.1 * sample.size:
+        return array
+    values, counts = np.unique(sample, return_counts=True)
+    if counts.max() <= 0.1 * sample.size:
+        return array
+    lowered = np.array(array, dtype=np.float32)
+    lowered[array == values[counts.argmax()]] = float(low) - 1.0
+    return lowered
+
+
 def foreground_mask(array: np.ndarray) -> np.ndarray:
-    """Foreground (head, organ) without labels: above a constant background, or above Otsu's threshold.
+    """Foreground (head, organ) without labels: above a constant background (``background_lowest``), or
+    above Otsu's threshold.
 
     Robust to isolated extremes: the background level is a percentile (``background_level``), Otsu's
     threshold is taken on intensities clipped to their 0.5-99.5th percentiles, and components smaller
@@ -120,6 +138,7 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
+    array = background_lowest(array)
     lo = background_level(array)
     at_background = array <= lo + 1e-6 * max(1.0, abs(lo))
     constant_background = at_background.mean() > 0.1

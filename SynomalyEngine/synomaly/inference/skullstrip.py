@@ -97,8 +97,10 @@ def skull_strip_features(volume: np.ndarray, geometry: Geometry) -> SkullStripFe
 
     from synomaly.files.volume_io import background_level
     from synomaly.inference.postprocessing import support_box
+    from synomaly.inference.preprocessing import background_lowest
 
     coarse, spacing = _coarse(np.asarray(volume), geometry)
+    coarse = background_lowest(coarse)
     background = background_level(coarse)
     outline = _outline(coarse, background)
     outside = ~outline

@@ -1,0 +1,52 @@
+"""Give a model written before input fit (``inference.input_fit``) its input reference, without touching its
+weights, settings, threshold or id: the profiles of whole healthy volumes it was calibrated on.
+
+    python SynomalyEngine/scripts/add_input_reference.py MODEL OUT CASES...   # folders, files or a CSV list
+    python SynomalyEngine/scripts/add_input_reference.py MODEL OUT --demo-phantoms
+
+``--demo-phantoms``: the demo model's calibration phantoms (``commands.demo.CALIBRATION_SEEDS``).
+Models trained now get their reference from their calibration (``training.calibration.calibrate``).
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("cases", nargs="*")
+    parser.add_argument("--demo-phantoms", action="store_true")
+    parser.add_argument("--source", default=None, help="how the reference volumes are described in the file")
+    args = parser.parse_args()
+    from synomaly.commands.demo import CALIBRATION_SEEDS, _healthy_phantoms
+    from synomaly.files.model_file import load_model, save_model
+    from synomaly.inference.input_fit import reference_from
+    from synomaly.training.calibration import healthy_volume_scores
+    from synomaly.training.cases import find_cases
+
+    model = load_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.demo_phantoms:
+            cases = find_cases(_healthy_phantoms(Path(tmp), CALIBRATION_SEEDS))
+            source = f"whole volumes of the {len(cases)} calibration phantoms (seeds {CALIBRATION_SEEDS.start}-" \
+                     f"{CALIBRATION_SEEDS.stop - 1})"
+        else:
+            cases = find_cases(args.cases)
+            source = f"whole volumes of {len(cases)} cases: " + ", ".join(c.name for c in cases)
+        profiles = healthy_volume_scores(model, cases, "auto")[2]
+    reference = reference_from(profiles, args.source or source)
+    model.metadata.setdefault("calibration", {})["input_reference"] = reference
+    for name, ref in reference["features"].items():
+        print(f"{name:10s} {ref['low']:9.4g} .. {ref['high']:9.4g} (median {ref['median']:.4g})")
+    before = model.model_id
+    saved = save_model(args.output, model.network.cpu(), model.metadata)
+    after = load_model(saved).model_id
+    if after != before:
+        raise SystemExit(f"the model id changed ({before} -> {after}): the reference must not change the model")
+    print(f"{saved}: id {after} kept, reference from {len(profiles)} volumes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Input fit of the brain FLAIR model: which inputs it answers, warns about or refuses, and what it answers.
+
+The model's input reference (``calibration.input_reference``) is made from the whole volumes of the
+calibration patients (the recipe's fitting patients it did not train on; ``--write`` stores it in a copy of
+the model). It is then tried on the 6 selection patients as they are, on altered copies that a user's
+pipeline could make (``evaluation.altered_inputs.ACCEPTABLE``, 5 and 8 mm slices, a 0.5 mm in-plane grid, a
+1 mm template grid of 182 x 218 x 182) and on inputs of another kind (``FOREIGN`` contrasts; the liver CTs
+with their liver masks). ``--development`` adds the 10 development cases, as they are (their images only:
+no label is read). Each row: the fit score, its verdict, the worst feature, and the anomalous volume.
+
+    python SynomalyEngine/scripts/input_fit_benchmark.py SynomalyEngine/synomaly/models/brain-flair.safetensors \\
+        --write runs/brain-flair-fit.safetensors --json runs/input-fit.json
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from brain_flair_recipe import DATA, case_rows, load_cases, split_patients, training_rows
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def run(model, image, geometry, mask):
+    from synomaly.errors import InputError
+    from synomaly.inference.detection import DetectionSettings, detect
+
+    t0 = time.time()
+    try:
+        result = detect(image, geometry, model, mask, DetectionSettings(fit_check=False, skull_check=False))
+    except InputError as exc:
+        return {"refused_by": str(exc)[:160], "seconds": time.time() - t0}
+    fit = result.report["input_fit"]
+    return {"score": fit["score"], "verdict": fit["verdict"], "worst": fit.get("worst"),
+            "distances": fit.get("distances"), "profile": fit["profile"],
+            "ml": result.report["anomalous_volume_ml"], "seconds": time.time() - t0}
+
+
+def variants(case):
+    """(name, image, geometry, mask) of the case as it is, altered and foreign."""
+    from synomaly.evaluation.altered_inputs import ACCEPTABLE, FOREIGN, resample
+    from synomaly.evaluation.liver_phantoms import thicker_slices
+    from synomaly.inference.preprocessing import foreground_mask
+
+    fg = case.mask if case.mask is not None else foreground_mask(case.image)
+    yield "as it is", case.image, case.geometry, case.mask
+    for name, alter in ACCEPTABLE.items():
+        yield name, alter(case.image, fg), case.geometry, case.mask
+    for mm in (5.0, 8.0):
+        masks = [case.mask] if case.mask is not None else []
+        image, geometry, new_masks = thicker_slices(case.image, case.geometry, mm, masks)
+        yield f"{mm:g} mm slices", image, geometry, (new_masks[0] if new_masks else None)
+    for name, spacing, size in (("0.5 mm in-plane", (0.5, 0.5, case.geometry.spacing[2]), None),
+                                ("1 mm template grid", (1.0, 1.0, 1.0), (182, 218, 182))):
+        image, geometry = resample(case.image, case.geometry, spacing, size)
+        mask = resample(case.mask.astype(np.float32), case.geometry, spacing, size, order=0)[0] > 0.5 \
+            if case.mask is not None else None
+        yield name, image, geometry, mask
+    for name, alter in FOREIGN.items():
+        yield "FOREIGN " + name, alter(case.image, fg), case.geometry, case.mask
+
+
+def liver_inputs():
+    from synomaly.files.volume_io import read_volume
+
+    for folder in sorted((DATA / "liver-ct").iterdir()):
+        if (folder / "ct.nii.gz").exists():
+            image, geometry = read_volume(folder / "ct.nii.gz")
+            mask = read_volume(folder / "liver.nii.gz")[0] > 0
+            yield f"FOREIGN liver CT {folder.name}", image, geometry, mask
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--write", help="store the reference in a copy of the model here")
+    parser.add_argument("--json", help="write every row here")
+    parser.add_argument("--development", action="store_true", help="also score the development cases' images")
+    parser.add_argument("--cases", type=int, default=6, help="how many selection patients to alter")
+    args = parser.parse_args()
+    from synomaly.files.model_file import load_model, save_model
+    from synomaly.inference.input_fit import reference_from
+    from synomaly.training.calibration import healthy_volume_scores
+
+    print(f"CPU: {cpu_name()}", flush=True)
+    model = load_model(args.model)
+    trained_on = {c["case"] for c in model.metadata["training"]["data"]["cases"]}
+    fitting, selection = split_patients(training_rows())
+    calibration = [row for row in fitting if row["case"] not in trained_on]
+    t0 = time.time()
+    profiles = healthy_volume_scores(model, load_cases(calibration), "auto")[2]
+    reference = reference_from(profiles, "whole volumes of the calibration patients " +
+                               ", ".join(row["case"] for row in calibration))
+    model.metadata.setdefault("calibration", {})["input_reference"] = reference
+    print(f"reference from {len(profiles)} volumes in {time.time() - t0:.0f} s:", flush=True)
+    for name, ref in reference["features"].items():
+        print(f"  {name:10s} {ref['low']:9.4g} .. {ref['high']:9.4g} (median {ref['median']:.4g})", flush=True)
+    if args.write:
+        save_model(args.write, model.network.cpu(), model.metadata)
+    rows = []
+    groups = [("selection", c) for c in load_cases(selection[:args.cases])]
+    if args.development:
+        groups += [("development", c) for c in load_cases(case_rows("development"))]
+    for group, case in groups:
+        items = variants(case) if group == "selection" else [("as it is", case.image, case.geometry, case.mask)]
+        for name, image, geometry, mask in items:
+            row = {"group": group, "case": case.name, "input": name, **run(model, image, geometry, mask)}
+            rows.append(row)
+            print(f"{group:11s} {case.name:22s} {name:26s} " + (
+                f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
+                if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+    for name, image, geometry, mask in liver_inputs():
+        row = {"group": "foreign", "case": name, "input": name, **run(model, image, geometry, mask)}
+        rows.append(row)
+        print(f"foreign     {name:49s} " + (f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst']}"
+                                             if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "reference": reference, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""How far an input is from the volumes a model was calibrated on: a label-free out-of-distribution score.
+
+A diffusion model given what it never learnt (a T1 or T2 for a FLAIR model, a brain for a liver model, a
+body mask for a liver mask) still returns a map and a volume, and that answer looks as confident as a
+right one. Each input is therefore described by a few numbers that need no labels (its intensity profile
+after normalisation, the organ's size, how much the network changed it), and each is compared with the
+range those numbers took on the model's calibration volumes (``calibration.input_reference`` in the model
+file). The score is the largest distance outside that range, in units of the range's width: 0 inside it,
+1 a full width beyond. Detection reports it, warns past ``WARN_SCORE`` and refuses an intensity profile past
+``REFUSE_SCORE``.
+"""
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from synomaly.errors import InputError
+
+# Quantiles of the normalised foreground intensity ([-1, 1]): the shape of the histogram, which the
+# robust normalisation leaves to the contrast (its median is fixed by construction and so not a feature).
+QUANTILES = (5, 25, 75, 95)
+# The smallest width a feature's range is given, so that a narrow range (a few calibration volumes of one
+# scanner) does not turn small differences into large scores: network units for quantiles, a share for
+# the saturated fraction; for the positive features, compared on a log scale, a ratio.
+# Quantiles' floor: 8 mm slices of the same brain move the 25th percentile by up to 0.35 (partial volume).
+MIN_WIDTH = {"quantile": 0.2, "saturated": 0.02, "log": math.log(1.5), "extent": math.log(1.15)}
+WARN_SCORE = 1.0
+REFUSE_SCORE = 3.0
+# Only the intensity profile refuses: the region's size and shape and the network's change also vary with
+# anatomy and disease (a child's brain, a partial slab, a large tumour), so past the limit they warn.
+REFUSING = ("p05", "p25", "p75", "p95", "saturated")
+
+FEATURE_WORDS = {
+    "p05": "5th intensity percentile", "p25": "25th intensity percentile", "p75": "75th intensity percentile",
+    "p95": "95th intensity percentile", "saturated": "share of the region at the top of the intensity range",
+    "region_ml": "size of the region analysed (mL)", "change": "how much the network changed the input",
+    "short_mm": "shortest extent of the region (mm)", "long_mm": "longest extent of the region (mm)",
+}
+
+
+def intensity_profile(prepared) -> Dict[str, float]:
+    """The features known before the network runs: intensity quantiles and the saturated share of the
+    region (its foreground, over the slices processed), and the region's size for a 3D volume."""
+    region = np.zeros(prepared.foreground.shape, dtype=bool)
+    region[prepared.slices] = prepared.foreground[prepared.slices]
+    values = prepared.normalised[region]
+    if values.size == 0:
+        return {}
+    values = values[:: max(1, values.size // 1_000_000)]
+    profile = {f"p{q:02d}": float(v) for q, v in zip(QUANTILES, np.percentile(values, QUANTILES))}
+    profile["saturated"] = float(np.mean(values >= 0.999))
+    if prepared.foreground.shape[0] > 1:
+        voxel_ml = float(np.prod(prepared.spacing_zyx)) / 1000.0
+        profile["region_ml"] = float(np.count_nonzero(prepared.foreground)) * voxel_ml
+        profile.update(_extents(prepared.foreground, prepared.spacing_zyx))
+    return profile
+
+
+def _extents(foreground: np.ndarray, spacing_zyx) -> Dict[str, float]:
+    """The region's shortest and longest extent: four standard deviations along its principal axes (a
+    brain is about 110 x 125 x 155 mm; a liver is flatter or longer), from a sample of its voxels."""
+    coords = np.argwhere(foreground)
+    coords = coords[:: max(1, len(coords) // 200_000)] * np.asarray(spacing_zyx, dtype=float)
+    if len(coords) < 10:
+        return {}
+    spread = 4.0 * np.sqrt(np.clip(np.linalg.eigvalsh(np.cov(coords.T)), 0.0, None))
+    return {"short_mm": float(spread.min()), "long_mm": float(spread.max())}
+
+
+def _kind(feature: str) -> str:
+    if feature in ("short_mm", "long_mm"):
+        return "extent"
+    return "log" if feature in ("region_ml", "change") else "saturated" if feature == "saturated" else "quantile"
+
+
+def reference_from(profiles: Sequence[Dict[str, float]], source: str) -> Dict:
+    """The range of each feature over calibration volumes' profiles, as stored in a model file."""
+    features = {}
+    for name in sorted({k for p in profiles for k in p}):
+        values = [p[name] for p in profiles if name in p and math.isfinite(p[name])]
+        if values:
+            features[name] = {"low": float(min(values)), "high": float(max(values)),
+                              "median": float(np.median(values))}
+    return {"volumes": len(profiles), "source": source, "features": features}
+
+
+def _distance(value: float, ref: Dict[str, float], kind: str) -> float:
+    low, high = ref["low"], ref["high"]
+    if kind in ("log", "extent"):
+        value, low, high = (math.log(max(v, 1e-6)) for v in (value, low, high))
+    width = max(high - low, MIN_WIDTH[kind])
+    return max(0.0, value - high, low - value) / width
+
+
+def fit_score(profile: Dict[str, float], reference: Optional[Dict]) -> Dict:
+    """The input's distances from the reference, feature by feature, and the verdict on the largest."""
+    if not reference or not reference.get("features"):
+        return {"score": None, "verdict": "unknown: the model file holds no input reference", "profile": profile}
+    distances = {name: round(_distance(value, reference["features"][name], _kind(name)), 3)
+                 for name, value in profile.items() if name in reference["features"]}
+    worst = max(distances, key=distances.get) if distances else None
+    score = distances[worst] if worst else 0.0
+    verdict = ("typical" if score == 0 else "close" if score <= WARN_SCORE else
+               "unusual" if score <= REFUSE_SCORE else "outside")
+    return {"score": score, "verdict": verdict, "worst": worst, "distances": distances, "profile": profile,
+            "reference_volumes": reference.get("volumes")}
+
+
+def describe(fit: Dict, reference: Dict) -> str:
+    """One sentence on the features beyond the range, the worst first, with the input's value and the range."""
+    parts = []
+    for name in sorted(fit["distances"], key=fit["distances"].get, reverse=True):
+        if fit["distances"][name] <= WARN_SCORE:
+            break
+        ref = reference["features"][name]
+        parts.append(f"{FEATURE_WORDS.get(name, name)} {fit['profile'][name]:.3g} against {ref['low']:.3g} to "
+                     f"{ref['high']:.3g} ({fit['distances'][name]:.1f} ranges away)")
+    return "; ".join(parts)
+
+
+def check_fit(fit: Dict, reference: Optional[Dict], model_name: str, enforce: bool) -> List[str]:
+    """Warnings for an unusual input; InputError for an intensity profile outside, unless ``enforce`` is False."""
+    if fit.get("score") is None or fit["score"] <= WARN_SCORE:
+        return []
+    detail = describe(fit, reference)
+    if enforce and max([fit["distances"].get(name, 0.0) for name in REFUSING]) > REFUSE_SCORE:
+        raise InputError(f"this input is far from the volumes the {model_name} model was calibrated on ({detail}): "
+                         "the answer would not mean what it says. Check that the image is the modality and sequence "
+                         "the model expects, in its units, and that the mask is the organ; pass --no-fit-check "
+                         "(fit_check=False in Python) to run it anyway.")
+    return [f"input unlike the {model_name} model's calibration volumes ({detail}); read the result with care."]

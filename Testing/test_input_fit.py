@@ -1,0 +1,143 @@
+"""Input fit: inputs unlike a model's calibration volumes are scored, warned about, or refused (issue 22:
+"inputs the model does not fit are answered anyway")."""
+import json
+import math
+
+import pytest
+
+from synomaly.errors import InputError, ModelFileError
+from test_cli import assert_refused, run_detect
+
+
+def test_score_is_the_distance_outside_the_range_in_widths():
+    from synomaly.inference.input_fit import REFUSE_SCORE, check_fit, fit_score, reference_from
+
+    reference = reference_from([{"p05": -0.6, "p95": 0.2, "region_ml": 1000.0},
+                                {"p05": -0.4, "p95": 0.4, "region_ml": 1500.0}], "two volumes")
+    inside = fit_score({"p05": -0.5, "p95": 0.3, "region_ml": 1200.0}, reference)
+    assert inside["score"] == 0 and inside["verdict"] == "typical"
+    # p95 one width (0.2) above the highest calibration value; the size twice the largest, on a log scale.
+    beyond = fit_score({"p05": -0.5, "p95": 0.6, "region_ml": 3000.0}, reference)  # floor width 0.2
+    assert beyond["distances"]["p95"] == pytest.approx(1.0)
+    assert beyond["distances"]["region_ml"] == pytest.approx(math.log(2) / math.log(1.5), abs=1e-3)
+    assert beyond["worst"] == "region_ml" and beyond["verdict"] == "unusual"
+    assert check_fit(beyond, reference, "m", enforce=True)[0].startswith("input unlike the m model's")
+    far = fit_score({"p05": -0.5, "p95": 0.4 + 0.2 * (REFUSE_SCORE + 1)}, reference)
+    with pytest.raises(InputError, match=r"95th intensity percentile .* against 0.2 to 0.4"):
+        check_fit(far, reference, "m", enforce=True)
+    assert check_fit(far, reference, "m", enforce=False)
+    # The size and the network's change vary with anatomy and disease: far off, they warn only.
+    huge = fit_score({"p05": -0.5, "region_ml": 1500.0 * 1.5 ** (REFUSE_SCORE + 2)}, reference)
+    assert huge["verdict"] == "outside" and check_fit(huge, reference, "m", enforce=True)
+    assert fit_score({"p05": 0.0}, None)["score"] is None
+
+
+def _with_reference(tmp_path, reference):
+    from synomaly.files.model_file import load_model, save_model
+
+    model = load_model("demo-phantom")
+    model.metadata["calibration"]["input_reference"] = reference
+    return save_model(tmp_path / "m.safetensors", model.network, model.metadata)
+
+
+def test_a_damaged_reference_is_refused_by_name(tmp_path):
+    from synomaly.files.model_file import load_model
+
+    path = _with_reference(tmp_path, {"features": {"p95": {"low": 0.5, "median": 0.4, "high": 0.3}}})
+    with pytest.raises(ModelFileError, match=r"calibration\.input_reference\.features\.p95"):
+        load_model(path)
+
+
+def test_the_reference_leaves_the_model_id_unchanged(tmp_path):
+    from synomaly.files.model_file import load_model
+
+    bundled = load_model("demo-phantom")
+    path = _with_reference(tmp_path, {"features": {"p95": {"low": 0.1, "median": 0.2, "high": 0.3}}})
+    assert load_model(path).model_id == bundled.model_id
+
+
+def test_bundled_models_carry_a_reference():
+    from synomaly.files.model_file import BUNDLED_DIR, read_metadata
+
+    for path in sorted(BUNDLED_DIR.glob("*.safetensors")):
+        reference = read_metadata(path)["calibration"]["input_reference"]
+        assert reference["volumes"] >= 3 and {"p05", "p95", "change"} <= set(reference["features"]), path.name
+
+
+def _fluid_bright(phantom_case, tmp_path):
+    from synomaly.evaluation.altered_inputs import t2_like
+    from synomaly.files.volume_io import read_volume, write_volume
+
+    image, geometry = read_volume(phantom_case["flair"])
+    path = tmp_path / "t2like.nii.gz"
+    write_volume(path, t2_like(image, image > image.min()), geometry)
+    return path
+
+
+def test_the_demo_model_answers_its_phantom_as_typical(phantom_case):
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.detection import DetectionSettings, detect
+
+    image, geometry = read_volume(phantom_case["flair"])
+    result = detect(image, geometry, load_model("demo-phantom"), settings=DetectionSettings(stages=1))
+    fit = result.report["input_fit"]
+    assert fit["verdict"] in ("typical", "close") and not result.report["warnings"], fit
+
+
+def test_another_contrast_is_refused_and_answered_only_on_request(phantom_case, tmp_path):
+    """A T2-like copy of the phantom (fluid bright), through the real command line: one line naming what is
+    out of range, exit 2, nothing written; --no-fit-check answers, with the verdict on the result line and in
+    the report."""
+    foreign = _fluid_bright(phantom_case, tmp_path)
+    out = tmp_path / "out"
+    line = assert_refused(run_detect(foreign, "-o", out, "--stages", "1", "-q"), "far from", "--no-fit-check")
+    assert "share of the region at the top of the intensity range" in line and "ranges away" in line
+    assert not out.exists() or not any(out.iterdir())
+    answered = run_detect(foreign, "-o", out, "--stages", "1", "-q", "--no-fit-check")
+    assert answered.returncode == 0, answered.stderr
+    assert "input fit outside" in answered.stdout
+    assert "input unlike the demo-phantom model's" in answered.stderr
+    report = json.loads(next(out.glob("*report.json")).read_text())
+    assert report["input_fit"]["verdict"] == "outside" and report["input_fit"]["score"] > 3
+    assert any("input unlike" in w for w in report["warnings"])
+
+
+def test_brain_model_refuses_a_fluid_bright_copy_of_a_real_flair(shared_data):
+    """A real BraTS FLAIR made T2-like (fluid bright) is refused before the network runs (the intensity
+    profile alone is far enough); the FLAIR itself is not. (An inverted FLAIR is not caught: see the README.)"""
+    from synomaly.evaluation.altered_inputs import t2_like
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.input_fit import fit_score, intensity_profile
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+
+    model = load_model("brain-flair")
+    reference = model.metadata["calibration"]["input_reference"]
+    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
+    image, geometry = read_volume(shared_data / "brats2018" / "Brats18_2013_23_1" / "flair.nii.gz")
+    fg = image > image.min()
+    assert fit_score(intensity_profile(prepare_volume(image, geometry, config)), reference)["score"] <= 1
+    profile = intensity_profile(prepare_volume(t2_like(image, fg), geometry, config))
+    assert fit_score(profile, reference)["score"] > 3
+
+
+def test_pipelines_alterations_are_answered_alike(phantom_case):
+    """What another pipeline makes of the same phantom (a bias field, winsorised, scanner units, z-scored
+    with the background set to 0) is not refused; a change of scale or winsorising leaves the anomalous volume
+    near the original's (a bias field does not: the demo model never saw one, and says nothing of it)."""
+    from synomaly.evaluation.altered_inputs import ACCEPTABLE
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.detection import DetectionSettings, detect
+
+    model = load_model("demo-phantom")
+    image, geometry = read_volume(phantom_case["flair"])
+    brain = read_volume(phantom_case["brainmask"])[0] > 0
+    settings = DetectionSettings(stages=1)
+    original = detect(image, geometry, model, settings=settings).report["anomalous_volume_ml"]
+    for name, alter in ACCEPTABLE.items():
+        report = detect(alter(image, brain), geometry, model, settings=settings).report
+        assert report["input_fit"]["score"] <= 1.0, (name, report["input_fit"])
+        if not name.startswith("bias"):
+            assert report["anomalous_volume_ml"] == pytest.approx(original, rel=0.2, abs=0.2), name
