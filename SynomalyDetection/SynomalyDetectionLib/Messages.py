@@ -13,11 +13,11 @@ _REPLACEMENTS = [
      r"\(--no-skull-check\)\.",
      r"Pick a brain mask as the Mask: \1. If the input is skull-stripped after all, "
      r"logic.detect(..., skull_check=False) in the Python console skips the check."),
-    (r"--device cuda was asked for but CUDA is not available here",
-     "The device 'cuda' was chosen but CUDA is not available here"),
+    (r"--device (\w+) was asked for but", r"The device '\1' was chosen but"),
     (r"use --device cpu or auto", "choose 'cpu' or 'auto' as the device (Advanced)"),
     (r"pass a label map as --mask", "choose a label map or segmentation as the Mask"),
     (r"resume it \(--resume\) or delete the folder", "click Resume to continue it, or delete the folder"),
+    (r"--precision (\w+)", r"precision='\1' (Python console)"),
     (r"--device\b", "the device setting"),
     (r"--mask\b", "the Mask"),
     (r"--resume\b", "Resume"),

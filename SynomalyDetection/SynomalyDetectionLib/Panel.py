@@ -73,11 +73,14 @@ class RunLog:
 
 def device_choices(found: Optional[dict]) -> List[Tuple[str, str]]:
     """(value for the engine, label) for each device: automatic, each CUDA GPU with its name and memory,
-    the CPU. Apple's mps is listed by the probe but the engine does not run on it yet."""
+    Apple's GPU where the probe found mps (auto never picks it: the engine runs there in fp32 only and was
+    not measured there), the CPU."""
     choices = [("auto", "auto (a CUDA GPU if there is one, else the CPU)")]
     for gpu in (found or {}).get("cuda", []):
         memory = f"{gpu['memory'] / 1024 ** 3:.0f} GB" if gpu.get("memory") else "memory unknown"
         choices.append((f"cuda:{gpu['index']}", f"cuda:{gpu['index']}: {gpu['name']} ({memory})"))
+    if (found or {}).get("mps"):
+        choices.append(("mps", "mps: Apple GPU (fp32)"))
     choices.append(("cpu", "cpu"))
     return choices
 
