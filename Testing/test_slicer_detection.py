@@ -506,7 +506,6 @@ def test_mps_where_there_is_none_is_refused_in_the_panels_words(scene, tmp_path,
     torch = pytest.importorskip("torch")
     if torch.backends.mps.is_available():
         pytest.skip("Apple's mps is available here")
-    from synomaly.errors import DeviceError
 
     node = phantom_node()
     before = scene.GetNumberOfNodes()
