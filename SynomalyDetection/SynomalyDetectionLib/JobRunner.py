@@ -372,26 +372,32 @@ class WorkerJob:
 
     def wait(self, interval_s: float = 0.02, cancel: Optional[Callable[[], bool]] = None,
              process_events: Optional[Callable[[], None]] = None):
-        """Poll until done (the Python console, tests); return the result or raise the error.
-        ``cancel()`` is asked between polls; ``process_events`` (Slicer's by default, inside Slicer) runs
-        between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
-        (Ctrl-C) stops the worker before it propagates."""
-        process_events = process_events if process_events is not None else gui_events()
-        _waiting.append(self)
-        try:
-            while self.poll():
-                if cancel is not None and not self._cancel_at and cancel():
-                    self.cancel()
-                if process_events is not None:
-                    process_events()
-                time.sleep(interval_s)
-        except BaseException:
-            self.stop(process_events=process_events)
-            raise
-        finally:
-            _waiting.remove(self)
-        if self.state == SUCCEEDED:
-            return self.result
-        if self.state == CANCELLED and self.error is None:
-            raise errors().Cancelled("Cancelled.")
-        raise self.error
+        """Poll until done (the Python console, tests); return the result or raise the error (``wait_for``)."""
+        return wait_for(self, interval_s, cancel, process_events)
+
+
+def wait_for(job, interval_s: float = 0.02, cancel: Optional[Callable[[], bool]] = None,
+             process_events: Optional[Callable[[], None]] = None):
+    """Poll ``job`` (a WorkerJob, or anything polled like one) until done; return its result or raise its error.
+    ``cancel()`` is asked between polls; ``process_events`` (Slicer's by default, inside Slicer) runs
+    between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
+    (Ctrl-C) stops the worker before it propagates."""
+    process_events = process_events if process_events is not None else gui_events()
+    _waiting.append(job)
+    try:
+        while job.poll():
+            if cancel is not None and not job.cancelling and cancel():
+                job.cancel()
+            if process_events is not None:
+                process_events()
+            time.sleep(interval_s)
+    except BaseException:
+        job.stop(process_events=process_events)
+        raise
+    finally:
+        _waiting.remove(job)
+    if job.state == SUCCEEDED:
+        return job.result
+    if job.state == CANCELLED and job.error is None:
+        raise errors().Cancelled("Cancelled.")
+    raise job.error
