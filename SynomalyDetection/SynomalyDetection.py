@@ -27,13 +27,14 @@ except ImportError:  # Slicer before 5.4 has no translations
 
 from SynomalyDetectionLib import (MODULE_NAME, Parameters, SynomalyLogic, WorkerError, ensure_dependencies,
                                   format_report, get_parameter_node, missing_dependencies)
+from SynomalyDetectionLib.Batch import finished_outputs
 from SynomalyDetectionLib.Dependencies import dependency_report, installing
 from SynomalyDetectionLib.Engine import is_user_error
 from SynomalyDetectionLib.JobRunner import (CANCELLED, SUCCEEDED, remove_stale_job_folders, waiting_jobs,
                                             worker_python)
-from SynomalyDetectionLib.MrmlBridge import (default_input_volume, output_node_ids, show_side_by_side,
-                                             shown_in_layout)
-from SynomalyDetectionLib.Panel import DeviceProbe, RunLog, device_choices, memory_hint
+from SynomalyDetectionLib.MrmlBridge import default_input_volume, output_node_ids, show_results
+from SynomalyDetectionLib.Panel import (DeviceProbe, RunLog, device_choices, memory_hint, select_data,
+                                        set_checked_nodes)
 from SynomalyDetectionLib.SelfTest import SynomalyDetectionTest  # noqa: F401 (Slicer's test runner looks here)
 from SynomalyDetectionLib.SlicerInstall import install_torch, pip_install_logged
 
@@ -54,7 +55,8 @@ class SynomalyDetection(ScriptedLoadableModule):
 <p>Finds what does not look healthy in a 3D image, with a diffusion model trained on healthy images only (Synomaly
 noise and multi-stage diffusion). No lesion annotations are needed.</p>
 <p><b>Detect anomalies:</b> pick the input volume, optionally a mask (segmentation or label map, e.g. the brain) and
-a model, then click <i>Detect anomalies</i>. A liver CT model needs a liver mask: a segmentation with a "liver"
+a model, then click <i>Detect anomalies</i>. <i>Several volumes</i>: check them instead; they run one after the
+other with the same mask, model and settings. A liver CT model needs a liver mask: a segmentation with a "liver"
 segment (e.g. from the TotalSegmentator extension) or a liver label map; until one is chosen, the button's tooltip
 says so. The run goes on in a separate process, so Slicer stays responsive; <i>Cancel</i> stops it and adds nothing.
 Results are placed beside the input in the Data module: a segmentation "&lt;input&gt; anomalies" (segment "Anomaly"),
@@ -114,7 +116,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         for selector in (self.ui.inputVolumeSelector, self.ui.maskSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.trainingVolumesSelector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
+        for selector in (self.ui.inputVolumesSelector, self.ui.trainingVolumesSelector):
+            selector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
         for combo in (self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.presetComboBox,
                       self.ui.trainingDeviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
@@ -122,8 +125,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                         self.ui.stepsSpinBox):
             spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.thresholdSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        for toggle in (self.ui.updateOutputsCheckBox, self.ui.trainFromFolderRadioButton,
-                       self.ui.trainFromVolumesRadioButton):
+        for toggle in (self.ui.severalInputsCheckBox, self.ui.updateOutputsCheckBox,
+                       self.ui.trainFromFolderRadioButton, self.ui.trainFromVolumesRadioButton):
             toggle.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         # Emitted on every pick, the same folder again included (directoryChanged is not).
         self.ui.trainingFolderButton.connect("directorySelected(QString)", self.updateParameterNodeFromGUI)
@@ -199,10 +202,12 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingGUI = True
         try:
             self.ui.inputVolumeSelector.setCurrentNode(parameters.input_volume)
+            self.ui.severalInputsCheckBox.checked = parameters.several_inputs
+            set_checked_nodes(self.ui.inputVolumesSelector, parameters.input_volumes, qt.Qt.Checked, qt.Qt.Unchecked)
             self.ui.maskSelector.setCurrentNode(parameters.mask)
             self._hideOutputs()
             self._selectModel(parameters.model)
-            self._selectData(self.ui.deviceComboBox, parameters.device)
+            select_data(self.ui.deviceComboBox, parameters.device)
             self.ui.stagesSpinBox.value = parameters.stages
             self.ui.noiseLevelSpinBox.value = parameters.noise_level
             self.ui.thresholdSpinBox.value = parameters.threshold
@@ -216,14 +221,11 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self.ui.trainingFolderButton.directory = parameters.training_folder
             # Before a folder is chosen the button would show Slicer's working directory.
             self.ui.trainingFolderButton.text = parameters.chosen_folder or _("Choose a folder...")
-            checked = {n.GetID() for n in parameters.training_volumes}
-            for index in range(self.ui.trainingVolumesSelector.nodeCount()):
-                node = self.ui.trainingVolumesSelector.nodeFromIndex(index)
-                state = qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked
-                self.ui.trainingVolumesSelector.setCheckState(node, state)
-            self._selectData(self.ui.presetComboBox, parameters.preset)
+            set_checked_nodes(self.ui.trainingVolumesSelector, parameters.training_volumes, qt.Qt.Checked,
+                              qt.Qt.Unchecked)
+            select_data(self.ui.presetComboBox, parameters.preset)
             self.ui.stepsSpinBox.value = parameters.steps
-            self._selectData(self.ui.trainingDeviceComboBox, parameters.training_device)
+            select_data(self.ui.trainingDeviceComboBox, parameters.training_device)
             self.ui.deviceHintLabel.text = memory_hint(parameters.device, self._devices)
             if self.ui.modelNameLineEdit.text != parameters.model_name:
                 self.ui.modelNameLineEdit.text = parameters.model_name
@@ -236,6 +238,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         parameters = Parameters.from_node(self._parameterNode)
         parameters.input_volume = self.ui.inputVolumeSelector.currentNode()
+        parameters.several_inputs = self.ui.severalInputsCheckBox.checked
+        parameters.input_volumes = list(self.ui.inputVolumesSelector.checkedNodes())
         parameters.mask = self.ui.maskSelector.currentNode()
         parameters.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
         parameters.device = self.ui.deviceComboBox.currentData or "auto"
@@ -254,19 +258,11 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters.model_name = self.ui.modelNameLineEdit.text.strip()
         parameters.to_node(self._parameterNode)
 
-    @staticmethod
-    def _selectData(combo, value):
-        """The item of that value; one the list lacks (a GPU gone since the scene was saved) is added."""
-        index = combo.findData(value)
-        if index < 0 and value:
-            combo.addItem(value, value)
-            index = combo.count - 1
-        combo.setCurrentIndex(max(index, 0))
-
     def _hideOutputs(self):
         """Detection outputs are no inputs, masks or healthy cases: the selectors do not offer them."""
         hidden = output_node_ids(slicer.mrmlScene)
-        for selector in (self.ui.inputVolumeSelector, self.ui.maskSelector, self.ui.trainingVolumesSelector):
+        for selector in (self.ui.inputVolumeSelector, self.ui.inputVolumesSelector, self.ui.maskSelector,
+                         self.ui.trainingVolumesSelector):
             selector.sortFilterProxyModel().hiddenNodeIDs = hidden
 
     def _populateDevices(self):
@@ -328,6 +324,8 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.detectButton.enabled = idle and not blocker
         self.ui.detectButton.toolTip = blocker or _("Run the detection in the background.")
         self.ui.cancelDetectionButton.enabled = self._job is not None and self._jobKind == "detection"
+        self.ui.inputVolumeSelector.enabled = parameters is not None and not parameters.several_inputs
+        self.ui.inputVolumesSelector.enabled = parameters is not None and parameters.several_inputs
         self.ui.deleteModelButton.enabled = idle and self.logic.is_user_model(parameters and parameters.model)
         trainingButtons = ((self.ui.startTrainingButton, False, _("Train a new model on the chosen healthy cases.")),
                            (self.ui.resumeTrainingButton, True, _("Continue the cancelled run of this name.")))
@@ -517,30 +515,25 @@ class SynomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.detectionStatusLabel.text = message
 
     def _onDetectionFinished(self, job, elapsed):
+        """A batch's outputs done before a cancel or a failure stay: the last one is shown."""
+        results = finished_outputs(job)
         if job.state == SUCCEEDED:
-            outputs = job.result
             self.ui.detectionProgressBar.value = 100
-            self.ui.detectionStatusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=elapsed)
-            self.ui.reportLabel.text = format_report(outputs.report)
-            self._hideOutputs()
-            self.showResults(outputs)
+            done = _("{count} volumes done in {seconds:.0f} s.") if len(results) > 1 else _("Done in {seconds:.0f} s.")
+            self.ui.detectionStatusLabel.text = done.format(count=len(results), seconds=elapsed)
         elif job.state == CANCELLED:
             self.ui.detectionProgressBar.value = 0
-            self.ui.detectionStatusLabel.text = _("Cancelled; nothing was added to the scene.")
+            kept = _("Cancelled; the outputs of the {count} volume(s) done before stay.") if results else _(
+                "Cancelled; nothing was added to the scene.")
+            self.ui.detectionStatusLabel.text = kept.format(count=len(results))
         else:
-            self.ui.detectionStatusLabel.text = _("Failed.")
+            name = getattr(job, "stopped_at", "")  # a batch names the volume that failed
+            self.ui.detectionStatusLabel.text = _("Failed on '{name}'.").format(name=name) if name else _("Failed.")
             self._showError(_("Anomaly detection failed"), job.error)
-
-    @staticmethod
-    def showResults(outputs):
-        """The analysed input (with the anomaly map) and the counterfactual side by side, linked, with the
-        segmentation over both. The layout is switched only when the current one lacks the Red and Yellow
-        views: a layout the user chose stays."""
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and not shown_in_layout(slicer.mrmlScene, ("Red", "Yellow")):
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        show_side_by_side(outputs)
-        slicer.util.resetSliceViews()
+        if results:
+            self.ui.reportLabel.text = format_report(results[-1].report)
+            self._hideOutputs()
+            show_results(results[-1], slicer.app.layoutManager())
 
     # training
 

@@ -389,6 +389,19 @@ def test_cuda_without_cuda_is_refused(phantom_case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_mps_without_mps_is_refused_by_detect_and_train(phantom_case, tmp_path):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("Apple's mps is available here")
+    words = ("mps", "not available", "--device cpu or auto")
+    assert_refused(run_detect(phantom_case["flair"], "--device", "mps", "-o", tmp_path / "out"), *words)
+    model = tmp_path / "models" / "m.safetensors"
+    assert_refused(run_cli("train", phantom_case["flair"].parent.parent, "-o", model, "--device", "mps",
+                           *TRAIN_ARGS), *words)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()
+
+
 def test_unwritable_output_folder_is_refused(phantom_case, tmp_path):
     """Tests run as root, whom chmod does not stop: a folder below a regular file cannot exist for anyone."""
     blocker = tmp_path / "a_file"

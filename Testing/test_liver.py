@@ -285,6 +285,10 @@ def test_slicer_logic_asks_a_liver_model_for_a_mask_in_the_panels_words(mrml, ct
     assert scene.GetNumberOfNodes() == count, "a refusal adds no node"
     assert logic.detection_blocker(Parameters(input_volume=node, model=brain_id)) == ""
     assert logic.detection_blocker(Parameters(input_volume=None, model=liver_id)) == "Choose an input volume."
+    several = Parameters(several_inputs=True, input_volumes=[node], model=liver_id)
+    assert logic.detection_blocker(several) == blocker, "several volumes: the same mask is needed"
+    with pytest.raises(InputError, match="needs a liver mask"):
+        logic.start_detection(several)
 
     spleen = np.zeros_like(liver)
     spleen[:, 5:15, 40:55] = True

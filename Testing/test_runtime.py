@@ -1,11 +1,14 @@
-"""Precision and layout of the network at inference: chosen per machine, forced on request, same answer."""
+"""Precision and layout of the network at inference: chosen per machine, forced on request, same answer; the
+devices a name means (Apple's mps only by name, in fp32)."""
 import numpy as np
 import pytest
 import torch
 
-from synomaly.errors import InputError
-from synomaly.inference.runtime import (BF16_TRAINING_BATCH, cpu_has_native_bf16, describe_cpu, resolve_precision,
-                                        resolve_training_precision)
+from synomaly.errors import DeviceError, InputError
+from synomaly.inference.detection import resolve_device
+from synomaly.inference.runtime import (BF16_TRAINING_BATCH, autocast, cpu_has_native_bf16, describe_cpu,
+                                        resolve_precision, resolve_training_precision)
+from synomaly.training.distributed import Team
 
 
 def test_precision_auto_follows_the_machine():
@@ -66,3 +69,40 @@ def test_bf16_and_channels_last_give_the_fp32_answer(phantom_case):
     dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
     assert a.sum() > 0 and dice > 0.95
     assert np.abs(results["fp32"].anomaly_map - results["bf16"].anomaly_map).max() < 0.1
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="Apple's mps is available here")
+def test_mps_without_mps_is_a_device_error_that_says_what_to_choose():
+    with pytest.raises(DeviceError, match=r"mps is not available here .*use --device cpu or auto"):
+        resolve_device("mps")
+    with pytest.raises(DeviceError, match="use auto, cpu, cuda or mps"):
+        resolve_device("metal")
+
+
+@pytest.fixture
+def mac(monkeypatch):
+    """A machine with Apple's mps and no CUDA, as torch reports it (a torch.device needs no hardware)."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_mps_only_by_name_never_for_auto(mac):
+    assert resolve_device("mps") == torch.device("mps")
+    assert resolve_device("auto") == torch.device("cpu"), "auto stays with CUDA or the CPU"
+
+
+def test_mps_runs_fp32_and_refuses_bf16(mac):
+    mps = torch.device("mps")
+    assert resolve_precision(mps, "auto") == resolve_precision(mps, "fp32") == "fp32"
+    assert resolve_training_precision(mps, "auto", BF16_TRAINING_BATCH, compiled=True) == "fp32"
+    for refused in (lambda: resolve_precision(mps, "bf16"), lambda: resolve_training_precision(mps, "bf16", 8, False)):
+        with pytest.raises(DeviceError, match="bf16 is not offered on Apple's mps"):
+            refused()
+    with autocast(mps, "fp32"):  # no autocast context at all: an older torch refuses one on mps even disabled
+        assert not torch.is_autocast_enabled()
+
+
+def test_mps_trains_in_one_process_only(mac):
+    assert Team().resolve_device("mps") == torch.device("mps")
+    with pytest.raises(InputError, match="--device mps trains in one process only"):
+        Team(rank=0, world_size=2, local_rank=0, local_world_size=2).resolve_device("mps")

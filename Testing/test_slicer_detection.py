@@ -444,6 +444,11 @@ def test_engine_result_that_cannot_be_written_leaves_no_nodes(scene, logic):
     ("the input volume looks like a label map (only the values [0, 1]); give the intensity image, and pass "
      "a label map as --mask if it is an organ mask.", "--mask", "as the Mask"),
     ("/m/a.run holds an earlier run; resume it (--resume) or delete the folder.", "--resume", "click Resume"),
+    ("--device mps was asked for but Apple's mps is not available here (it needs a Mac with Apple silicon or an AMD "
+     "GPU, macOS 12.3 or later, and a torch built with MPS); use --device cpu or auto.", "--device",
+     "The device 'mps' was chosen but Apple's mps is not available here"),
+    ("bf16 is not offered on Apple's mps device; use --precision fp32 or auto there, or --device cpu.", "--",
+     "precision='fp32' (Python console)"),
 ])
 def test_engine_messages_are_worded_for_the_panel(message, flag, words):
     worded = panel_wording(message)
@@ -495,6 +500,19 @@ def test_real_engine_chain_in_a_worker_process(scene, tmp_path, tiny_model, jobs
     assert logic.parameters().report()["slices_processed"] > 0
     assert logic.parameters().segmentation is outputs.segmentation
     assert not leftover_jobs(jobs_dir), "the job folder is removed"
+
+
+def test_mps_where_there_is_none_is_refused_in_the_panels_words(scene, tmp_path, tiny_model, jobs_dir):
+    torch = pytest.importorskip("torch")
+    if torch.backends.mps.is_available():
+        pytest.skip("Apple's mps is available here")
+
+    node = phantom_node()
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(DeviceError, match="The device 'mps' was chosen but Apple's mps is not available here.*"
+                                          "choose 'cpu' or 'auto' as the device"):
+        SynomalyLogic(user_models_dir=tmp_path).detect(node, model=str(tiny_model), device="mps")
+    assert scene.GetNumberOfNodes() == before and not leftover_jobs(jobs_dir)
 
 
 def time_polling(logic, parameters, between_polls) -> float:

@@ -3,7 +3,10 @@ written without SimpleITK or any redirection of Slicer's stderr, Slicer's tempor
 folders a crash leaves, a progress callback that fails, a job let go at exit, and one plot redraw per
 poll. ``slicer.app`` does not exist outside Slicer: where the module asks it for ``processEvents`` or
 ``temporaryPath``, a namespace with just those stands in for it."""
+import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,6 +172,71 @@ def test_a_released_training_job_stops_by_itself_and_its_folder_is_cleaned_later
     assert process.wait(timeout=20) == 0, "it ended by itself (a killed worker has a negative code)"
     assert (folder / "checkpoint").read_text().strip() == "saved"
     assert remove_stale_job_folders(jobs_dir, min_age_s=0) == [folder] and not leftover_jobs(jobs_dir)
+
+
+PARENT = """
+import json, sys, time
+from SynomalyDetectionLib.JobRunner import WorkerJob, new_job_folder
+job = WorkerJob(new_job_folder(), json.loads(sys.argv[1]), grace_s=60).start()
+print(job.folder, job.pid, flush=True)
+time.sleep(3600)  # never polls: a Slicer that hangs, then is killed
+"""
+
+
+def training_steps(folder):
+    path = folder / JobRunner.PROGRESS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["progress"][0] for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL; on Windows the OS closes the pipe of a dead process alike")
+def test_the_worker_of_a_killed_slicer_saves_its_checkpoint_and_stops(tmp_path, jobs_dir):
+    """A parent process (Slicer's part) starts a real training worker through the JobRunner and is killed.
+    It is not reaped until the end: its PID stays taken, as a PID can be reused or held on Windows, so only
+    the pipe on the worker's stdin can tell the worker (issue 20: a crashed Slicer's worker on Windows)."""
+    from synomaly.evaluation.phantom import make_phantom
+    from synomaly.files.volume_io import write_volume
+    from synomaly.training.checkpoints import run_dir_for
+
+    healthy = []
+    for seed in range(2):
+        phantom = make_phantom(shape=(10, 48, 48), seed=seed, lesion=False)
+        healthy.append(str(tmp_path / f"case{seed}.nrrd"))
+        write_volume(Path(healthy[-1]), phantom.volume, phantom.geometry)
+    output = tmp_path / "models" / "m.safetensors"
+    output.parent.mkdir()
+    settings = {"steps": 10 ** 7, "device": "cpu", "batch_size": 2, "image_size": 32, "base_channels": 8,
+                "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "validation_fraction": 0.5}
+    request = {"kind": "training", "healthy": healthy, "output": str(output), "settings": settings}
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TMPDIR=str(jobs_dir), PYTHONPATH=os.pathsep.join(
+        [str(root / "SynomalyDetection"), str(root / "SynomalyEngine")]))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(request)], env=env, stdout=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True)
+    folder, pid = parent.stdout.readline().split()
+    folder, pid = Path(folder), int(pid)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(step >= 2 for step in training_steps(folder)):
+            assert not process_gone(pid), (folder / JobRunner.LOG_FILE).read_text()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        parent.kill()
+        deadline = time.monotonic() + 300
+        while not process_gone(pid):
+            assert time.monotonic() < deadline, "the worker outlived its parent"
+            time.sleep(0.1)
+        result = json.loads((folder / JobRunner.RESULT_FILE).read_text())
+        assert result["status"] == "cancelled" and "resume" in result["message"]
+        assert (run_dir_for(output) / "checkpoint.pt").is_file() and not output.exists()
+        assert "stdin closed" in (folder / JobRunner.LOG_FILE).read_text()
+    finally:
+        if not process_gone(pid):
+            os.killpg(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert remove_stale_job_folders(jobs_dir, min_age_s=0) == [folder] and not folder.exists()
 
 
 def test_stop_processes_gui_events_while_a_training_worker_saves_its_checkpoint(tmp_path, app):

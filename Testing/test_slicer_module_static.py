@@ -36,6 +36,7 @@ def test_ui_file_has_the_expected_controls_with_slicer_widget_classes():
     widgets = ui_widgets()
     expected = {
         "inputVolumeSelector": "qMRMLNodeComboBox", "maskSelector": "qMRMLNodeComboBox",
+        "severalInputsCheckBox": "QCheckBox", "inputVolumesSelector": "qMRMLCheckableNodeComboBox",
         "modelComboBox": "QComboBox", "detectButton": "QPushButton", "cancelDetectionButton": "QPushButton",
         "detectionProgressBar": "QProgressBar", "advancedCollapsibleButton": "ctkCollapsibleButton",
         "deviceComboBox": "QComboBox", "stagesSpinBox": "QSpinBox", "noiseLevelSpinBox": "QSpinBox",
@@ -343,7 +344,9 @@ def test_the_widget_never_blocks_on_a_job_and_hides_its_outputs():
     cleanup = source[source.index("    def cleanup(self):"):source.index("    def enter(self):")]
     assert "_stopJob(release=True)" in cleanup
     assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in source
-    assert 'not shown_in_layout(slicer.mrmlScene, ("Red", "Yellow"))' in source, "keep the user's layout"
+    bridge = (MODULE_DIR / "SynomalyDetectionLib" / "MrmlBridge.py").read_text(encoding="utf-8")
+    assert 'not shown_in_layout(outputs.input_node.GetScene(), ("Red", "Yellow"))' in bridge, "keep the user's layout"
+    assert "show_results(results[-1], slicer.app.layoutManager())" in source
     poll = source[source.index("    def _pollJob(self):"):source.index("    def _cancelling(self)")]
     assert "except" not in poll, "poll() fails the job itself; nothing to re-raise from a stop path"
     assert "resumeTrainingButton" in source and "training_blocker(parameters, resume)" in source
@@ -369,6 +372,25 @@ def test_new_panel_controls_are_in_the_ui_file():
                       "deviceHintLabel": "QLabel", "verifyModelButton": "QToolButton",
                       "deleteModelButton": "QToolButton"}.items():
         assert widgets.get(name) == cls, name
+
+
+def test_several_volumes_are_checked_in_the_panel_and_run_by_the_batch_of_detect_many():
+    """qMRMLCheckableNodeComboBox's checkedNodes(), setCheckState(), nodeCount(), nodeFromIndex() and
+    checkedNodesChanged() are in Slicer 5.6 to 5.10 (Libs/MRML/Widgets, read at those tags)."""
+    widgets = ui_widgets()
+    assert widgets["severalInputsCheckBox"] == "QCheckBox"
+    assert widgets["inputVolumesSelector"] == "qMRMLCheckableNodeComboBox"
+    source = widget_source()
+    for needle in ("self.ui.inputVolumesSelector, self.ui.trainingVolumesSelector):\n"
+                   '            selector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)',
+                   "parameters.input_volumes = list(self.ui.inputVolumesSelector.checkedNodes())",
+                   "parameters.several_inputs = self.ui.severalInputsCheckBox.checked",
+                   "set_checked_nodes(self.ui.inputVolumesSelector, parameters.input_volumes",
+                   "self.logic.start_detection(", "finished_outputs(job)"):
+        assert needle in source, needle
+    logic = (MODULE_DIR / "SynomalyDetectionLib" / "Logic.py").read_text(encoding="utf-8")
+    assert "return self.start_detection_batch(volumeNodes, maskNode, model, replace, progress" in logic
+    assert "if parameters.several_inputs:\n            return self.start_detection_batch(" in logic
 
 
 def test_modules_stay_under_600_lines():

@@ -57,9 +57,11 @@ def test_the_real_probe_lists_this_machines_devices():
         time.sleep(0.05)
     assert probe.error == "" and probe.found["torch"] == torch.__version__
     assert len(probe.found["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert probe.found["mps"] == torch.backends.mps.is_available()
     values = [value for value, _ in device_choices(probe.found)]
     assert values[0] == "auto" and values[-1] == "cpu"
-    assert values[1:-1] == [f"cuda:{i}" for i in range(len(probe.found["cuda"]))]
+    assert values[1:-1] == [f"cuda:{i}" for i in range(len(probe.found["cuda"]))] + (["mps"] if probe.found["mps"]
+                                                                                     else [])
 
 
 def test_a_probe_without_torch_says_why(tmp_path):
@@ -81,6 +83,14 @@ def test_each_gpu_is_listed_with_its_name_and_memory_and_a_small_one_gets_a_hint
     assert memory_hint("cuda:0", found) == "" and memory_hint("cpu", found) == ""
     assert "NVIDIA T400 has 4.0 GB" in memory_hint("cuda:1", found)
     assert device_choices(None) == [("auto", "auto (a CUDA GPU if there is one, else the CPU)"), ("cpu", "cpu")]
+
+
+def test_apple_mps_is_offered_where_the_probe_found_it_and_auto_still_means_cuda_or_cpu():
+    found = {"torch": "2.5.0", "mps": True, "cuda": []}
+    assert device_choices(found) == [("auto", "auto (a CUDA GPU if there is one, else the CPU)"),
+                                     ("mps", "mps: Apple GPU (fp32)"), ("cpu", "cpu")]
+    assert memory_hint("mps", found) == ""
+    assert "mps" not in [value for value, _ in device_choices(dict(found, mps=False))]
 
 
 def test_resume_needs_a_checkpoint_of_that_name(tmp_path):

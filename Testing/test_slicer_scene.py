@@ -134,7 +134,8 @@ def test_parameter_node_survives_scene_save_and_reload(scene, tmp_path):
                         stages=4, noise_level=250, threshold=0.125, ensemble=3, update_outputs=False,
                         last_report='{"anomalous_volume_ml": 1.5}', training_from_folder=False,
                         training_folder="/data/healthy", training_volumes=[volume, mask], preset="liver-ct",
-                        steps=500, training_device="cuda", model_name="site-a")
+                        steps=500, training_device="cuda", model_name="site-a", several_inputs=True,
+                        input_volumes=[volume])
     params.to_node(get_parameter_node(scene))
     scene.SetRootDirectory(str(tmp_path))
     scene.SetURL(str(tmp_path / "scene.mrml"))
@@ -147,7 +148,8 @@ def test_parameter_node_survives_scene_save_and_reload(scene, tmp_path):
     assert restored.input_volume.GetName() == "flair" and restored.mask.GetName() == "brain"
     assert np.allclose(MrmlBridge.ijk_to_ras(restored.input_volume), oblique_matrix())
     assert [n.GetName() for n in restored.training_volumes] == ["flair", "brain"]
-    for name in ("model", "device", "stages", "noise_level", "threshold", "ensemble", "update_outputs",
+    assert [n.GetName() for n in restored.input_volumes] == ["flair"]
+    for name in ("several_inputs", "model", "device", "stages", "noise_level", "threshold", "ensemble", "update_outputs",
                  "last_report", "training_from_folder", "training_folder", "preset", "steps",
                  "training_device", "model_name"):
         assert getattr(restored, name) == getattr(params, name), name

@@ -1,5 +1,6 @@
 """``python -m synomaly.commands.worker REQUEST.json``: one job in a process of its own, files in and out, progress
-as JSON lines, a result record and an exit code; it stops on a cancel file or SIGTERM."""
+as JSON lines, a result record and an exit code; it stops on a cancel file, SIGTERM, or (when asked) the end of its
+stdin pipe."""
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from synomaly.evaluation.phantom import make_phantom
 from synomaly.files.volume_io import read_volume, write_volume
-from synomaly.commands.worker import EXIT_CANCELLED, EXIT_OK, EXIT_USER_ERROR
+from synomaly.commands.worker import EXIT_CANCELLED, EXIT_OK, EXIT_USER_ERROR, StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def start(folder: Path, request: dict) -> subprocess.Popen:
     (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "SynomalyEngine"))
+    # stdin at its end from the start: a worker not asked to watch it must not take that for a stop request
     return subprocess.Popen([sys.executable, "-m", "synomaly.commands.worker", str(folder / "request.json")], cwd=str(folder),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def run(folder: Path, request: dict):
@@ -124,3 +127,37 @@ def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
     assert code == EXIT_OK and Path(result["model"]) == output and output.is_file(), out
     steps = [p[0] for p in progress_lines(tmp_path) if p[2] == p[2]]
     assert steps and min(steps) > stopped_at, "the resumed run starts from the checkpoint saved on SIGTERM"
+
+
+def test_the_end_of_a_watched_pipe_is_a_stop_request_and_what_comes_through_it_is_not(tmp_path):
+    read_end, write_end = os.pipe()
+    stop = StopRequest(tmp_path)
+    thread = stop.watch(read_end)
+    try:
+        os.write(write_end, b"anything\n")
+        assert not stop() and thread.is_alive(), "the parent's end is still open"
+    finally:
+        os.close(write_end)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and stop() and stop.pipe_closed
+    os.close(read_end)
+
+
+def test_watching_stdin_hands_the_pipe_to_a_private_descriptor(tmp_path):
+    """The worker's own child processes get the null device as stdin, not the parent's pipe."""
+    code = """
+import os, sys
+from pathlib import Path
+from synomaly.commands.worker import StopRequest
+stop = StopRequest(Path(sys.argv[1]))
+thread = stop.watch_stdin()
+print(os.read(0, 10) == b"", flush=True)  # stdin is now the null device: at its end at once
+thread.join(timeout=120)
+print(stop(), flush=True)
+"""
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "SynomalyEngine")))
+    assert process.stdout.readline().strip() == "True"
+    process.stdin.close()
+    assert process.stdout.read().strip() == "True"
+    assert process.wait(timeout=120) == 0

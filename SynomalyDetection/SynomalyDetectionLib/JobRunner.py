@@ -10,6 +10,12 @@ training checkpoint) and kills the process and its children if they are still th
 a cancelled job never runs ``finish``, so cancelling leaves the scene untouched. Whatever fails while
 polling (a progress callback included) fails the job: ``poll()`` never raises, so a caller's error
 path cannot leave a process or a job folder behind.
+
+A worker whose Slicer died stops by itself, on every OS: its stdin is a pipe whose write end only the
+job holds and never writes to; the OS closes it when Slicer's process ends, however it ends, and the
+worker takes the end of the pipe as a stop request (``synomaly.commands.worker``). PythonSlicer's
+launcher hands its stdin on to the real interpreter (CTKAppLauncher's ForwardedInputChannel). The pipe
+lives as long as the job's process object: a job let go (``release``) was asked to stop already.
 """
 import json
 import os
@@ -180,7 +186,7 @@ class WorkerJob:
         by itself (a training run saves its checkpoint) before it is killed. ``after_progress()`` runs once
         after the lines of a poll were delivered, so that a plot can redraw once per poll, not per line."""
         self.folder = Path(folder)
-        self.request = dict(request, parent_pid=os.getpid())
+        self.request = dict(request, parent_pid=os.getpid(), stop_when_stdin_closes=True)
         self._finish, self._on_progress, self._grace_s = finish, on_progress, grace_s
         self._after_progress = after_progress
         self._python = python
@@ -225,12 +231,13 @@ class WorkerJob:
                 options["start_new_session"] = True
             with open(self.folder / LOG_FILE, "wb") as log:
                 self._process = subprocess.Popen(self.command(), cwd=str(self.folder), env=env,
-                                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                                  **options)
             (self.folder / PID_FILE).write_text(str(self._process.pid), encoding="utf-8")
         except BaseException:
             if self._process is not None:
                 kill_process_tree(self._process)
+                self._close_pipe()
             self._remove_folder()
             raise
         return self
@@ -264,7 +271,8 @@ class WorkerJob:
     def release(self) -> None:
         """Let go of the job without waiting (module reload, Slicer exit): a worker with a grace period is
         asked to stop and ends by itself (training saves its checkpoint first), one without is killed.
-        The folder of a worker still stopping is left to ``remove_stale_job_folders``."""
+        The folder of a worker still stopping is left to ``remove_stale_job_folders``. Its stdin pipe stays
+        open: closing it, or Slicer's exit doing so, repeats a stop request that the worker already obeys."""
         if self.done:
             return
         self.cancel()
@@ -290,8 +298,17 @@ class WorkerJob:
         except Exception as exc:
             kill_process_tree(self._process)
             self.state, self.error = FAILED, exc
+        self._close_pipe()
         self._remove_folder()
         return False
+
+    def _close_pipe(self) -> None:
+        """The worker's stdin, once it has ended (the pipe is how it would learn that Slicer is gone)."""
+        if self._process is not None and self._process.stdin is not None:
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
 
     def _deliver_progress(self) -> None:
         """Complete lines added since the last call; a line still being written waits for the next."""
@@ -355,26 +372,32 @@ class WorkerJob:
 
     def wait(self, interval_s: float = 0.02, cancel: Optional[Callable[[], bool]] = None,
              process_events: Optional[Callable[[], None]] = None):
-        """Poll until done (the Python console, tests); return the result or raise the error.
-        ``cancel()`` is asked between polls; ``process_events`` (Slicer's by default, inside Slicer) runs
-        between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
-        (Ctrl-C) stops the worker before it propagates."""
-        process_events = process_events if process_events is not None else gui_events()
-        _waiting.append(self)
-        try:
-            while self.poll():
-                if cancel is not None and not self._cancel_at and cancel():
-                    self.cancel()
-                if process_events is not None:
-                    process_events()
-                time.sleep(interval_s)
-        except BaseException:
-            self.stop(process_events=process_events)
-            raise
-        finally:
-            _waiting.remove(self)
-        if self.state == SUCCEEDED:
-            return self.result
-        if self.state == CANCELLED and self.error is None:
-            raise errors().Cancelled("Cancelled.")
-        raise self.error
+        """Poll until done (the Python console, tests); return the result or raise the error (``wait_for``)."""
+        return wait_for(self, interval_s, cancel, process_events)
+
+
+def wait_for(job, interval_s: float = 0.02, cancel: Optional[Callable[[], bool]] = None,
+             process_events: Optional[Callable[[], None]] = None):
+    """Poll ``job`` (a WorkerJob, or anything polled like one) until done; return its result or raise its error.
+    ``cancel()`` is asked between polls; ``process_events`` (Slicer's by default, inside Slicer) runs
+    between polls, as ``slicer.util.logProcessOutput`` does, so Slicer stays responsive. An interrupt
+    (Ctrl-C) stops the worker before it propagates."""
+    process_events = process_events if process_events is not None else gui_events()
+    _waiting.append(job)
+    try:
+        while job.poll():
+            if cancel is not None and not job.cancelling and cancel():
+                job.cancel()
+            if process_events is not None:
+                process_events()
+            time.sleep(interval_s)
+    except BaseException:
+        job.stop(process_events=process_events)
+        raise
+    finally:
+        _waiting.remove(job)
+    if job.state == SUCCEEDED:
+        return job.result
+    if job.state == CANCELLED and job.error is None:
+        raise errors().Cancelled("Cancelled.")
+    raise job.error

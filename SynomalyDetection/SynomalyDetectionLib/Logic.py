@@ -2,8 +2,8 @@
 
 Each run has three parts: ``prepare_*`` (main thread: checks the inputs and copies them out of the
 nodes), the engine in a worker process (``python -m synomaly.commands.worker``; the inputs and outputs are files
-in a job folder) and ``apply_*`` (main thread: writes nodes). ``start_*`` return the running WorkerJob,
-which the caller polls; ``detect``/``train`` start the same job and wait for it. Nothing here runs the
+in a job folder) and ``apply_*`` (main thread: writes nodes). ``start_*`` return the running WorkerJob
+(several volumes: a DetectionBatch of them, polled alike), which the caller polls; ``detect``/``train`` start the same job and wait for it. Nothing here runs the
 engine in Slicer's process, so torch is never imported there and Slicer's GIL never slows a run.
 """
 import dataclasses
@@ -18,6 +18,7 @@ import numpy as np
 import slicer
 
 from . import MrmlBridge
+from .Batch import DetectionBatch
 from .Dependencies import missing_dependencies
 from .Engine import Engine, engine_module, errors
 from .JobFiles import read_nrrd_array, write_nrrd
@@ -172,7 +173,9 @@ class SynomalyLogic:
     def detection_blocker(self, parameters: Parameters) -> str:
         """Why the panel's Detect button is disabled ("" when it may run). A model that cannot be read here
         blocks nothing: the run itself then says what is wrong with it."""
-        if parameters.input_volume is None:
+        if parameters.several_inputs and not parameters.input_volumes:
+            return "Check the volumes to analyse."
+        if parameters.input_volume is None and not parameters.several_inputs:
             return "Choose an input volume."
         try:
             return self.missing_mask(parameters.model or None, parameters.mask)
@@ -267,22 +270,15 @@ class SynomalyLogic:
         """``detect`` on several volumes, one after the other; every input is checked before the first run.
         ``replace``: each volume's last outputs are overwritten instead of adding new nodes.
         ``progress(fraction of the whole batch, message)``. A failure or a cancel stops the batch; the
-        outputs of the volumes done by then stay."""
-        volumeNodes = list(volumeNodes or [])
-        if not volumeNodes:
-            raise errors().InputError("No input volumes: select the volumes to analyse.")
-        for node in volumeNodes:
-            self.check_detection_input(node, maskNode, model)
-        results = []
-        for index, node in enumerate(volumeNodes):
-            def part(fraction, message, index=index, name=node.GetName()):
-                if progress is not None:
-                    count = len(volumeNodes)
-                    progress((index + fraction) / count, f"[{index + 1}/{count}] {name}: {message}")
+        outputs of the volumes done by then stay. The panel runs the same DetectionBatch without waiting."""
+        return self.start_detection_batch(volumeNodes, maskNode, model, replace, progress, **settings).wait(
+            cancel=cancel)
 
-            reuse = MrmlBridge.latest_outputs(node) if replace else None
-            results.append(self.detect(node, maskNode, model, reuse, part, cancel, **settings))
-        return results
+    def start_detection_batch(self, volumeNodes, maskNode=None, model=None, replace: bool = False,
+                              on_progress: Optional[Callable] = None, remember: bool = False,
+                              **settings) -> DetectionBatch:
+        """The running batch of ``detect_many`` (see DetectionBatch), polled like a WorkerJob."""
+        return DetectionBatch(self, volumeNodes, maskNode, model, replace, on_progress, remember, **settings).start()
 
     def check_detection_input(self, volumeNode, maskNode=None, model=None) -> None:
         """The checks of ``prepare_detection`` that copy nothing: the volume, the mask, the model and
@@ -295,9 +291,15 @@ class SynomalyLogic:
             raise errors().InputError(missing)
         MrmlBridge.check_dimensions(volumeNode, preset or None)
 
-    def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None) -> WorkerJob:
+    def start_detection(self, parameters: Parameters, on_progress: Optional[Callable] = None):
         """Detection in a worker process from the panel's settings; on success the parameter node
-        remembers the outputs and the report. ``on_progress(fraction, message)`` runs on the polling thread."""
+        remembers the outputs and the report. ``on_progress(fraction, message)`` runs on the polling thread.
+        With "several volumes", the checked volumes run as a DetectionBatch ("update outputs": each one's
+        last outputs are overwritten), whose result is the list of their outputs."""
+        if parameters.several_inputs:
+            return self.start_detection_batch(parameters.input_volumes, parameters.mask, parameters.model or None,
+                                              parameters.update_outputs, on_progress, remember=True,
+                                              **parameters.detection_settings())
         return self.start_detection_job(self.prepare_panel_detection(parameters), on_progress, remember=True)
 
     # training

@@ -74,6 +74,8 @@ def check_input_volume(node) -> None:
     if node is None:
         raise InputError("No input volume: select a scalar volume (for example a FLAIR MRI).")
     name = node.GetName()
+    if node.GetScene() is None:  # removed meanwhile (while a batch ran): its outputs would have no scene
+        raise InputError(f"The input volume '{name}' was removed from the scene; nothing was added for it.")
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"'{name}' is a label map; select an intensity image. "
                          "A label map can serve as the mask.")
@@ -492,6 +494,17 @@ def shown_in_layout(scene, views=("Red", "Yellow")) -> bool:
     change (the view factory keeps them), so their presence says nothing: their mapped flag does."""
     nodes = [_slice_nodes(scene, "vtkMRMLSliceNode", name) for name in views]
     return all(node is not None and node.IsMappedInLayout() for node in nodes)
+
+
+def show_results(outputs: OutputNodes, layout_manager=None) -> None:
+    """The analysed input (with the anomaly map) and the counterfactual side by side, linked, with the
+    segmentation over both. ``layout_manager`` (Slicer's) switches to the side-by-side layout only when the
+    current one lacks the Red and Yellow views (a layout the user chose stays), then fits the views."""
+    if layout_manager is not None and not shown_in_layout(outputs.input_node.GetScene(), ("Red", "Yellow")):
+        layout_manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    show_side_by_side(outputs)
+    if layout_manager is not None:
+        layout_manager.resetSliceViews()
 
 
 def show_side_by_side(outputs: OutputNodes, left: str = "Red", right: str = "Yellow") -> None:

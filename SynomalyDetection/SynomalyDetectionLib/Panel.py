@@ -1,5 +1,6 @@
 """What the panel shows about a run and about the machine, without Qt: the run log with elapsed time and
-time left, and the compute devices this computer has.
+time left, the compute devices this computer has, and the few steps that fill its controls (given the
+controls, so that the widget stays thin and this file needs no Qt).
 
 The device list comes from a short process of the worker's interpreter: importing torch in Slicer's
 own process would load CUDA there for nothing (and an old torch could not be upgraded afterwards).
@@ -73,11 +74,14 @@ class RunLog:
 
 def device_choices(found: Optional[dict]) -> List[Tuple[str, str]]:
     """(value for the engine, label) for each device: automatic, each CUDA GPU with its name and memory,
-    the CPU. Apple's mps is listed by the probe but the engine does not run on it yet."""
+    Apple's GPU where the probe found mps (auto never picks it: the engine runs there in fp32 only and was
+    not measured there), the CPU."""
     choices = [("auto", "auto (a CUDA GPU if there is one, else the CPU)")]
     for gpu in (found or {}).get("cuda", []):
         memory = f"{gpu['memory'] / 1024 ** 3:.0f} GB" if gpu.get("memory") else "memory unknown"
         choices.append((f"cuda:{gpu['index']}", f"cuda:{gpu['index']}: {gpu['name']} ({memory})"))
+    if (found or {}).get("mps"):
+        choices.append(("mps", "mps: Apple GPU (fp32)"))
     choices.append(("cpu", "cpu"))
     return choices
 
@@ -93,6 +97,24 @@ def memory_hint(device: str, found: Optional[dict]) -> str:
         return ""
     return (f"{gpu['name']} has {gpu['memory'] / 1024 ** 3:.1f} GB of memory: a large volume or an ensemble may not "
             "fit; if a run fails for lack of GPU memory, lower the ensemble size or choose the CPU.")
+
+
+def select_data(combo, value) -> None:
+    """Select the item of that value in a QComboBox; one the list lacks (a GPU gone since the scene was
+    saved) is added, so that the saved choice is kept and shown."""
+    index = combo.findData(value)
+    if index < 0 and value:
+        combo.addItem(value, value)
+        index = combo.count - 1
+    combo.setCurrentIndex(max(index, 0))
+
+
+def set_checked_nodes(selector, nodes, checked, unchecked) -> None:
+    """Check exactly ``nodes`` in a qMRMLCheckableNodeComboBox (``checked``/``unchecked``: Qt's states)."""
+    ids = {node.GetID() for node in nodes}
+    for index in range(selector.nodeCount()):
+        node = selector.nodeFromIndex(index)
+        selector.setCheckState(node, checked if node.GetID() in ids else unchecked)
 
 
 class DeviceProbe:

@@ -29,6 +29,8 @@ class Parameters:
     """Detection and training settings; 0 in stages, noise level, threshold and ensemble means the model's default."""
 
     input_volume: Optional[object] = field(default=None, metadata=_ref("InputVolume"))
+    several_inputs: bool = field(default=False, metadata=_scalar("SeveralInputs"))
+    input_volumes: List[object] = field(default_factory=list, metadata=_refs("InputVolumes"))
     mask: Optional[object] = field(default=None, metadata=_ref("Mask"))
     model: str = field(default="", metadata=_scalar("Model"))
     device: str = field(default="auto", metadata=_scalar("Device"))

@@ -6,13 +6,14 @@ The module file re-exports ``SynomalyDetectionTest``, where Slicer's test runner
 """
 import os
 
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 from .Dependencies import missing_dependencies
 from .Engine import engine_module
 from .JobRunner import CANCELLED, FAILED, SUCCEEDED, process_gone
-from .MrmlBridge import INPUT_ATTRIBUTE, shown_in_layout
+from .MrmlBridge import INPUT_ATTRIBUTE, latest_outputs, shown_in_layout
 from .Parameters import MODULE_NAME
 
 
@@ -174,3 +175,18 @@ class SynomalyDetectionTest(ScriptedLoadableModuleTest):
         self.assertTrue(widget.ui.detectButton.enabled)
         if os.name == "posix":
             self.assertTrue(process_gone(job.pid))
+
+        self.delayDisplay("The panel: two checked volumes, one after the other")
+        widget.ui.severalInputsCheckBox.checked = True
+        for node in (volume, other):
+            widget.ui.inputVolumesSelector.setCheckState(node, qt.Qt.Checked)
+        self.assertEqual({n.GetName() for n in widget.logic.parameters().input_volumes},
+                         {volume.GetName(), other.GetName()})
+        self.assertFalse(widget.ui.inputVolumeSelector.enabled)
+        widget.onDetect()
+        while widget._job is not None:
+            slicer.app.processEvents()
+        self.assertIn("2 volumes done", widget.ui.detectionStatusLabel.text)
+        self.assertIsNotNone(latest_outputs(other), "the second volume has its outputs too")
+        widget.ui.severalInputsCheckBox.checked = False
+        self.assertTrue(widget.ui.inputVolumeSelector.enabled)

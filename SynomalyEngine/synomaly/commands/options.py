@@ -25,7 +25,8 @@ def detection_settings(args, **more):
 def detection_options(p):
     p.add_argument("--model", default=None, help="bundled model name or path to a .safetensors file "
                                                  "(default: the bundled brain FLAIR model)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps (Apple GPU, fp32)")
     p.add_argument("--stages", type=int, default=None, help="maximum number of stages (default: the model's)")
     p.add_argument("--noise-level", type=int, default=None, help="diffusion step t of the noise (default: the model's)")
     p.add_argument("--threshold", type=float, default=None,

@@ -222,7 +222,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network first (a minute or two): on a GPU the training step runs up "
                         "to about 1.7x faster; no gain on a CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU), cpu, cuda or mps (Apple GPU: one process, fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name (default: the file name)")
     p.add_argument("--resume", action="store_true",

@@ -7,14 +7,19 @@ engine cannot run on a Python thread there. Everything goes through files in the
 Request (JSON)::
 
     {"kind": "detection", "input": "input.nrrd", "mask": "mask.nrrd" or null, "model": NAME_OR_PATH,
-     "settings": {DetectionSettings fields}, "parent_pid": PID or null}
+     "settings": {DetectionSettings fields}, "parent_pid": PID or null, "stop_when_stdin_closes": false}
     {"kind": "training", "healthy": [PATH or {"name": NAME, "image": PATH, "mask": PATH or absent}, ...],
-     "output": MODEL_PATH, "settings": {TrainingSettings fields}, "resume": false, "parent_pid": PID or null}
+     "output": MODEL_PATH, "settings": {TrainingSettings fields}, "resume": false, "parent_pid": PID or null,
+     "stop_when_stdin_closes": false}
 
 While it runs, the worker appends one JSON line per progress call to ``progress.jsonl``:
 ``{"progress": [the engine's progress arguments]}``. It stops when the file ``cancel`` appears in the
-job folder, on SIGTERM, or when the parent process is gone (POSIX): the engine's ``cancel()`` then
-returns True, so training saves its checkpoint before it stops. Last, it writes ``result.json``
+job folder, on SIGTERM, or when the parent is gone: with ``stop_when_stdin_closes`` its stdin is a pipe
+whose write end the parent holds and never writes to, and the end of that pipe (the parent died, on any
+OS, or let go of it) is a stop request; with ``parent_pid`` (POSIX) the parent's process gone is one too.
+The engine's ``cancel()`` then returns True, so training saves its checkpoint before it stops. The pipe
+is opt-in: a worker started by hand or by a script, whose stdin is a terminal or /dev/null, must not stop
+at the first read. Last, it writes ``result.json``
 atomically: ``{"status": "succeeded", ...}`` with the output files (detection: ``outputs``, by kind,
 and ``report``; training: ``model``), ``{"status": "cancelled", "message": ...}``, or
 ``{"status": "failed", "error": {"type", "message", "user_error", "traceback"}}``.
@@ -25,6 +30,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -40,16 +46,51 @@ DETECTION_OUTPUTS = ("anomaly_map", "segmentation", "counterfactual", "uncertain
 
 
 class StopRequest:
-    """The engine's ``cancel()`` callback: a cancel file, SIGTERM, or the parent process gone."""
+    """The engine's ``cancel()`` callback: a cancel file, SIGTERM, or the parent gone (the end of the pipe
+    it holds, see ``watch``; its process gone, POSIX).
+
+    The pipe works on every OS and whatever killed the parent: the OS closes a dead process's handles. The
+    POSIX parent-process check stays as a second way: it still sees the parent go where a fork of the parent
+    (one that never ran exec) inherited the pipe's write end and keeps the pipe open."""
 
     def __init__(self, folder: Path, parent_pid: Optional[int] = None):
         self.cancel_file = folder / CANCEL_FILE
         self.parent_pid = parent_pid if os.name == "posix" else None
         self.signalled = False
+        self.pipe_closed = False
         self._parent_checked = 0.0
 
     def on_signal(self, signum, frame) -> None:
         self.signalled = True
+
+    def watch_stdin(self) -> threading.Thread:
+        """Watch the pipe on stdin, moved to a descriptor of its own first: stdin becomes the null device, so
+        the engine's own child processes never get the pipe (on Windows a child's start-up could otherwise
+        wait on the read this thread keeps pending)."""
+        fd = os.dup(0)  # not inheritable (PEP 446)
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(null, 0)
+        finally:
+            os.close(null)
+        return self.watch(fd)
+
+    def watch(self, fd: int) -> threading.Thread:
+        """Read the pipe ``fd`` to its end on a daemon thread, then ask to stop. The parent writes nothing:
+        whatever comes is read and ignored. A read error counts as the end (a broken pipe on Windows)."""
+        def read_to_end():
+            try:
+                while os.read(fd, 4096):
+                    pass
+            except OSError:
+                pass
+            self.pipe_closed = True
+            print("synomaly.commands.worker: the parent's end of stdin closed (it ended or let go); stopping.",
+                  file=sys.stderr, flush=True)
+
+        thread = threading.Thread(target=read_to_end, name="synomaly-parent-pipe", daemon=True)
+        thread.start()
+        return thread
 
     def _parent_gone(self) -> bool:
         now = time.monotonic()
@@ -65,7 +106,7 @@ class StopRequest:
         return False
 
     def __call__(self) -> bool:
-        return self.signalled or self.cancel_file.exists() or self._parent_gone()
+        return self.signalled or self.pipe_closed or self.cancel_file.exists() or self._parent_gone()
 
 
 class ProgressLog:
@@ -170,6 +211,8 @@ def run(request_path: Path) -> int:
     use_cpu_share()  # Slicer's worker beside a CLI run on one machine is the normal case: each takes its share
     stop = StopRequest(folder, request.get("parent_pid"))
     signal.signal(signal.SIGTERM, stop.on_signal)
+    if request.get("stop_when_stdin_closes"):
+        stop.watch_stdin()
     progress = ProgressLog(folder / PROGRESS_FILE)
     try:
         result, code = dict(runner(request, folder, progress, stop), status="succeeded"), EXIT_OK

@@ -97,7 +97,7 @@ class DetectionSettings:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}.")
         if not isinstance(self.device, str):
-            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+            raise InputError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
 
 
 @dataclass
@@ -111,7 +111,17 @@ class DetectionResult:
     prepared: Optional[object] = None    # the PreparedVolume the network saw (normalised input, foreground...)
 
 
+def mps_available() -> bool:
+    """Apple's GPU through torch's Metal backend (macOS 12.3 or later, a torch built with it)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str):
+    """The torch device for auto, cpu, cuda, cuda:N or mps. ``auto`` is a CUDA GPU, else the CPU: Apple's mps
+    only when asked for by name, since the engine runs there in fp32 only and has not been measured there."""
     import torch
 
     if name == "auto":
@@ -119,8 +129,14 @@ def resolve_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for but CUDA is not available here "
                           "(no NVIDIA GPU or a CPU-only torch); use --device cpu or auto.")
+    if name == "mps":
+        if not mps_available():
+            raise DeviceError("--device mps was asked for but Apple's mps is not available here (it needs a Mac "
+                              "with Apple silicon or an AMD GPU, macOS 12.3 or later, and a torch built with MPS); "
+                              "use --device cpu or auto.")
+        return torch.device("mps")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda.")
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or mps.")
     return torch.device(name)
 
 

@@ -5,6 +5,7 @@ slows it down on the others (AVX2 only), where it is emulated; so ``auto`` decid
 On CUDA the network is small enough to be bound by kernel launches and elementwise work, not by the
 tensor cores (fp32 convolutions already run there as TF32), so bf16 pays only for large training batches
 or a compiled network (measured on an H100: README, Measured speed). ``fp32`` or ``bf16`` force either.
+Apple's mps runs fp32 only: bf16 autocast there needs a recent torch and macOS and was never measured.
 """
 import contextlib
 import platform
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from synomaly.errors import InputError
+from synomaly.errors import DeviceError, InputError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -56,11 +57,21 @@ def resolve_precision(device: torch.device, requested: Optional[str] = "auto") -
     requested = requested or "auto"
     if requested not in PRECISIONS:
         raise InputError(f"unknown precision {requested!r}; use auto, fp32 or bf16.")
+    if device.type == "mps":
+        return fp32_on_mps(requested)
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def fp32_on_mps(requested: str) -> str:
+    """Apple's mps: fp32, whatever ``auto`` would pick elsewhere; bf16 asked for by name is refused."""
+    if requested == "bf16":
+        raise DeviceError("bf16 is not offered on Apple's mps device; use --precision fp32 or auto there, or "
+                          "--device cpu.")
+    return "fp32"
 
 
 BF16_TRAINING_BATCH = 256  # per process, on CUDA; measured: bf16/fp32 0.69x at 32, 1.16x at 256 (H100)
@@ -72,6 +83,8 @@ def resolve_training_precision(device: torch.device, requested: str, batch_per_p
 
     On CPUs with native bf16 as for detection (an EPYC with AVX512-BF16, 2 cores: 1.69x at batch 8, 2.75x at
     16); on CUDA with a compiled network (1.72x the compiled fp32 step) or from BF16_TRAINING_BATCH slices."""
+    if device.type == "mps":
+        return fp32_on_mps(requested)
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -80,7 +93,8 @@ def resolve_training_precision(device: torch.device, requested: str, batch_per_p
 
 
 def autocast(device: torch.device, precision: str):
-    """The context the network runs in; fp32 needs none."""
+    """The context the network runs in; fp32 needs none (an older torch, 2.2 say, the last for Intel Macs,
+    refuses an autocast context on mps even when it is disabled)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -108,6 +108,9 @@ class Team:
         from synomaly.inference.detection import resolve_device
 
         device = resolve_device(name)
+        if self.distributed and device.type == "mps":
+            raise InputError(f"--device mps trains in one process only ({self.world_size} were started): "
+                             "DistributedDataParallel has no backend for Apple's GPU; train in one process.")
         if not self.distributed or device.type != "cuda":
             self.device = device
             return device

@@ -60,11 +60,13 @@ def compiled(module, batch_shape, device, amp: bool):
     step, not a traceback mid-run."""
     import torch
 
+    from synomaly.inference.runtime import autocast
+
     fast = torch.compile(module)
     try:
         x = torch.zeros(batch_shape, device=device)
         t = torch.zeros(batch_shape[0], dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, "bf16" if amp else "fp32"):
             fast(x, t)
     except Exception as exc:  # the compiler's errors are many kinds (missing C++ compiler, Triton, lowering)
         # Their first line says what failed; the last ones tell how to get torch's own trace.
@@ -268,6 +270,7 @@ def _steps(run: _Run, report, cancel) -> None:
     import torch
 
     from synomaly.inference.multistage import middle
+    from synomaly.inference.runtime import autocast
     from synomaly.method.noise import make_noise
 
     settings, team, data, device, schedule = run.settings, run.team, run.data, run.device, run.schedule
@@ -291,7 +294,7 @@ def _steps(run: _Run, report, cancel) -> None:
                            **run.preset.noise_params())
         x, t, noise = x[run.share].to(device), t[run.share].to(device), noise[run.share]
         x_t = schedule.q_sample(x, t, noise)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
+        with autocast(device, run.precision):
             eps = module(x_t, t)
         eps = eps.float()
         target = middle(noise)  # with neighbouring slices as channels, the network answers for the middle one
