@@ -1,9 +1,11 @@
 """What a volume file's header claims, checked against the file and the machine before anything is read into
 memory, and what NIfTI readers disagree on (sform and qform) settled as the field's tools settle it."""
+import gzip
 import os
+import struct
 import zlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 
@@ -12,18 +14,31 @@ from synomaly.files.geometry import Geometry
 from synomaly.files.library_messages import library_messages, report
 
 
-def nifti_sform(path: Path, read: Geometry, notes: Optional[List[str]]) -> Optional[Geometry]:
-    """The geometry of the sform where a NIfTI header's sform and qform disagree: ITK (and so Slicer) reads the
-    qform, nibabel, FSL and most NIfTI tools the sform; outputs written in one and read in the other would not
-    overlay the input. The sform is followed, as the NIfTI readers of the field do, and the report says so."""
+def nifti_image(path: Path):
+    """A NIfTI file as nibabel (the field's NIfTI library) opens it: its header parsed, its data not read; once
+    for the checks below. None for a header nibabel does not know (SimpleITK's reading then stands)."""
     import nibabel
 
     try:
-        with library_messages([]):
-            header = nibabel.load(str(path)).header
+        with library_messages([]):  # nibabel's header remarks: SimpleITK has read the file already
+            return nibabel.load(str(path))
+    except Exception:
+        return None
+
+
+def nifti_sform(path: Path, read: Geometry, notes: Optional[List[str]], image=None) -> Optional[Geometry]:
+    """The geometry of the sform where a NIfTI header's sform and qform disagree: ITK (and so Slicer) reads the
+    qform, nibabel, FSL and most NIfTI tools the sform; outputs written in one and read in the other would not
+    overlay the input. The sform is followed, as the NIfTI readers of the field do, and the report says so.
+    ``image``: ``nifti_image(path)``, when the caller has it."""
+    image = image if image is not None else nifti_image(path)
+    if image is None:
+        return None
+    header = image.header
+    try:
         sform, s_code = header.get_sform(coded=True)
         _, q_code = header.get_qform(coded=True)
-    except Exception:  # a header nibabel does not know: SimpleITK's reading stands
+    except Exception:  # a header nibabel reads but cannot make an sform of: SimpleITK's reading stands
         return None
     if not s_code or not q_code or sform is None:
         return None
@@ -91,26 +106,63 @@ def _memory_bytes() -> int:
         return 0
 
 
-def check_nifti_data(path: Path) -> None:
-    """ITK's NIfTI reader turns NaN and infinite voxels into 0 and fills a truncated data block with 0,
-    without a word. The raw block, read with nibabel (the field's NIfTI library), is checked for both."""
-    import nibabel
+BLOCK_BYTES = 1 << 24  # NIfTI data blocks are read in pieces of this size, never whole
 
-    with library_messages([]):  # nibabel's header remarks: SimpleITK has read the file already
-        try:
-            image = nibabel.load(str(path))
-        except Exception:  # a header nibabel does not know: SimpleITK's reading stands
+
+def nifti_blocks(path: Path, image, values_per_block: int) -> Iterator[np.ndarray]:
+    """The raw data block of a NIfTI file in pieces of ``values_per_block`` values (the last one shorter), in
+    its stored type and order (x fastest), without holding it whole. EOFError where it ends early; OSError or
+    zlib.error where its compression is damaged."""
+    dtype = image.dataobj.dtype
+    left = int(np.prod(image.dataobj.shape, dtype=np.int64))
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        f.seek(int(image.dataobj.offset))  # the image's header says 0: nibabel sets the offset anew on saving
+        while left:
+            n = min(values_per_block, left)
+            data = f.read(n * dtype.itemsize)
+            if len(data) < n * dtype.itemsize:
+                raise EOFError(f"the data block ends {left - len(data) // dtype.itemsize} voxels early")
+            left -= n
+            yield np.frombuffer(data, dtype)
+
+
+def _gzip_stored_size(path: Path) -> Optional[int]:
+    """The uncompressed size (modulo 2^32) a gzip file's trailer states: its last four bytes."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", f.read(4))[0]
+    except OSError:
+        return None
+
+
+def check_nifti_data(path: Path, image=None) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 and fills a truncated data block with 0,
+    without a word. The raw block is checked for both, read in pieces (``nifti_blocks``). Integer voxels
+    cannot be NaN: their block is whole where the file's size says so (for gzip, the size its trailer
+    states, which a cut-off stream does not end with; ITK itself refuses a damaged stream), and then it is
+    not decompressed a second time. ``image``: ``nifti_image(path)``, when the caller has it."""
+    image = image if image is not None else nifti_image(path)
+    if image is None:
+        return
+    dtype = image.dataobj.dtype
+    end = int(image.dataobj.offset) + int(np.prod(image.dataobj.shape, dtype=np.int64)) * dtype.itemsize
+    floating = dtype.kind in "fc"
+    if not floating:
+        gz = path.name.lower().endswith(".gz")
+        if (gz and _gzip_stored_size(path) == end % 2 ** 32) or (not gz and path.stat().st_size >= end):
             return
-        try:
-            raw = np.asanyarray(image.dataobj.get_unscaled())
-        except (OSError, EOFError, zlib.error) as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # nibabel's first line says it
-            raise InputError(f"{path}: its data block is truncated or damaged ({detail}); "
-                             "copy or export the file again.") from None
-    if raw.dtype.kind in "fc":
-        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-        if bad:
-            raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
+    bad = 0
+    try:
+        for block in nifti_blocks(path, image, max(1, BLOCK_BYTES // dtype.itemsize)):
+            if floating:
+                bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    except (OSError, EOFError, zlib.error) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: its data block is truncated or damaged ({detail}); "
+                         "copy or export the file again.") from None
+    if bad:
+        raise InputError(f"{path}: contains {bad} NaN or infinite voxels; fix or mask them before detection.")
 
 
 # NRRD spaces with a patient orientation; ITK takes any other (scanner-xyz, 3D-right-handed) as LPS.
@@ -153,9 +205,6 @@ def _nrrd_field(path: Path, field: str) -> Optional[str]:
 
 def _nifti_pixdim(path: Path) -> Optional[np.ndarray]:
     """The voxel size a NIfTI-1 header stores, as stored (nibabel mends a 0 to 1 when it loads, ITK too)."""
-    import gzip
-    import struct
-
     try:
         with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
             header = f.read(348)

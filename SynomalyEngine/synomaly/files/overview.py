@@ -75,15 +75,31 @@ def choose_slices(volume: np.ndarray, segmentation: np.ndarray, n_slices: int,
     Every chosen slice holds some segmentation when there is any, so the contours are visible.
     Fewer than ``n_slices`` come back when fewer distinct slices are available.
     """
-    seg_z = np.flatnonzero(np.any(segmentation, axis=(1, 2)))
+    # Slice by slice: no full-size masks of a large volume.
+    seg_z = np.flatnonzero([np.any(plane > 0) for plane in segmentation])
     if seg_z.size:
         return _spread(seg_z, n_slices)
     if background is None:
         background = _background(_finite_values(volume))
-    fg_z = np.flatnonzero(np.any(volume > background, axis=(1, 2)))  # NaN is never above it
+    fg_z = np.flatnonzero([np.any(plane > background) for plane in volume])  # NaN is never above it
     if fg_z.size == 0:
         fg_z = np.arange(volume.shape[0])
     return _spread(fg_z, n_slices)
+
+
+def _grey_levels(volume: np.ndarray, axial: np.ndarray):
+    """The background (``_background`` of the reoriented ``axial``) and the grey window (``_window``) of a
+    volume without NaN, from its own array: percentiles do not depend on the voxels' order, and the
+    background's sample is taken from the reoriented view without a copy of it."""
+    from synomaly.files.volume_io import background_level
+
+    volume = np.asarray(volume)
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():  # rare: the finite values, copied
+        values = _finite_values(axial)
+        background = _background(values)
+        return background, _window(values, background)
+    background = background_level(axial) if axial.size else 0.0
+    return background, _window(volume, background)
 
 
 def _window(values: np.ndarray, background: float):
@@ -198,16 +214,13 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
 
     arrays, spacing_zyx = _axial(arrays, geometry)
     vol = arrays["volume"]  # in its own type: slices are converted to float64 one at a time
-    seg = arrays["segmentation"] > 0
-    gt = arrays["ground_truth"] > 0 if ground_truth is not None else None
-    values = _finite_values(vol)
-    background = _background(values)
+    seg = arrays["segmentation"]
+    gt = arrays.get("ground_truth")
+    background, (lo, hi) = _grey_levels(volume, vol)
     rows = ([int(z) for z in slices] if slices is not None else
             choose_slices(vol, seg, int(n_slices), background))
     if not rows or min(rows) < 0 or max(rows) >= vol.shape[0]:
         raise InputError(f"slices must be axial indices between 0 and {vol.shape[0] - 1}, not {rows}.")
-    lo, hi = _window(values, background)
-    del values
     vmax = _map_max(arrays["anomaly_map"], map_max)
     h, w = _display_size(vol.shape[1:], spacing_zyx[1:])
 
@@ -219,8 +232,8 @@ def compose_overview(volume, counterfactual, anomaly_map, segmentation, ground_t
         grey = _grey(_resize(np.nan_to_num(vol[z].astype(np.float64), nan=lo), (h, w), nearest=False), lo, hi)
         contours = grey.copy()
         if gt is not None:
-            _contour(contours, _resize(gt[z], (h, w), nearest=True) > 0, GROUND_TRUTH_RGB)
-        _contour(contours, _resize(seg[z], (h, w), nearest=True) > 0, SEGMENTATION_RGB)
+            _contour(contours, _resize(gt[z] > 0, (h, w), nearest=True) > 0, GROUND_TRUTH_RGB)
+        _contour(contours, _resize(seg[z] > 0, (h, w), nearest=True) > 0, SEGMENTATION_RGB)
         cf = np.nan_to_num(arrays["counterfactual"][z].astype(np.float64), nan=lo)
         amap = np.nan_to_num(arrays["anomaly_map"][z].astype(np.float64), nan=0.0)
         panels = [grey, _grey(_resize(cf, (h, w), nearest=False), lo, hi),

@@ -18,7 +18,8 @@ import numpy as np
 from synomaly.errors import InputError, OutputError
 from synomaly.files.dicom_series import choose_series
 from synomaly.files.geometry import Geometry, geometry_problem
-from synomaly.files.header_checks import check_claimed_size, check_nifti_data, header_remarks, nifti_sform
+from synomaly.files.header_checks import (check_claimed_size, check_nifti_data, header_remarks, nifti_blocks,
+                                          nifti_image, nifti_sform)
 from synomaly.files.library_messages import last_line, library_messages, report
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")  # always 2D; single-frame DICOM files are read when named
@@ -51,7 +52,11 @@ def background_level(array: np.ndarray) -> float:
     A skull-stripped or masked volume fills well over 1 % of its voxels with one constant, which this
     returns exactly; one extreme voxel (-1000 in a z-scored volume, -32768 in a raw one) cannot move it.
     """
-    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    step = max(1, array.size // 1_000_000)
+    if array.flags.c_contiguous or step == 1:
+        sample = array.ravel()[::step]
+    else:  # the same sample from a view (a reoriented volume) without a copy of the whole of it
+        sample = array[np.unravel_index(np.arange(0, array.size, step), array.shape)]
     k = int(0.01 * (sample.size - 1))
     low = sample.min()
     if np.count_nonzero(sample == low) > k:  # the constant fills the lowest percent: no partial sort needed
@@ -331,12 +336,13 @@ def read_volume(path, notes: Optional[List[str]] = None, resample_gaps: bool = F
                          "give a 2D image or a 3D volume.")
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is a {image.GetDimension()}D image; a 2D image or a 3D volume is needed.")
-    if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
-        check_nifti_data(Path(path))
+    nifti = nifti_image(Path(path)) if Path(path).name.lower().endswith(NIFTI_SUFFIXES) else None
+    if nifti is not None:
+        check_nifti_data(Path(path), nifti)
     report(notes, header_remarks(Path(path)) if not Path(path).is_dir() else [])
     geometry = Geometry.from_sitk(image)
-    if Path(path).name.lower().endswith(NIFTI_SUFFIXES):
-        geometry = nifti_sform(Path(path), geometry, notes) or geometry
+    if nifti is not None:
+        geometry = nifti_sform(Path(path), geometry, notes, nifti) or geometry
     problem = geometry_problem(tuple(reversed(image.GetSize())), geometry)
     if problem:
         raise InputError(f"{path}: {problem}.")
@@ -389,42 +395,91 @@ def _as_2d_image(path: Path, array: np.ndarray, geometry: Geometry):
 
 def write_volume(path, array: np.ndarray, geometry: Geometry, notes: Optional[List[str]] = None) -> None:
     """Write atomically, in the format the file name says; library warnings go to ``notes`` (or the log).
-    PNG and JPEG take a one-slice volume of 8- or 16-bit integers without origin or direction."""
+    PNG and JPEG take a one-slice volume of 8- or 16-bit integers without origin or direction.
+
+    What was written is read back and compared (``_check_written``) once the library's copy of the volume is
+    gone: one copy of a large volume at a time, besides the caller's array."""
     import SimpleITK as sitk
 
     path = Path(path)
     if is_2d_format(path):
         image = _as_2d_image(path, array, geometry)
+        meant = array[0]
     else:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        meant = np.asarray(array)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(meant))
         geometry.apply_to_sitk(image)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     messages: List[str] = []
+    held = [image]  # handed to the writer, which lets it go before the file is read back
+    del image
 
     def write_and_read_back(tmp: str) -> None:
-        sitk.WriteImage(image, tmp, True)
-        _check_written(tmp, image, lossy=path.name.lower().endswith((".jpg", ".jpeg")))
+        written = held.pop()
+        sitk.WriteImage(written, tmp, True)
+        del written
+        _check_written(Path(tmp), meant, lossy=path.name.lower().endswith((".jpg", ".jpeg")))
 
     with library_messages(messages):
         _write_atomically(path, suffix, write_and_read_back)
     report(notes, [f"{path.name}: {m}" for m in messages])
 
 
-def _check_written(tmp: str, image, lossy: bool) -> None:
+SLAB_VOXELS = 1 << 22  # written volumes are compared with what was meant in slabs of about this many voxels
+
+
+def _slab_rows(meant: np.ndarray) -> int:
+    """How many planes along the first axis make a slab of about SLAB_VOXELS."""
+    return max(1, SLAB_VOXELS // max(1, int(np.prod(meant.shape[1:], dtype=np.int64))))
+
+
+def _slabs(meant: np.ndarray):
+    """``meant`` in slabs along its first axis, each flattened in C order (the order files store voxels in)."""
+    step = _slab_rows(meant)
+    for start in range(0, meant.shape[0], step):
+        yield np.ascontiguousarray(meant[start:start + step]).reshape(-1)
+
+
+def _check_written(tmp: Path, meant: np.ndarray, lossy: bool) -> None:
     """Read the file just written back and compare it with what was meant: ITK's writers report no error when
-    the disk is full or a file-size limit cuts the file short, and a short file must never be published."""
+    the disk is full or a file-size limit cuts the file short, and a short file must never be published.
+    A NIfTI file's data block is read in pieces (``nifti_blocks``: ITK's NIfTI reader would hold it twice)."""
     import SimpleITK as sitk
 
-    try:
-        back = sitk.ReadImage(tmp)
-    except RuntimeError:
+    if tmp.name.lower().endswith(NIFTI_SUFFIXES) and not lossy:
+        same = _same_nifti_data(tmp, meant)
+    else:
+        try:
+            back = sitk.ReadImage(str(tmp))
+        except RuntimeError:
+            same = None
+        else:
+            view = sitk.GetArrayViewFromImage(back)
+            same = view.shape == meant.shape and (lossy or all(
+                np.array_equal(a, b) for a, b in zip(_slabs(view), _slabs(meant))))
+    if same is None:
         raise OSError(f"the file written cannot be read back, {os.path.getsize(tmp)} bytes: the disk may be full "
-                      "or a file-size limit reached") from None
-    same = back.GetSize() == image.GetSize() and (lossy or np.array_equal(
-        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)))
+                      "or a file-size limit reached")
     if not same:
         raise OSError("the file written holds other values than were written: the disk may be full or a "
                       "file-size limit reached")
+
+
+def _same_nifti_data(tmp: Path, meant: np.ndarray) -> Optional[bool]:
+    """Whether a NIfTI file holds ``meant`` (its voxel count and values, in storage order); None where it cannot
+    be read."""
+    import zlib
+
+    image = nifti_image(tmp)
+    if image is None:
+        return None
+    if int(np.prod(image.dataobj.shape, dtype=np.int64)) != meant.size:
+        return False
+    step = _slab_rows(meant) * int(np.prod(meant.shape[1:], dtype=np.int64))  # the slabs' sizes, in file order
+    try:
+        return all(np.array_equal(a, b) for a, b in zip(nifti_blocks(tmp, image, step), _slabs(meant)))
+    except (OSError, EOFError, zlib.error):
+        return None
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

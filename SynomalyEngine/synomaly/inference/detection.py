@@ -1,7 +1,9 @@
 """Detection on a whole volume: preprocessing, multi-stage diffusion in batches, 3D post-processing.
 
 Data flows one way: (array, geometry[, mask]) -> prepared slices -> network -> maps in the input's
-grid -> segmentation and report. Inputs are never modified.
+grid -> segmentation and report. Inputs are never modified. Everything past the foreground mask works on
+the foreground's bounding box (``preprocessing.prepare_in_box``), so that a small head in a large empty
+volume costs memory for the head, not for the field of view.
 """
 import math
 import numbers
@@ -108,7 +110,7 @@ class DetectionResult:
     counterfactual: np.ndarray           # float32, input grid, input intensity units
     uncertainty: Optional[np.ndarray]    # float32 (ensemble std), or None
     report: Dict = field(default_factory=dict)
-    prepared: Optional[object] = None    # the PreparedVolume the network saw (normalised input, foreground...)
+    prepared: Optional[object] = None    # what the network saw (normalised input, foreground...): a PlacedVolume
 
 
 def mps_available() -> bool:
@@ -253,7 +255,8 @@ def area_report(segmentation: np.ndarray, geometry: Geometry) -> Dict:
 def _network_phase(volume, prepared, indices, model, settings: DetectionSettings, params: Dict, device, precision,
                    report_progress, cancel):
     """The diffusion stages on the chosen slices: per ensemble draw, the difference between input and
-    counterfactual in the reoriented volume, and the counterfactual volume in the input's grid and units."""
+    counterfactual in the reoriented volume, and the counterfactual volume in the input's grid and units
+    (``volume``, ``prepared`` and ``indices``: those of the foreground's box)."""
     import torch
 
     from synomaly.inference.multistage import MonotoneProgress, StageSettings, middle, run_single_stage, run_stages
@@ -346,10 +349,13 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
            slices: Optional[Sequence[int]] = None) -> DetectionResult:
     """Detect anomalies in one volume. ``slices`` limits processing to these axial indices
     (of the reoriented volume; used by calibration). A model whose preset names an organ (liver-ct)
-    needs ``mask``. Raises InputError, DeviceError, Cancelled."""
-    from synomaly.inference.postprocessing import inner_region, scale_by_volume, segment, typical_level
+    needs ``mask``. Raises InputError, DeviceError, Cancelled.
+
+    Everything in floating point works on the foreground's bounding box (``prepare_in_box``), which gives
+    what the whole volume gives; only the outputs are whole volumes, in the input's grid."""
     from synomaly.inference.input_fit import check_fit, fit_score, intensity_profile
-    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+    from synomaly.inference.postprocessing import segment
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_in_box
     from synomaly.inference.runtime import resolve_precision
     from synomaly.method.presets import missing_mask_message
 
@@ -375,52 +381,55 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         check_organ_mask(mask, model)
     mask, skull = brain_input(volume, geometry, model, mask, settings, device)
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
-    prepared = prepare_volume(volume, geometry, config, mask)
-    indices = prepared.slices if slices is None else [z for z in slices if z in set(prepared.slices)]
+    placed = prepare_in_box(volume, geometry, config, mask)
+    del mask
+    prepared, box = placed.inner, placed.box
+    part = volume[box.box]
+    if slices is None:
+        indices = prepared.slices
+    else:
+        processed = set(placed.slices)
+        indices = placed.local([z for z in slices if z in processed])
     reference = (model.metadata.get("calibration") or {}).get("input_reference")
-    profile = intensity_profile(prepared)
+    profile = intensity_profile(prepared)  # the box holds the whole foreground: the volume's own profile
     check_fit(fit_score(profile, reference), reference, model.name, settings.fit_check)  # before the network's work
     timings["preprocess_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    diffs, counterfactual_volume, stages_per_slice = _network_phase(volume, prepared, indices, model, settings, params,
-                                                                    device, precision, report_progress, cancel)
+    diffs, counterfactual, stages_per_slice = _network_phase(part, prepared, indices, model, settings, params,
+                                                             device, precision, report_progress, cancel)
     timings["network_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     report_progress(0.92, "post-processing")
-    fg = prepared.foreground
-    anomaly_map, uncertainty = _ensemble_maps(diffs, prepared, params, device)
+    anomaly_map, uncertainty, level = _box_maps(diffs, prepared, indices, params, device)
     del diffs
-    if float(params["rim_mm"]) > 0:
-        anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
-    if params["map_scale"] == "volume" and indices:
-        level = scale_by_volume(anomaly_map, uncertainty, fg, indices)
-    else:
-        level = typical_level(anomaly_map, fg, indices) if indices else None
+    if not np.isfinite(anomaly_map).all():  # never a confident "0 mL" from NaN: NaN exceeds no threshold
+        raise ModelFileError(f"the model {model.name} ({model.model_id}) gave NaN or infinite anomaly scores on this "
+                             f"input (precision {precision}); try --precision fp32, and if that fails too, the model "
+                             "is unusable: train it again.")
     if level is not None:
         profile["change"] = level
     fit = fit_score(profile, reference)
     fit_warnings = check_fit(fit, reference, model.name, settings.fit_check)
     voxel_mm3 = geometry.voxel_volume_mm3
-    orient = prepared.orientation
-    anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
-    if not np.isfinite(anomaly_map).all():  # never a confident "0 mL" from NaN: NaN exceeds no threshold
-        raise ModelFileError(f"the model {model.name} ({model.model_id}) gave NaN or infinite anomaly scores on this "
-                             f"input (precision {precision}); try --precision fp32, and if that fails too, the model "
-                             "is unusable: train it again.")
     # Thresholding and 26-connected labelling do not depend on the axis order, so they run in the
     # input's grid, where the components' centres are reported.
-    seg, comps = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3)
-    uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
+    seg, comps = segment(anomaly_map, threshold, params["min_component_mm3"], voxel_mm3,
+                         origin=[s.start for s in box.box])
+    in_fg = prepared.orientation.invert(prepared.foreground)
+    max_score = float(anomaly_map.max())  # never negative: the zeros around the box do not change it
+    mean_score = float(anomaly_map[in_fg].mean()) if in_fg.any() else 0.0
+    anomaly_map, seg = box.place(anomaly_map, 0.0), box.place(seg, 0)
+    uncertainty = box.place(uncertainty, 0.0) if uncertainty is not None else None
+    counterfactual = box.place(counterfactual, volume)
     timings["postprocess_s"] = time.perf_counter() - t0
-    in_fg = orient.invert(fg)
     report = {
         "anomalous_volume_ml": float(seg.sum() * voxel_mm3 / 1000.0),
         "n_components": len(comps),
         "components": comps,
-        "max_score": float(anomaly_map.max()),
-        "mean_score": float(anomaly_map[in_fg].mean()) if in_fg.any() else 0.0,
+        "max_score": max_score,
+        "mean_score": mean_score,
         "threshold": threshold,
         "threshold_source": ("none: maps only" if settings.maps_only else
                              "user" if settings.threshold is not None else "model calibration"),
@@ -438,4 +447,23 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     if is_2d(volume.shape):
         report.update(area_report(seg, geometry))
     report_progress(1.0, "done")
-    return DetectionResult(anomaly_map, seg, counterfactual_volume, uncertainty, report, prepared)
+    return DetectionResult(anomaly_map, seg, counterfactual, uncertainty, report, placed)
+
+
+def _box_maps(diffs, prepared, indices, params: Dict, device):
+    """The anomaly map and its spread (None for one draw) in the input's grid of ``prepared``'s volume (the
+    box), with the border rim cleared and the volume's scale applied; and the map's typical level."""
+    from synomaly.inference.postprocessing import inner_region, scale_by_volume, typical_level
+
+    fg = prepared.foreground
+    anomaly_map, uncertainty = _ensemble_maps(diffs, prepared, params, device)
+    if float(params["rim_mm"]) > 0:
+        anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
+    if params["map_scale"] == "volume" and indices:
+        level = scale_by_volume(anomaly_map, uncertainty, fg, indices)
+    else:
+        level = typical_level(anomaly_map, fg, indices) if indices else None
+    orient = prepared.orientation
+    anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
+    uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
+    return anomaly_map, uncertainty, level

@@ -14,10 +14,11 @@ TRUNCATE = 4.0  # scipy's default kernel radius, in sigmas
 
 def support_box(array: np.ndarray, margins: Sequence[int]) -> Tuple[slice, ...]:
     """The bounding box of the non-zero voxels grown by ``margins``, clipped to the array."""
+    nonzero = array if array.dtype == bool else array != 0  # a mask needs no full-size copy
     box = []
     for axis, margin in enumerate(margins):
         others = tuple(a for a in range(array.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(array != 0, axis=others))
+        hits = np.flatnonzero(np.any(nonzero, axis=others))
         box.append(slice(max(0, hits[0] - margin), min(array.shape[axis], hits[-1] + margin + 1)))
     return tuple(box)
 
@@ -64,9 +65,11 @@ def _blur_with_torch(box: np.ndarray, sigma: Sequence[float], device) -> np.ndar
 
 
 def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
-            voxel_volume_mm3: float) -> Tuple[np.ndarray, List[dict]]:
+            voxel_volume_mm3: float, origin: Sequence[int] = (0, 0, 0)) -> Tuple[np.ndarray, List[dict]]:
     """Threshold, drop 26-connected components smaller than ``min_component_mm3``; return the uint8
-    segmentation and its components (size, peak score, centre in voxel indices i, j, k), largest first."""
+    segmentation and its components (size, peak score, centre in voxel indices i, j, k), largest first.
+    ``origin``: where ``anomaly_map`` starts in the volume (z, y, x) when it is a box of it; centres are the
+    volume's."""
     from scipy import ndimage
 
     binary = anomaly_map > threshold
@@ -90,7 +93,7 @@ def segment(anomaly_map: np.ndarray, threshold: float, min_component_mm3: float,
     centre_of = [np.bincount(lab, weights=axis, minlength=n + 1) / np.maximum(counts, 1) for axis in where]
     peaks = peak_of[kept]
     centres = list(zip(*(c[kept] for c in centre_of)))
-    offset = [s.start for s in box]
+    offset = [s.start + o for s, o in zip(box, origin)]
     found = [{"volume_ml": float(counts[k] * voxel_volume_mm3 / 1000.0), "voxels": int(counts[k]),
               "max_score": float(p),
               "centre_ijk": [round(float(c + o), 1) for c, o in reversed(list(zip(centre, offset)))]}

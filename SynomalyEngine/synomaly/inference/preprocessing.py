@@ -4,7 +4,10 @@ Steps, each invertible so every output lands exactly in the input's geometry:
 checks -> foreground mask -> intensity normalisation to [-1, 1] -> reorientation so that
 array[z] is an axial slice -> in-plane crop to the foreground, square, resize to the network size.
 A 2D image (a volume of one slice) is taken as stored: its one slice is the network's slice.
+Detection normalises only the foreground's bounding box, grown so that every later step there gives what it
+gives on the whole volume (``prepare_in_box``); the whole-volume steps before it make no float copy of it.
 """
+import functools
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
@@ -13,6 +16,7 @@ import numpy as np
 from synomaly.errors import InputError
 from synomaly.files.geometry import Geometry, Orientation
 from synomaly.files.volume_io import background_level
+from synomaly.inference.postprocessing import support_box
 
 
 @dataclass
@@ -143,18 +147,25 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     at_background = array <= lo + 1e-6 * max(1.0, abs(lo))
     constant_background = at_background.mean() > 0.1
     if constant_background:
-        mask = ~at_background
+        mask = np.logical_not(at_background, out=at_background)  # in place: one full-size mask, not two
     else:
         sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
         p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
         mask = array > threshold_otsu(np.clip(sample, p_lo, p_hi))
-    labels, n = ndimage.label(mask)
+    del at_background
+    if not mask.any():
+        return mask
+    # The components are labelled on the mask's bounding box: the same pieces, without a full-size label
+    # volume (4 bytes a voxel) when the head fills a small part of the field of view.
+    box = support_box(mask, (0,) * mask.ndim)
+    labels, n = ndimage.label(mask[box])
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         # Otsu's mask: the largest piece (the head); a masked volume: every piece but specks.
-        mask = (np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum())) if constant_background
-                else labels == sizes.argmax())
+        mask[box] = (np.isin(labels, np.flatnonzero(sizes >= 0.001 * sizes.sum())) if constant_background
+                     else labels == sizes.argmax())
+    del labels
     return fill_holes_per_slice(mask)
 
 
@@ -166,9 +177,9 @@ class Intensity:
     scale: float
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """A new float32 array (the input is never changed), computed in place: one volume of memory,
-        not four temporaries."""
-        y = np.array(x, dtype=np.float32)
+        """A new C-ordered float32 array (the input, or a view of it, is never changed), computed in place:
+        one volume of memory, not four temporaries."""
+        y = np.array(x, dtype=np.float32, order="C")
         y -= self.low
         y *= 2.0
         y /= self.scale
@@ -283,8 +294,10 @@ class PreparedVolume:
         return images, masks
 
 
-def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
-                   mask: Optional[np.ndarray] = None, what: str = "input") -> PreparedVolume:
+def volume_foreground(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+                      mask: Optional[np.ndarray] = None, what: str = "input"):
+    """The checks, and the foreground (in the input's grid) with the orientation and reoriented spacing:
+    the steps that need the whole volume, none of them making a float copy of it."""
     check_volume(array, what)
     orientation = Orientation.for_image(array.shape, geometry)
     spacing = orientation.spacing_zyx(geometry)
@@ -313,12 +326,134 @@ def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConf
         foreground = foreground_mask(array)
         if not foreground.any():
             raise InputError(f"no foreground found in the {what}; give a mask.")
+    return foreground, orientation, spacing
+
+
+def prepare_foreground(array: np.ndarray, foreground: np.ndarray, orientation: Orientation, spacing_zyx,
+                       config: PreprocessConfig) -> PreparedVolume:
+    """Normalisation, reorientation, frame and slices, given the foreground (``volume_foreground``)."""
     intensity = fit_intensity(array, foreground, config)
-    normalised = np.ascontiguousarray(orientation.apply(intensity.forward(array)))
+    normalised = intensity.forward(orientation.apply(array))  # one float32 copy, already reoriented
     fg = orientation.apply(foreground)
     normalised[~fg] = -1.0
-    frame = slice_frame(fg, spacing, config)
+    frame = slice_frame(fg, spacing_zyx, config)
     crop_area = (frame.y1 - frame.y0) * (frame.x1 - frame.x0)
     fractions = fg[:, frame.y0:frame.y1, frame.x0:frame.x1].sum(axis=(1, 2)) / crop_area
     slices = [int(z) for z in np.where(fractions >= config.min_foreground_fraction)[0]]
-    return PreparedVolume(normalised, fg, orientation, intensity, frame, spacing, slices, config.context_slices)
+    return PreparedVolume(normalised, fg, orientation, intensity, frame, spacing_zyx, slices, config.context_slices)
+
+
+def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+                   mask: Optional[np.ndarray] = None, what: str = "input") -> PreparedVolume:
+    foreground, orientation, spacing = volume_foreground(array, geometry, config, mask, what)
+    return prepare_foreground(array, foreground, orientation, spacing, config)
+
+
+@dataclass
+class VolumeBox:
+    """The part of a volume that detection works on: the foreground's bounding box, grown by the margins that
+    make every step there give what it gives on the whole volume (``foreground_box``)."""
+
+    box: Tuple[slice, slice, slice]  # in the input's (stored) grid
+    shape: Tuple[int, int, int]      # the whole input's
+    orientation: Orientation
+
+    @property
+    def whole(self) -> bool:
+        return all(s.start == 0 and s.stop == n for s, n in zip(self.box, self.shape))
+
+    @property
+    def reoriented(self) -> Tuple[slice, ...]:
+        """The same box in the reoriented grid (``Orientation.apply``'s)."""
+        out = []
+        for axis, flip in zip(self.orientation.perm, self.orientation.flip):
+            s, n = self.box[axis], self.shape[axis]
+            out.append(slice(n - s.stop, n - s.start) if flip else s)
+        return tuple(out)
+
+    def place(self, part: np.ndarray, fill) -> np.ndarray:
+        """``part`` (the box, input grid) in a whole volume of ``fill``: a value, or an input-grid array whose
+        float32 copy takes the part."""
+        if self.whole:
+            return part
+        if isinstance(fill, np.ndarray):
+            whole = fill.astype(part.dtype)
+        elif fill == 0:
+            whole = np.zeros(self.shape, dtype=part.dtype)  # pages the box does not touch take no memory
+        else:
+            whole = np.full(self.shape, fill, dtype=part.dtype)
+        whole[self.box] = part
+        return whole
+
+
+def foreground_box(foreground: np.ndarray, orientation: Orientation, spacing_zyx,
+                   config: PreprocessConfig) -> VolumeBox:
+    """The foreground's bounding box in the input's grid, grown so that what detection computes in it equals
+    what it computes on the whole volume: in-plane by the slice frame's margin (the same frame), along the
+    slices by the 2.5D neighbours (the same stacks), and everywhere by one voxel more, so that the box's
+    border holds no foreground and the map's blur and rim see the zeros beyond it."""
+    _, sy, sx = spacing_zyx
+    reoriented = (config.context_slices, int(np.ceil(config.margin_mm / sy)), int(np.ceil(config.margin_mm / sx)))
+    margins = [0, 0, 0]
+    for axis, margin in zip(orientation.perm, reoriented):
+        margins[axis] = margin + 2
+    return VolumeBox(support_box(foreground, margins), foreground.shape, orientation)
+
+
+class PlacedVolume:
+    """A PreparedVolume of a box of the volume (``inner``), seen in the whole volume's reoriented grid as
+    ``prepare_volume`` would give it: axial indices and frame of the whole volume, and its whole arrays
+    (``normalised``, ``foreground``), made on first use, since detection itself needs only the box."""
+
+    def __init__(self, inner: PreparedVolume, box: VolumeBox):
+        import dataclasses
+
+        self.inner, self.box = inner, box
+        self.start = tuple(s.start for s in box.reoriented)
+        z, y, x = self.start
+        self.orientation, self.intensity = inner.orientation, inner.intensity
+        self.spacing_zyx, self.context_slices = inner.spacing_zyx, inner.context_slices
+        f = inner.frame
+        self.frame = dataclasses.replace(f, y0=f.y0 + y, y1=f.y1 + y, x0=f.x0 + x, x1=f.x1 + x)
+        self.slices = [i + z for i in inner.slices]
+
+    def _whole(self, part: np.ndarray, fill) -> np.ndarray:
+        if self.box.whole:
+            return part
+        shape = tuple(self.box.shape[axis] for axis in self.orientation.perm)
+        whole = np.full(shape, fill, dtype=part.dtype)
+        whole[self.box.reoriented] = part
+        return whole
+
+    @functools.cached_property
+    def normalised(self) -> np.ndarray:
+        return self._whole(self.inner.normalised, -1.0)
+
+    @functools.cached_property
+    def foreground(self) -> np.ndarray:
+        return self._whole(self.inner.foreground, False)
+
+    def local(self, indices) -> List[int]:
+        """Axial indices of the whole volume as the box's; only slices inside the box have any."""
+        n = self.inner.normalised.shape[0]
+        local = [int(z) - self.start[0] for z in indices]
+        if any(not 0 <= z < n for z in local):
+            raise IndexError(f"axial slices outside the foreground's box ({self.start[0]} to "
+                             f"{self.start[0] + n - 1}) have no foreground to process")
+        return local
+
+    def network_slices(self, indices=None):
+        """``PreparedVolume.network_slices`` for axial indices of the whole volume."""
+        return self.inner.network_slices(None if indices is None else self.local(indices))
+
+
+def prepare_in_box(array: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+                   mask: Optional[np.ndarray] = None, what: str = "input") -> PlacedVolume:
+    """``prepare_volume`` working on the foreground's box: the float32 volumes are the box's, not the whole
+    field of view's (a small head in a large empty volume), and the slices, maps and counterfactual made from
+    it are those of the whole volume (``foreground_box``)."""
+    foreground, orientation, spacing = volume_foreground(array, geometry, config, mask, what)
+    box = foreground_box(foreground, orientation, spacing, config)
+    inner_foreground = foreground[box.box].copy()
+    del foreground  # the whole volume's mask: the box holds all of it
+    return PlacedVolume(prepare_foreground(array[box.box], inner_foreground, orientation, spacing, config), box)

@@ -78,16 +78,20 @@ def _coarse(volume: np.ndarray, geometry: Geometry):
 def _outline(volume: np.ndarray, background: float) -> np.ndarray:
     from scipy import ndimage
 
+    from synomaly.inference.postprocessing import support_box
     from synomaly.inference.preprocessing import fill_holes_per_slice, foreground_mask
 
     foreground = foreground_mask(volume)
     reference = float(np.median(volume[foreground])) if foreground.any() else float(volume.max())
     outline = volume > background + OUTLINE_FRACTION * (reference - background)
-    labels, n = ndimage.label(outline)
+    if not outline.any():
+        return outline
+    box = support_box(outline, (0,) * outline.ndim)  # labels of the box alone: the same pieces, less memory
+    labels, n = ndimage.label(outline[box])
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        outline = labels == sizes.argmax()
+        outline[box] = labels == sizes.argmax()
     return fill_holes_per_slice(outline)
 
 
@@ -103,9 +107,12 @@ def skull_strip_features(volume: np.ndarray, geometry: Geometry) -> SkullStripFe
     coarse = background_lowest(coarse)
     background = background_level(coarse)
     outline = _outline(coarse, background)
-    outside = ~outline
-    at_background = coarse[outside] <= background + 1e-6 * max(1.0, abs(background))
-    constant = float(at_background.mean()) if outside.any() else 0.0
+    outside = outline.size - np.count_nonzero(outline)
+    # Counted in place, without a copy of the voxels outside (nearly all of a small head's field of view).
+    at_background = coarse <= background + 1e-6 * max(1.0, abs(background))
+    at_background &= ~outline
+    constant = float(np.count_nonzero(at_background) / outside) if outside else 0.0
+    del at_background
     if not outline.any():
         return SkullStripFeatures(constant, 0.0)
     reference = float(np.median(coarse[outline]))
