@@ -13,7 +13,8 @@ def test_score_is_the_distance_outside_the_range_in_widths():
     from synomaly.inference.input_fit import REFUSE_SCORE, check_fit, fit_score, reference_from
 
     reference = reference_from([{"p05": -0.6, "p95": 0.2, "region_ml": 1000.0},
-                                {"p05": -0.4, "p95": 0.4, "region_ml": 1500.0}], "two volumes")
+                                {"p05": -0.4, "p95": 0.4, "region_ml": 1500.0}]
+                               + [{"p05": -0.5, "p95": 0.3, "region_ml": 1200.0}] * 3, "five volumes")
     inside = fit_score({"p05": -0.5, "p95": 0.3, "region_ml": 1200.0}, reference)
     assert inside["score"] == 0 and inside["verdict"] == "typical"
     # p95 one width (0.2) above the highest calibration value; the size twice the largest, on a log scale.
@@ -29,6 +30,9 @@ def test_score_is_the_distance_outside_the_range_in_widths():
     # The size and the network's change vary with anatomy and disease: far off, they warn only.
     huge = fit_score({"p05": -0.5, "region_ml": 1500.0 * 1.5 ** (REFUSE_SCORE + 2)}, reference)
     assert huge["verdict"] == "outside" and check_fit(huge, reference, "m", enforce=True)
+    # A reference of fewer volumes than MIN_VOLUMES_TO_REFUSE is too narrow to refuse on.
+    few = reference_from([{"p05": -0.6, "p95": 0.2}], "one volume")
+    assert check_fit(fit_score({"p05": -0.5, "p95": 3.0}, few), few, "m", enforce=True)
     assert fit_score({"p05": 0.0}, None)["score"] is None
 
 

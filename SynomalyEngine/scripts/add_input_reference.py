@@ -4,7 +4,9 @@ weights, settings, threshold or id: the profiles of whole healthy volumes it was
     python SynomalyEngine/scripts/add_input_reference.py MODEL OUT CASES...   # folders, files or a CSV list
     python SynomalyEngine/scripts/add_input_reference.py MODEL OUT --demo-phantoms
 
-``--demo-phantoms``: the demo model's calibration phantoms (``commands.demo.CALIBRATION_SEEDS``).
+``--demo-phantoms``: the demo model's calibration phantoms (``commands.demo.CALIBRATION_SEEDS``), without the
+region's size and shape: phantoms are generated at any size (the tests use brains of 30 to 300 mL), so
+for the demo model a size is no sign of another kind of input.
 Models trained now get their reference from their calibration (``training.calibration.calibrate``).
 """
 import argparse
@@ -36,6 +38,8 @@ def main():
             cases = find_cases(args.cases)
             source = f"whole volumes of {len(cases)} cases: " + ", ".join(c.name for c in cases)
         profiles = healthy_volume_scores(model, cases, "auto")[2]
+    if args.demo_phantoms:
+        profiles = [{k: v for k, v in p.items() if k not in ("region_ml", "short_mm", "long_mm")} for p in profiles]
     reference = reference_from(profiles, args.source or source)
     model.metadata.setdefault("calibration", {})["input_reference"] = reference
     for name, ref in reference["features"].items():

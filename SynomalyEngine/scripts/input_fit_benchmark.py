@@ -7,6 +7,8 @@ pipeline could make (``evaluation.altered_inputs.ACCEPTABLE``, 5 and 8 mm slices
 1 mm template grid of 182 x 218 x 182) and on inputs of another kind (``FOREIGN`` contrasts; the liver CTs
 with their liver masks). ``--development`` adds the 10 development cases, as they are (their images only:
 no label is read). Each row: the fit score, its verdict, the worst feature, and the anomalous volume.
+``--others`` adds the bundled liver-ct model (the three CTs as they are, at +-30 HU, at 5 mm; a brain FLAIR
+with its brain as the mask) and carotid-us model (the 35 test images; the same images inverted).
 
     python SynomalyEngine/scripts/input_fit_benchmark.py SynomalyEngine/synomaly/models/brain-flair.safetensors \\
         --write runs/brain-flair-fit.safetensors --json runs/input-fit.json
@@ -77,6 +79,37 @@ def liver_inputs():
             yield f"FOREIGN liver CT {folder.name}", image, geometry, mask
 
 
+def other_model_inputs():
+    """(model name, row name, image, geometry, mask) for the liver and carotid models."""
+    import csv
+
+    from synomaly.evaluation.liver_phantoms import shift_phase, thicker_slices
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.preprocessing import foreground_mask
+
+    for name, image, geometry, mask in liver_inputs():
+        ct = name.replace("FOREIGN liver CT ", "")
+        yield "liver-ct", f"{ct} as it is", image, geometry, mask
+        for shift in (-30, 30):
+            yield "liver-ct", f"{ct} {shift:+d} HU", shift_phase(image, mask, shift), geometry, mask
+        if geometry.spacing[2] < 4.0:
+            thick, thick_geometry, masks = thicker_slices(image, geometry, 5.0, [mask])
+            yield "liver-ct", f"{ct} 5 mm slices", thick, thick_geometry, masks[0]
+    flair, geometry = read_volume(DATA / "brats2018" / "Brats18_2013_23_1" / "flair.nii.gz")
+    yield "liver-ct", "FOREIGN brain FLAIR, brain as mask", flair, geometry, foreground_mask(flair)
+    split = Path("runs/carotid/test.csv")
+    if not split.exists():
+        print("carotid-us rows need runs/carotid/test.csv (carotid_experiment.py split)", flush=True)
+        return
+    with open(split, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        image, geometry = read_volume(row["image"])
+        mask = read_volume(row["mask"])[0] > 0
+        yield "carotid-us", Path(row["image"]).stem, image, geometry, mask
+        yield "carotid-us", "FOREIGN inverted " + Path(row["image"]).stem, 255 - image, geometry, mask
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -84,6 +117,7 @@ def main():
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--development", action="store_true", help="also score the development cases' images")
     parser.add_argument("--cases", type=int, default=6, help="how many selection patients to alter")
+    parser.add_argument("--others", action="store_true", help="also the liver-ct and carotid-us models")
     args = parser.parse_args()
     from synomaly.files.model_file import load_model, save_model
     from synomaly.inference.input_fit import reference_from
@@ -119,8 +153,18 @@ def main():
     for name, image, geometry, mask in liver_inputs():
         row = {"group": "foreign", "case": name, "input": name, **run(model, image, geometry, mask)}
         rows.append(row)
-        print(f"foreign     {name:49s} " + (f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst']}"
-                                             if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+        print(f"foreign     {name:49s} " + (
+            f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
+            if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+    if args.others:
+        models = {}
+        for name, row_name, image, geometry, mask in other_model_inputs():
+            models.setdefault(name, load_model(name))
+            row = {"group": name, "case": row_name, "input": row_name, **run(models[name], image, geometry, mask)}
+            rows.append(row)
+            print(f"{name:11s} {row_name:49s} " + (
+                f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
+                if "score" in row else f"refused: {row['refused_by']}"), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "reference": reference, "rows": rows}, indent=1))
 

@@ -29,6 +29,9 @@ REFUSE_SCORE = 3.0
 # Only the intensity profile refuses: the region's size and shape and the network's change also vary with
 # anatomy and disease (a child's brain, a partial slab, a large tumour), so past the limit they warn.
 REFUSING = ("p05", "p25", "p75", "p95", "saturated")
+# Fewer calibration volumes than this give a range too narrow to refuse on (one volume: a point; a model
+# trained on one CT would refuse every other CT): the score then warns only.
+MIN_VOLUMES_TO_REFUSE = 5
 
 FEATURE_WORDS = {
     "p05": "5th intensity percentile", "p25": "25th intensity percentile", "p75": "75th intensity percentile",
@@ -123,7 +126,8 @@ def check_fit(fit: Dict, reference: Optional[Dict], model_name: str, enforce: bo
     if fit.get("score") is None or fit["score"] <= WARN_SCORE:
         return []
     detail = describe(fit, reference)
-    if enforce and max([fit["distances"].get(name, 0.0) for name in REFUSING]) > REFUSE_SCORE:
+    if enforce and (reference.get("volumes") or 0) >= MIN_VOLUMES_TO_REFUSE \
+            and max([fit["distances"].get(name, 0.0) for name in REFUSING]) > REFUSE_SCORE:
         raise InputError(f"this input is far from the volumes the {model_name} model was calibrated on ({detail}): "
                          "the answer would not mean what it says. Check that the image is the modality and sequence "
                          "the model expects, in its units, and that the mask is the organ; pass --no-fit-check "
