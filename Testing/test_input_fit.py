@@ -145,3 +145,25 @@ def test_pipelines_alterations_are_answered_alike(phantom_case):
         assert report["input_fit"]["score"] <= 1.0, (name, report["input_fit"])
         if not name.startswith("bias"):
             assert report["anomalous_volume_ml"] == pytest.approx(original, rel=0.2, abs=0.2), name
+
+
+def test_liver_model_refuses_a_brain_flair_and_answers_another_phase(shared_data, liver_data):
+    """The liver model given a brain FLAIR with its brain as the mask (it used to answer "0 mL") is refused on
+    its intensity profile; a liver CT 30 HU brighter (another contrast phase, inside the training
+    augmentation) is not."""
+    from synomaly.evaluation.liver_phantoms import shift_phase
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume
+    from synomaly.inference.input_fit import fit_score, intensity_profile
+    from synomaly.inference.preprocessing import PreprocessConfig, foreground_mask, prepare_volume
+
+    model = load_model("liver-ct")
+    reference = model.metadata["calibration"]["input_reference"]
+    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
+    flair, geometry = read_volume(shared_data / "brats2018" / "Brats18_2013_23_1" / "flair.nii.gz")
+    profile = intensity_profile(prepare_volume(flair, geometry, config, foreground_mask(flair)))
+    assert fit_score(profile, reference)["distances"]["saturated"] > 3
+    ct, geometry = read_volume(liver_data / "ircad17" / "ct.nii.gz")
+    liver = read_volume(liver_data / "ircad17" / "liver.nii.gz")[0] > 0
+    profile = intensity_profile(prepare_volume(shift_phase(ct, liver, 30.0), geometry, config, liver))
+    assert fit_score(profile, reference)["score"] <= 1
