@@ -362,6 +362,26 @@ def test_report_is_summarised_for_the_panel():
     assert format_report(None) == ""
 
 
+def test_the_panel_summary_gives_the_input_fit_and_warnings_first():
+    text = format_report({"anomalous_volume_ml": 1.0, "n_components": 1, "components": [{"volume_ml": 1.0}],
+                          "input_fit": {"score": 1.74, "verdict": "unusual"},
+                          "warnings": ["input unlike the brain-flair model's calibration volumes (...)"]})
+    lines = text.splitlines()
+    assert lines[0].startswith("Warning: input unlike the brain-flair model's")
+    assert "Input fit: unusual (score 1.7; 0: like the model's calibration volumes)" in lines
+
+
+def test_a_fit_refusal_names_the_console_switch_in_slicer():
+    from synomaly.errors import InputError
+    from synomaly.inference.input_fit import check_fit, fit_score, reference_from
+
+    reference = reference_from([{"saturated": 0.0}] * 5, "five volumes")
+    with pytest.raises(InputError) as refused:
+        check_fit(fit_score({"saturated": 0.5}, reference), reference, "brain-flair", enforce=True)
+    worded = panel_wording(str(refused.value))
+    assert "--no-fit-check" not in worded and "logic.detect(..., fit_check=False)" in worded
+
+
 def bad_inputs(scene):
     vector = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6, 3), np.float32), name="rgb",
                                             nodeClassName="vtkMRMLVectorVolumeNode")
