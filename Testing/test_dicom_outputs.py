@@ -201,6 +201,8 @@ def test_series_takes_one_and_a_cohort_takes_each(two_series, tmp_path):
     # Both rows' input is the folder; each names its own series.
     assert {row["input"] for row in rows.values()} == {str(folder.resolve())}
     assert [rows["exam_series3"]["series"], rows["exam_series7"]["series"]] == uids
+    reports = [json.loads((tmp_path / "cohort" / f"{name}_report.json").read_text()) for name in sorted(rows)]
+    assert [r["series"] for r in reports] == uids  # the report names the series it read, as the summary does
     np.testing.assert_array_equal(nrrd(tmp_path / "cohort" / "exam_series7_anomaly_seg.nrrd"), flipped)
     assert (tmp_path / "cohort" / "exam_series3_anomaly_seg.dcm").is_file()
 

@@ -158,7 +158,7 @@ def _detect_one(item, paths: dict, model, settings, args, output_set):
     finally:
         bar.close()
     notes.extend(result.report.get("warnings", []))
-    result.report = {"input": os.path.realpath(path),
+    result.report = {"input": os.path.realpath(path), "series": item.series,
                      "mask": os.path.realpath(mask_path) if mask_path is not None else None,
                      **result.report, "warnings": notes}
     write_outputs(output_set, paths, result, geometry, volume,
