@@ -1,13 +1,14 @@
 """How far an input is from the volumes a model was calibrated on: a label-free out-of-distribution score.
 
-A diffusion model given what it never learnt (a T1 or T2 for a FLAIR model, a brain for a liver model, a
+A diffusion model given what it never learnt (a T2 for a FLAIR model, a brain for a liver model, a
 body mask for a liver mask) still returns a map and a volume, and that answer looks as confident as a
 right one. Each input is therefore described by a few numbers that need no labels (its intensity profile
-after normalisation, the organ's size, how much the network changed it), and each is compared with the
-range those numbers took on the model's calibration volumes (``calibration.input_reference`` in the model
-file). The score is the largest distance outside that range, in units of the range's width: 0 inside it,
-1 a full width beyond. Detection reports it, warns past ``WARN_SCORE`` and refuses an intensity profile past
-``REFUSE_SCORE``.
+after normalisation, the region's size and extents, how much the network changed it), and each is compared
+with the range those numbers took on the model's calibration volumes (``calibration.input_reference`` in the
+model file). The score is the largest distance outside that range, in units of the range's width: 0 inside
+it, 1 a full width beyond. Detection reports it, warns past ``WARN_SCORE`` and refuses an intensity profile past
+``REFUSE_SCORE``. What it cannot see: a FLAIR with its contrast inverted keeps its histogram's shape, and
+the network reconstructs it as readily (measured on the selection patients; see the README).
 """
 import math
 from typing import Dict, List, Optional, Sequence
@@ -43,7 +44,7 @@ FEATURE_WORDS = {
 
 def intensity_profile(prepared) -> Dict[str, float]:
     """The features known before the network runs: intensity quantiles and the saturated share of the
-    region (its foreground, over the slices processed), and the region's size for a 3D volume."""
+    region (its foreground, over the slices processed), and the region's size and extents for a 3D volume."""
     region = np.zeros(prepared.foreground.shape, dtype=bool)
     region[prepared.slices] = prepared.foreground[prepared.slices]
     values = prepared.normalised[region]
