@@ -20,26 +20,29 @@ from synomaly.errors import InputError
 # Quantiles of the normalised foreground intensity ([-1, 1]): the shape of the histogram, which the
 # robust normalisation leaves to the contrast (its median is fixed by construction and so not a feature).
 QUANTILES = (5, 25, 75, 95)
-# The smallest width a feature's range is given, so that a narrow range (a few calibration volumes of one
-# scanner) does not turn small differences into large scores: network units for quantiles, a share for
-# the saturated fraction; for the positive features, compared on a log scale, a ratio.
-# Quantiles' floor: 8 mm slices of the same brain move the 25th percentile by up to 0.35 (partial volume).
+# How each feature is compared, and its smallest range width, so that a narrow range (a few calibration
+# volumes of one scanner) does not turn small differences into large scores: "quantile" in network units
+# (8 mm slices of the same brain move the 25th percentile by up to 0.35, partial volume); "saturated" a share;
+# "log" and "extent", positive features compared on a log scale, a ratio.
 MIN_WIDTH = {"quantile": 0.2, "saturated": 0.02, "log": math.log(1.5), "extent": math.log(1.15)}
+# Each feature: (kind, words for a message).
+FEATURES = {
+    "p05": ("quantile", "5th intensity percentile"), "p25": ("quantile", "25th intensity percentile"),
+    "p75": ("quantile", "75th intensity percentile"), "p95": ("quantile", "95th intensity percentile"),
+    "saturated": ("saturated", "share of the region at the top of the intensity range"),
+    "region_ml": ("log", "size of the region analysed (mL)"),
+    "change": ("log", "how much the network changed the input"),
+    "short_mm": ("extent", "shortest extent of the region (mm)"),
+    "long_mm": ("extent", "longest extent of the region (mm)"),
+}
 WARN_SCORE = 1.0
 REFUSE_SCORE = 3.0
 # Only the intensity profile refuses: the region's size and shape and the network's change also vary with
 # anatomy and disease (a child's brain, a partial slab, a large tumour), so past the limit they warn.
-REFUSING = ("p05", "p25", "p75", "p95", "saturated")
+REFUSING = tuple(name for name, (kind, _) in FEATURES.items() if kind in ("quantile", "saturated"))
 # Fewer calibration volumes than this give a range too narrow to refuse on (one volume: a point; a model
 # trained on one CT would refuse every other CT): the score then warns only.
 MIN_VOLUMES_TO_REFUSE = 5
-
-FEATURE_WORDS = {
-    "p05": "5th intensity percentile", "p25": "25th intensity percentile", "p75": "75th intensity percentile",
-    "p95": "95th intensity percentile", "saturated": "share of the region at the top of the intensity range",
-    "region_ml": "size of the region analysed (mL)", "change": "how much the network changed the input",
-    "short_mm": "shortest extent of the region (mm)", "long_mm": "longest extent of the region (mm)",
-}
 
 
 def intensity_profile(prepared) -> Dict[str, float]:
@@ -71,12 +74,6 @@ def _extents(foreground: np.ndarray, spacing_zyx) -> Dict[str, float]:
     return {"short_mm": float(spread.min()), "long_mm": float(spread.max())}
 
 
-def _kind(feature: str) -> str:
-    if feature in ("short_mm", "long_mm"):
-        return "extent"
-    return "log" if feature in ("region_ml", "change") else "saturated" if feature == "saturated" else "quantile"
-
-
 def reference_from(profiles: Sequence[Dict[str, float]], source: str) -> Dict:
     """The range of each feature over calibration volumes' profiles, as stored in a model file."""
     features = {}
@@ -100,7 +97,7 @@ def fit_score(profile: Dict[str, float], reference: Optional[Dict]) -> Dict:
     """The input's distances from the reference, feature by feature, and the verdict on the largest."""
     if not reference or not reference.get("features"):
         return {"score": None, "verdict": "unknown: the model file holds no input reference", "profile": profile}
-    distances = {name: round(_distance(value, reference["features"][name], _kind(name)), 3)
+    distances = {name: round(_distance(value, reference["features"][name], FEATURES[name][0]), 3)
                  for name, value in profile.items() if name in reference["features"]}
     worst = max(distances, key=distances.get) if distances else None
     score = distances[worst] if worst else 0.0
@@ -117,7 +114,7 @@ def describe(fit: Dict, reference: Dict) -> str:
         if fit["distances"][name] <= WARN_SCORE:
             break
         ref = reference["features"][name]
-        parts.append(f"{FEATURE_WORDS.get(name, name)} {fit['profile'][name]:.3g} against {ref['low']:.3g} to "
+        parts.append(f"{FEATURES[name][1]} {fit['profile'][name]:.3g} against {ref['low']:.3g} to "
                      f"{ref['high']:.3g} ({fit['distances'][name]:.1f} ranges away)")
     return "; ".join(parts)
 
