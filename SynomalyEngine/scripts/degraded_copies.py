@@ -21,23 +21,13 @@ from brain_flair_recipe import case_rows, load_cases
 
 
 def variants(case):
-    from synomaly.evaluation.altered_inputs import ACCEPTABLE, resample
-    from synomaly.evaluation.liver_phantoms import thicker_slices
+    from synomaly.evaluation.altered_inputs import other_pipelines
     from synomaly.inference.preprocessing import foreground_mask
 
     fg = case.mask if case.mask is not None else foreground_mask(case.image)
     masks = [case.labels] + ([case.mask] if case.mask is not None else [])
     yield "original", case.image, case.geometry, masks
-    for name, alter in ACCEPTABLE.items():
-        yield name, alter(case.image, fg), case.geometry, masks
-    for mm in (5.0, 8.0):
-        image, geometry, thick = thicker_slices(case.image, case.geometry, mm, masks)
-        yield f"{mm:g} mm slices", image, geometry, thick
-    for name, spacing, size in (("0.5 mm in-plane", (0.5, 0.5, case.geometry.spacing[2]), None),
-                                ("1 mm template grid", (1.0, 1.0, 1.0), (182, 218, 182))):
-        image, geometry = resample(case.image, case.geometry, spacing, size)
-        yield name, image, geometry, [resample(m.astype(np.float32), case.geometry, spacing, size, order=0)[0] > 0.5
-                                      for m in masks]
+    yield from other_pipelines(case.image, case.geometry, fg, masks)
 
 
 def write(out: Path, use: str):

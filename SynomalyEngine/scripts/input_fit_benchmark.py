@@ -19,7 +19,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 from brain_flair_recipe import DATA, case_rows, load_cases, split_patients, training_rows
 
 
@@ -45,26 +44,23 @@ def run(model, image, geometry, mask):
             "ml": result.report["anomalous_volume_ml"], "seconds": time.time() - t0}
 
 
+def say(group: str, label: str, row) -> None:
+    """One printed row: its score, verdict, worst feature and answer, or why it was refused."""
+    print(f"{group:11s} {label:49s} " + (
+        f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
+        if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+
+
 def variants(case):
     """(name, image, geometry, mask) of the case as it is, altered and foreign."""
-    from synomaly.evaluation.altered_inputs import ACCEPTABLE, FOREIGN, resample
-    from synomaly.evaluation.liver_phantoms import thicker_slices
+    from synomaly.evaluation.altered_inputs import FOREIGN, other_pipelines
     from synomaly.inference.preprocessing import foreground_mask
 
     fg = case.mask if case.mask is not None else foreground_mask(case.image)
     yield "as it is", case.image, case.geometry, case.mask
-    for name, alter in ACCEPTABLE.items():
-        yield name, alter(case.image, fg), case.geometry, case.mask
-    for mm in (5.0, 8.0):
-        masks = [case.mask] if case.mask is not None else []
-        image, geometry, new_masks = thicker_slices(case.image, case.geometry, mm, masks)
-        yield f"{mm:g} mm slices", image, geometry, (new_masks[0] if new_masks else None)
-    for name, spacing, size in (("0.5 mm in-plane", (0.5, 0.5, case.geometry.spacing[2]), None),
-                                ("1 mm template grid", (1.0, 1.0, 1.0), (182, 218, 182))):
-        image, geometry = resample(case.image, case.geometry, spacing, size)
-        mask = resample(case.mask.astype(np.float32), case.geometry, spacing, size, order=0)[0] > 0.5 \
-            if case.mask is not None else None
-        yield name, image, geometry, mask
+    masks = [case.mask] if case.mask is not None else []
+    for name, image, geometry, moved in other_pipelines(case.image, case.geometry, fg, masks):
+        yield name, image, geometry, (moved[0] if moved else None)
     for name, alter in FOREIGN.items():
         yield "FOREIGN " + name, alter(case.image, fg), case.geometry, case.mask
 
@@ -147,24 +143,18 @@ def main():
         for name, image, geometry, mask in items:
             row = {"group": group, "case": case.name, "input": name, **run(model, image, geometry, mask)}
             rows.append(row)
-            print(f"{group:11s} {case.name:22s} {name:26s} " + (
-                f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
-                if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+            say(group, f"{case.name:22s} {name:26s}", row)
     for name, image, geometry, mask in liver_inputs():
         row = {"group": "foreign", "case": name, "input": name, **run(model, image, geometry, mask)}
         rows.append(row)
-        print(f"foreign     {name:49s} " + (
-            f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
-            if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+        say("foreign", name, row)
     if args.others:
         models = {}
         for name, row_name, image, geometry, mask in other_model_inputs():
             models.setdefault(name, load_model(name))
             row = {"group": name, "case": row_name, "input": row_name, **run(models[name], image, geometry, mask)}
             rows.append(row)
-            print(f"{name:11s} {row_name:49s} " + (
-                f"score {row['score']:6.2f} {row['verdict']:8s} worst {row['worst'] or '-':9s} {row['ml']:7.1f} mL"
-                if "score" in row else f"refused: {row['refused_by']}"), flush=True)
+            say(name, row_name, row)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "reference": reference, "rows": rows}, indent=1))
 

@@ -2,12 +2,13 @@
 another kind that a model must not answer.
 
 Users bring FLAIR from every pipeline; we have BraTS-preprocessed volumes. These functions build, from ours,
-copies that should still be answered (``ACCEPTABLE``: a bias field, winsorised or rescaled intensities,
-other grids) and copies that should not (``FOREIGN``: the contrast of another sequence). The input-fit
-benchmark (``scripts/input_fit_benchmark.py``) and the tests share them. Every function returns a new array
+copies that should still be answered (``ACCEPTABLE``: a bias field, winsorised or rescaled intensities;
+``other_pipelines`` adds other grids) and copies that should not (``FOREIGN``: the contrast of another
+sequence). The input-fit benchmark (``scripts/input_fit_benchmark.py``), the degraded-copy evaluation
+(``scripts/degraded_copies.py``) and the tests share them. Every function returns a new array
 (float32) and leaves its input unchanged; ``fg`` is the volume's foreground (brain, organ) as a bool array.
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,3 +95,24 @@ ACCEPTABLE: Dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 FOREIGN: Dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "inverted (T1-like)": invert, "fluid bright (T2-like)": t2_like,
 }
+
+
+def other_pipelines(image: np.ndarray, geometry: Geometry, fg: np.ndarray,
+                    masks: Sequence[np.ndarray] = ()) -> Iterator[Tuple[str, np.ndarray, Geometry, List[np.ndarray]]]:
+    """(name, image, geometry, masks) of the volume as other pipelines would give it: each of ``ACCEPTABLE`` on
+    the same grid, 5 and 8 mm slices (a mask voxel kept where it covered half a new slice), a 0.5 mm in-plane
+    grid and the 1 mm template grid of 182 x 218 x 182 (masks by nearest neighbour). ``masks`` (labels, organ
+    masks) follow the volume onto each grid."""
+    from synomaly.evaluation.liver_phantoms import thicker_slices
+
+    masks = list(masks)
+    for name, alter in ACCEPTABLE.items():
+        yield name, alter(image, fg), geometry, masks
+    for mm in (5.0, 8.0):
+        thick, thick_geometry, thick_masks = thicker_slices(image, geometry, mm, masks)
+        yield f"{mm:g} mm slices", thick, thick_geometry, thick_masks
+    for name, spacing, size in (("0.5 mm in-plane", (0.5, 0.5, geometry.spacing[2]), None),
+                                ("1 mm template grid", (1.0, 1.0, 1.0), (182, 218, 182))):
+        regridded, new_geometry = resample(image, geometry, spacing, size)
+        yield name, regridded, new_geometry, [resample(m.astype(np.float32), geometry, spacing, size, order=0)[0] > 0.5
+                                              for m in masks]
