@@ -3,8 +3,9 @@
 Each run has three parts: ``prepare_*`` (main thread: checks the inputs and copies them out of the
 nodes), the engine in a worker process (``python -m synomaly.commands.worker``; the inputs and outputs are files
 in a job folder) and ``apply_*`` (main thread: writes nodes). ``start_*`` return the running WorkerJob
-(several volumes: a DetectionBatch of them, polled alike), which the caller polls; ``detect``/``train`` start the same job and wait for it. Nothing here runs the
-engine in Slicer's process, so torch is never imported there and Slicer's GIL never slows a run.
+(several volumes: a DetectionBatch of them, polled alike), which the caller polls; ``detect``/``train``
+start the same job and wait for it. Nothing here runs the engine in Slicer's process, so torch is never
+imported there and Slicer's GIL never slows a run.
 """
 import dataclasses
 import json
