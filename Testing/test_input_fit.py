@@ -6,7 +6,7 @@ import math
 import pytest
 
 from synomaly.errors import InputError, ModelFileError
-from test_cli import assert_refused, run_detect
+from test_cli import assert_refused, run_cli, run_detect
 
 
 def test_score_is_the_distance_outside_the_range_in_widths():
@@ -107,9 +107,80 @@ def test_another_contrast_is_refused_and_answered_only_on_request(phantom_case, 
     assert any("input unlike" in w for w in report["warnings"])
 
 
+def _brain(fluid: float, tissue: float = 1.0, seed: int = 0):
+    """A synthetic skull-stripped brain: tissue with noise, a 2 mm fluid layer along its border, two mirrored
+    ventricles of fluid, and a lesion on one side twice as bright as the tissue."""
+    import numpy as np
+
+    from synomaly.files.geometry import Geometry
+
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:40, :80, :80]
+    ellipsoid = ((z - 20) / 18.0) ** 2 + ((y - 40) / 36.0) ** 2 + ((x - 40) / 30.0) ** 2
+    brain = ellipsoid <= 1
+    image = np.where(brain, tissue + 0.05 * rng.standard_normal(brain.shape), 0).astype(np.float32)
+    image[brain & (ellipsoid > 0.9)] = fluid
+    for side in (33, 47):
+        image[16:24, 34:46, side - 2:side + 3] = fluid
+    image[18:26, 20:28, 55:63] = 2 * tissue
+    return image, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+
+def test_fluid_order_tells_dark_fluid_from_bright_fluid():
+    """Where a brain's extremes lie, not its histogram: dark fluid along the border and in mirrored ventricles
+    (FLAIR) scores below 0; the same anatomy with bright fluid (an inverted or T2-like contrast) above it, and
+    a reference of FLAIRs scores it in units of 0.05 from zero, refusing past REFUSE_SCORE."""
+    from synomaly.inference.input_fit import REFUSE_SCORE, check_fit, fit_score, fluid_order, reference_from
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+
+    config = PreprocessConfig()
+    dark = fluid_order(prepare_volume(*_brain(fluid=0.3), config))["fluid_order"]
+    bright = fluid_order(prepare_volume(*_brain(fluid=1.7), config))["fluid_order"]
+    assert dark < -0.1 and bright > 0.1, (dark, bright)
+    flairs = reference_from([{"fluid_order": v} for v in (-0.5, -0.2, -0.1, -0.07, -0.04)], "five FLAIRs")
+    assert fit_score({"fluid_order": -0.01}, flairs)["score"] == 0  # less order than any FLAIR: the sign decides
+    assert fit_score({"fluid_order": 0.1}, flairs)["distances"]["fluid_order"] == pytest.approx(2.0)
+    with pytest.raises(InputError, match="brightness of fluid against tissue"):
+        check_fit(fit_score({"fluid_order": 0.05 * (REFUSE_SCORE + 1)}, flairs), flairs, "m", enforce=True)
+    either = reference_from([{"fluid_order": v} for v in (-0.2, 0.1)], "no shared sign")
+    assert fit_score({"fluid_order": 0.4}, either)["score"] == 0
+
+
+def test_brain_model_refuses_an_inverted_real_flair(shared_data, tmp_path):
+    """A real FLAIR with its contrast inverted (T1-like; it used to flag healthy brain with a confident answer)
+    is refused through the command line before the network runs; a weaker case is warned about; the FLAIR
+    itself and a copy under a strong bias field keep fluid dark."""
+    from synomaly.evaluation.altered_inputs import bias_field, invert
+    from synomaly.files.model_file import load_model
+    from synomaly.files.volume_io import read_volume, write_volume
+    from synomaly.inference.input_fit import fit_score, intensity_profile
+    from synomaly.inference.preprocessing import PreprocessConfig, prepare_volume
+
+    image, geometry = read_volume(shared_data / "brats2015" / "pat0001" / "flair.nii.gz")
+    brain = read_volume(shared_data / "brats2015" / "pat0001" / "brainmask.nii.gz")[0] > 0
+    write_volume(tmp_path / "inverted.nii.gz", invert(image, brain), geometry)
+    write_volume(tmp_path / "brain.nii.gz", brain.astype("uint8"), geometry)
+    out = tmp_path / "out"
+    line = assert_refused(run_cli("detect", tmp_path / "inverted.nii.gz", "--mask", tmp_path / "brain.nii.gz",
+                                  "-o", out, "-q"), "far from", "--no-fit-check")
+    assert "brightness of fluid against tissue" in line
+    assert not out.exists() or not any(out.iterdir())
+
+    model = load_model("brain-flair")
+    reference = model.metadata["calibration"]["input_reference"]
+    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
+    image, geometry = read_volume(shared_data / "brats2018" / "Brats18_2013_23_1" / "flair.nii.gz")
+    fg = image > image.min()
+    for kept in (image, bias_field(image, fg, 0.6)):
+        profile = intensity_profile(prepare_volume(kept, geometry, config), brain=True)
+        assert profile["fluid_order"] < -0.05 and fit_score(profile, reference)["score"] <= 1, profile
+    profile = intensity_profile(prepare_volume(invert(image, fg), geometry, config), brain=True)
+    assert fit_score(profile, reference)["distances"]["fluid_order"] > 1, profile
+
+
 def test_brain_model_refuses_a_fluid_bright_copy_of_a_real_flair(shared_data):
     """A real BraTS FLAIR made T2-like (fluid bright) is refused before the network runs (the intensity
-    profile alone is far enough); the FLAIR itself is not. (An inverted FLAIR is not caught: see the README.)"""
+    profile alone is far enough); the FLAIR itself is not."""
     from synomaly.evaluation.altered_inputs import t2_like
     from synomaly.files.model_file import load_model
     from synomaly.files.volume_io import read_volume

@@ -9,6 +9,8 @@ with their liver masks). ``--development`` adds the 10 development cases, as the
 no label is read). Each row: the fit score, its verdict, the worst feature, and the anomalous volume.
 ``--others`` adds the bundled liver-ct model (the three CTs as they are, at +-30 HU, at 5 mm; a brain FLAIR
 with its brain as the mask) and carotid-us model (the 35 test images; the same images inverted).
+``--inverted-all`` adds every brain case (28 training, 10 development) as it is and inverted, scored by its
+profile alone (no network: the fluid order decides), under the reference just made.
 
     python SynomalyEngine/scripts/input_fit_benchmark.py SynomalyEngine/synomaly/models/brain-flair.safetensors \\
         --write runs/brain-flair-fit.safetensors --json runs/input-fit.json
@@ -106,6 +108,29 @@ def other_model_inputs():
         yield "carotid-us", "FOREIGN inverted " + Path(row["image"]).stem, 255 - image, geometry, mask
 
 
+def inverted_everywhere(model, reference):
+    """Every brain case as it is and inverted (``FOREIGN``), by profile alone: how many an inverted contrast
+    gets refused, warned or through, and the FLAIRs' fluid order beside."""
+    from synomaly.evaluation.altered_inputs import invert
+    from synomaly.inference.input_fit import fit_score, intensity_profile
+    from synomaly.inference.preprocessing import PreprocessConfig, foreground_mask, prepare_volume
+
+    config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
+    rows = []
+    for case in load_cases(training_rows() + case_rows("development")):
+        fg = case.mask if case.mask is not None else foreground_mask(case.image)
+        for name, image in (("as it is", case.image), ("FOREIGN inverted", invert(case.image, fg))):
+            fit = fit_score(intensity_profile(prepare_volume(image, case.geometry, config, case.mask), brain=True),
+                            reference)
+            rows.append({"group": "profile", "case": case.name, "input": name, **fit})
+            print(f"profile     {case.name:22s} {name:26s} score {fit['score']:6.2f} {fit['verdict']:8s} "
+                  f"fluid order {fit['profile'].get('fluid_order', float('nan')):+.3f}", flush=True)
+    for name in ("as it is", "FOREIGN inverted"):
+        verdicts = [r["verdict"] for r in rows if r["input"] == name]
+        print(f"profile     {name}: " + ", ".join(f"{v} {verdicts.count(v)}" for v in sorted(set(verdicts))))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -114,6 +139,8 @@ def main():
     parser.add_argument("--development", action="store_true", help="also score the development cases' images")
     parser.add_argument("--cases", type=int, default=6, help="how many selection patients to alter")
     parser.add_argument("--others", action="store_true", help="also the liver-ct and carotid-us models")
+    parser.add_argument("--inverted-all", action="store_true", help="every brain case as it is and inverted, "
+                                                                   "scored by its profile alone")
     args = parser.parse_args()
     from synomaly.files.model_file import load_model, save_model
     from synomaly.inference.input_fit import reference_from
@@ -148,6 +175,8 @@ def main():
         row = {"group": "foreign", "case": name, "input": name, **run(model, image, geometry, mask)}
         rows.append(row)
         say("foreign", name, row)
+    if args.inverted_all:
+        rows += inverted_everywhere(model, reference)
     if args.others:
         models = {}
         for name, row_name, image, geometry, mask in other_model_inputs():

@@ -357,7 +357,7 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     from synomaly.inference.postprocessing import segment
     from synomaly.inference.preprocessing import PreprocessConfig, prepare_in_box
     from synomaly.inference.runtime import resolve_precision
-    from synomaly.method.presets import missing_mask_message
+    from synomaly.method.presets import PRESETS, missing_mask_message
 
     settings = settings or DetectionSettings()
     params = inference_params(model, settings)
@@ -391,7 +391,9 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         processed = set(placed.slices)
         indices = placed.local([z for z in slices if z in processed])
     reference = (model.metadata.get("calibration") or {}).get("input_reference")
-    profile = intensity_profile(prepared)  # the box holds the whole foreground: the volume's own profile
+    preset = PRESETS.get(model.preset)
+    # The box holds the whole foreground: the volume's own profile.
+    profile = intensity_profile(prepared, brain=preset is not None and preset.skull_stripped)
     check_fit(fit_score(profile, reference), reference, model.name, settings.fit_check)  # before the network's work
     timings["preprocess_s"] = time.perf_counter() - t0
 
