@@ -59,3 +59,31 @@ def test_less_work_variants_change_the_work_and_leave_the_model_as_it_was():
     assert figures["one-stage"]["evaluations"] == figures["one-stage"]["slices"] < figures["default"]["evaluations"]
     assert figures["foreground-0.10"]["slices"] < figures["default"]["slices"]
     assert 0.0 <= figures["default"]["auprc"] <= 1.0 and 0.0 <= figures["default"]["fpr"] <= 1.0
+
+
+def test_small_lesion_scoring_counts_spheres_found_and_false_components():
+    from small_lesions import score_segmentation
+
+    labels = np.zeros((20, 40, 40), dtype=bool)
+    labels[2:6, 30:36, 30:36] = True  # the tumour
+    found, missed = np.zeros_like(labels), np.zeros_like(labels)
+    found[8:11, 5:8, 5:8] = True
+    missed[8:11, 20:23, 5:8] = True
+    seg = np.zeros_like(labels)
+    seg[9, 6, 6] = True  # touches the first sphere
+    seg[15:17, 15:17, 30:32] = True  # far from everything: false
+    seg[5:8, 34:37, 34:37] = True  # touches the tumour: not false
+    hits, false = score_segmentation(seg, [(5.0, found), (3.0, missed)], labels)
+    assert hits == [5.0] and false == 1
+
+
+def test_a_fine_map_variant_leaves_the_model_as_it_was():
+    from calibrate_fine_map import variant
+    from synomaly.files.model_file import load_model
+
+    model = load_model("demo-phantom")
+    before = dict(model.metadata["inference"])
+    other = variant(model, blur_mm=1.0, fine_gain=0.0)
+    assert model.metadata["inference"] == before
+    assert other.metadata["inference"] == {**before, "blur_mm": 1.0, "fine_gain": 0.0}
+    assert other.network is model.network  # the same weights, no copy

@@ -84,3 +84,34 @@ def test_volume_scale_works_in_place_and_returns_its_level():
     assert level == pytest.approx(float(np.percentile(original[region], 75)))
     np.testing.assert_allclose(anomaly_map, original / level, rtol=1e-6)
     np.testing.assert_allclose(uncertainty, original * 0.5 / level, rtol=1e-6)
+
+
+def test_fine_map_joins_the_map_at_its_own_threshold():
+    """With a fine map (issue 19: lesions the blur hides), the map is the larger of the blurred map and the
+    finer one times its gain, each scaled by its own volume level: what the two maps computed alone give."""
+    phantom = make_phantom(shape=(40, 96, 96), seed=4, lesion_radius_mm=3.0)
+    model = load_model("demo-phantom")
+    base = {**model.metadata["inference"], "map_scale": "volume", "rim_mm": 2.0}
+    settings = DetectionSettings(device="cpu", maps_only=True)
+
+    def run(**inference):
+        model.metadata["inference"] = {**base, **inference}
+        return detect(phantom.volume, phantom.geometry, model, settings=settings).anomaly_map
+
+    coarse = run(blur_mm=3.5)
+    fine = run(blur_mm=1.0)
+    joined = run(blur_mm=3.5, fine_blur_mm=1.0, fine_gain=0.5)
+    np.testing.assert_allclose(joined, np.maximum(coarse, 0.5 * fine), rtol=1e-5, atol=1e-6)
+    assert (joined > coarse + 1e-3).any()  # the fine map adds where it is sharper
+    assert np.array_equal(run(blur_mm=3.5, fine_blur_mm=1.0, fine_gain=0.0), coarse)  # a gain of 0: off
+
+
+def test_a_negative_fine_gain_is_refused_by_name(tmp_path):
+    from synomaly.errors import ModelFileError
+    from synomaly.files.model_file import save_model
+
+    model = load_model("demo-phantom")
+    model.metadata["inference"] = {**model.metadata["inference"], "fine_gain": -1.0}
+    path = save_model(tmp_path / "m.safetensors", model.network, model.metadata)
+    with pytest.raises(ModelFileError, match=r"inference\.fine_gain"):
+        load_model(path)

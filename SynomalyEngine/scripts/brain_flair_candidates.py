@@ -52,7 +52,8 @@ INFERENCE = {
     "one-stage-volume-scale-blur2.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 2.5},
     "one-stage-volume-scale-blur3.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 3.5},
     "one-stage-volume-scale-blur4.5": {"max_stages": 1, "map_scale": "volume", "blur_mm": 4.5},
-    # The shipped model's (124b3e59cffd): components from 20 mm^3 keep every 10 mm sphere (small_lesions.py).
+    # 124b3e59cffd's, and a9ac34d049d6's before its fine map (calibrate_fine_map.py): components from 20 mm^3
+    # keep every 10 mm sphere (small_lesions.py).
     "one-stage-volume-scale-blur3.5-min20": {"max_stages": 1, "map_scale": "volume", "blur_mm": 3.5,
                                              "min_component_mm3": 20.0},
 }

@@ -8,7 +8,11 @@ on): the largest target whose healthy false-positive rate there stays within --m
 the model, with the inference settings named by --inference (brain_flair_candidates.INFERENCE).
 Development cases are never read.
 
-    python SynomalyEngine/scripts/calibrate_brain_model.py MODEL OUT --inference one-stage-volume-scale-blur3.5-min20
+    python SynomalyEngine/scripts/calibrate_brain_model.py MODEL OUT --inference one-stage-volume-scale-blur3.5-min20 \
+        --fine-blur-mm 1
+
+The threshold is calibrated on the map alone (any fine map of MODEL is left out); ``--fine-blur-mm`` then adds the
+fine map for small lesions, calibrated and chosen by ``calibrate_fine_map.py``'s rule (0: none).
 """
 import argparse
 import json
@@ -17,6 +21,7 @@ import time
 import numpy as np
 from brain_flair_candidates import INFERENCE, case_means, dice_fpr, log, volume_scores
 from brain_flair_recipe import load_cases, split_patients, training_rows
+from calibrate_fine_map import add_fine_map
 
 
 def main():
@@ -29,6 +34,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--pack", default=None)
     parser.add_argument("--report", default=None, help="write the measurements here (JSON)")
+    parser.add_argument("--fine-blur-mm", type=float, default=0.0, help="add a fine map of this blur (0: none)")
     args = parser.parse_args()
     from synomaly.inference.baseline import baseline_segmentation, calibrate_threshold, lesion_direction
     from synomaly.files.model_file import load_model, save_model
@@ -36,7 +42,7 @@ def main():
     from synomaly.training.calibration import healthy_volume_scores
 
     model = load_model(args.model)
-    model.metadata["inference"] = dict(model.metadata["inference"], **INFERENCE[args.inference])
+    model.metadata["inference"] = dict(model.metadata["inference"], **INFERENCE[args.inference], fine_gain=0.0)
     trained_on = {c["case"] for c in model.metadata["training"]["data"]["cases"]}
     fitting, selection = split_patients(training_rows())
     rows = [row for row in fitting if row["case"] not in trained_on]
@@ -77,11 +83,13 @@ def main():
         "previous": {k: previous.get(k) for k in ("threshold", "target_fpr", "baseline_threshold")},
     }
     model.metadata["threshold"] = thresholds[target][0]
+    fine = add_fine_map(model, args.fine_blur_mm, device=args.device) if args.fine_blur_mm > 0 else None
     save_model(args.output, model.network.cpu(), model.metadata)
     log(f"{args.output}: target {target}, threshold {thresholds[target][0]:.4f}, baseline {thresholds[target][1]:.4f}")
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"thresholds": thresholds, "mean": mean, "cases": per_case, "target": target}, f, indent=1)
+            json.dump({"thresholds": thresholds, "mean": mean, "cases": per_case, "target": target, "fine_map": fine},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

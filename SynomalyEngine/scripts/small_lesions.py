@@ -58,6 +58,22 @@ def implant(case, rng, per_size):
     return image, placed
 
 
+def score_segmentation(seg, placed, labels):
+    """(diameters of the spheres found, the number of false components: those touching neither a sphere nor
+    the tumour ``labels``)."""
+    from scipy import ndimage
+
+    spheres = np.zeros(seg.shape, dtype=bool)
+    hits = []
+    for diameter, sphere in placed:
+        if (seg & sphere).any():
+            hits.append(diameter)
+        spheres |= sphere
+    components, n = ndimage.label(seg, structure=np.ones((3, 3, 3), dtype=bool))
+    touched = set(np.unique(components[spheres | labels]).tolist())
+    return hits, len(set(range(1, n + 1)) - touched)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -68,8 +84,6 @@ def main():
     parser.add_argument("--pack", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from scipy import ndimage
-
     from synomaly.inference.detection import DetectionSettings, detect
     from synomaly.files.model_file import load_model
     from synomaly.inference.postprocessing import segment
@@ -96,15 +110,12 @@ def main():
             else:
                 anomaly_map = result.anomaly_map
             seg = segment(anomaly_map, model.threshold, float(params["min_component_mm3"]), voxel)[0].astype(bool)
-            spheres = np.zeros(seg.shape, dtype=bool)
-            for diameter, sphere in placed:
-                hit = bool((seg & sphere).any())
-                found[name][diameter][0] += hit
+            hits, false = score_segmentation(seg, placed, case.labels)
+            for diameter, _ in placed:
                 found[name][diameter][1] += 1
-                spheres |= sphere
-            labels, n = ndimage.label(seg, structure=np.ones((3, 3, 3), dtype=bool))
-            touched = set(np.unique(labels[spheres | case.labels]).tolist())
-            false_components[name] += len(set(range(1, n + 1)) - touched)
+            for diameter in hits:
+                found[name][diameter][0] += 1
+            false_components[name] += false
         print(f"{case.name}: {len(placed)} spheres ({time.time() - t0:.0f} s)", flush=True)
     report = {name: {"found": {f"{d:g} mm": f"{h}/{n}" for d, (h, n) in found[name].items()},
                      "rate": {f"{d:g} mm": h / n if n else None for d, (h, n) in found[name].items()},

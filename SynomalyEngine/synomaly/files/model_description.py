@@ -137,7 +137,7 @@ def _check_inference(c: _Checker, inf: Dict, num_steps: int) -> None:
     c.whole(inf, p, "kernel_size", 1, 99, required=False)
     c.whole(inf, p, "ensemble", 1, 64, required=False)
     c.whole(inf, p, "min_component_px", 0, required=False)
-    for key in ("fusion_threshold", "blur_mm", "min_component_mm3", "rim_mm"):
+    for key in ("fusion_threshold", "blur_mm", "min_component_mm3", "rim_mm", "fine_blur_mm", "fine_gain"):
         c.number(inf, p, key, 0.0, required=False)
     for key in ("soft_fusion", "signed"):
         c.choice(inf, p, key, (True, False), required=False)

@@ -37,6 +37,11 @@ DEFAULT_INFERENCE = {
     "ensemble": 1,
     "rim_mm": 0.0,          # map set to zero within this distance of the foreground's border
     "map_scale": "none",    # "volume": map divided by its 75th percentile over the volume's processed foreground
+    # A second, finer map for lesions the blur would hide: the same difference blurred at ``fine_blur_mm``, scaled
+    # as the map is, times ``fine_gain`` (the model's threshold over the fine map's own, calibrated on healthy
+    # tissue), and the map is the larger of the two. 0 turns it off.
+    "fine_blur_mm": 0.0,
+    "fine_gain": 0.0,
 }
 
 
@@ -452,19 +457,42 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     return DetectionResult(anomaly_map, seg, counterfactual, uncertainty, report, placed)
 
 
+def _fine_map(diffs, prepared, params: Dict, device) -> np.ndarray:
+    """The draws' mean difference blurred at ``fine_blur_mm`` inside the foreground (``DEFAULT_INFERENCE``)."""
+    from synomaly.inference.postprocessing import blur_map
+
+    mean = diffs[0] if len(diffs) == 1 else np.mean(diffs, axis=0).astype(np.float32)
+    if params["signed"]:
+        mean = np.clip(mean, 0, None)
+    blur_device = device if device.type == "cuda" else None
+    fine = blur_map(mean, float(params["fine_blur_mm"]), prepared.spacing_zyx, blur_device)
+    fine *= prepared.foreground
+    return fine
+
+
 def _box_maps(diffs, prepared, indices, params: Dict, device):
     """The anomaly map and its spread (None for one draw) in the input's grid of ``prepared``'s volume (the
     box), with the border rim cleared and the volume's scale applied; and the map's typical level."""
     from synomaly.inference.postprocessing import inner_region, scale_by_volume, typical_level
 
     fg = prepared.foreground
+    fine = _fine_map(diffs, prepared, params, device) if float(params["fine_gain"]) > 0 else None
     anomaly_map, uncertainty = _ensemble_maps(diffs, prepared, params, device)
     if float(params["rim_mm"]) > 0:
-        anomaly_map *= inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
+        inner = inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
+        anomaly_map *= inner
+        if fine is not None:
+            fine *= inner
     if params["map_scale"] == "volume" and indices:
         level = scale_by_volume(anomaly_map, uncertainty, fg, indices)
+        if fine is not None:
+            scale_by_volume(fine, None, fg, indices)
     else:
         level = typical_level(anomaly_map, fg, indices) if indices else None
+    if fine is not None:
+        fine *= float(params["fine_gain"])
+        np.maximum(anomaly_map, fine, out=anomaly_map)
+        del fine
     orient = prepared.orientation
     anomaly_map = np.ascontiguousarray(orient.invert(anomaly_map))
     uncertainty = np.ascontiguousarray(orient.invert(uncertainty)) if uncertainty is not None else None
