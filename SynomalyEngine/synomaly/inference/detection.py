@@ -397,8 +397,11 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
         indices = placed.local([z for z in slices if z in processed])
     reference = (model.metadata.get("calibration") or {}).get("input_reference")
     preset = PRESETS.get(model.preset)
-    # The box holds the whole foreground: the volume's own profile.
-    profile = intensity_profile(prepared, brain=preset is not None and preset.skull_stripped)
+    # The box holds the whole foreground: the volume's own profile. The fluid order only where it is compared
+    # (or a reference is being made: calibration of a model that has none yet).
+    fluid = preset is not None and preset.skull_stripped and (
+        not reference or "fluid_order" in reference.get("features", {}))
+    profile = intensity_profile(prepared, brain=fluid)
     check_fit(fit_score(profile, reference), reference, model.name, settings.fit_check)  # before the network's work
     timings["preprocess_s"] = time.perf_counter() - t0
 
