@@ -725,7 +725,8 @@ def test_report_names_input_engine_and_model(phantom_case, tmp_path):
 
 # --- training -----------------------------------------------------------------------------------------
 
-TRAIN_ARGS = ("--steps", "6", "--image-size", "32", "--base-channels", "8", "--checkpoint-every", "3", "-q")
+TRAIN_ARGS = ("--steps", "6", "--image-size", "32", "--base-channels", "8", "--checkpoint-every", "3",
+              "--bias-field", "0.5", "-q")
 
 
 @pytest.fixture(scope="module")
@@ -746,6 +747,7 @@ def test_train_writes_a_model_detect_uses(trained, phantom_case, tmp_path):
     model = trained["model"]
     meta = read_metadata(model)
     assert meta["model_id"] in trained["stdout"] and meta["training"]["steps"] == 6
+    assert meta["training"]["settings"]["bias_field"] == 0.5
     assert (model.parent / "tiny.run" / "checkpoint.pt").exists()
     ok(run_cli("detect", phantom_case["flair"], "--model", model, "-o", tmp_path, "--stages", "1", "-q"))
     report = check_outputs(tmp_path, "flair", sitk.ReadImage(str(phantom_case["flair"])))

@@ -1,6 +1,7 @@
 """Real (tiny) training on phantoms: the loss goes down, a killed run resumes at its saved step,
 calibration meets its false-positive target on healthy data, model files load safely."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -528,3 +529,28 @@ def test_training_writes_an_input_reference(trained):
     reference = read_metadata(trained[0])["calibration"]["input_reference"]
     assert reference["volumes"] >= 1 and reference["source"].startswith("held-out slices of")
     assert {"p05", "p95", "saturated", "region_ml", "change"} <= set(reference["features"])
+
+
+def test_bias_field_augmentation_is_smooth_multiplicative_and_inside_the_mask():
+    """``bias_field`` (issue 19: FLAIR without N4) multiplies half of the slices, inside the mask only, by a smooth
+    field exp(s * f) with |f| <= 1 and s up to the setting; 0 leaves every slice as it was."""
+    from synomaly.training.settings import TrainingSettings
+    from synomaly.training.slices import augment
+
+    x = torch.zeros(64, 1, 32, 32)
+    m = torch.zeros(64, 1, 32, 32, dtype=torch.bool)
+    m[:, :, 4:28, 4:28] = True
+    settings = TrainingSettings(intensity_augment=0.0, flips="none", bias_field=0.6)
+    y, _, _ = augment(x.clone(), m, settings, torch.Generator().manual_seed(0))
+    assert torch.equal(y[~m], x[~m])
+    ratio = ((y + 1) / (x + 1))[:, 0, 4:28, 4:28]
+    changed = (ratio - 1).abs().amax(dim=(1, 2)) > 1e-4
+    assert 16 <= int(changed.sum()) <= 48  # about half
+    assert ratio.min() >= math.exp(-0.6) - 1e-5 and ratio.max() <= math.exp(0.6) + 1e-5
+    assert (ratio.amax(dim=(1, 2)) / ratio.amin(dim=(1, 2))).max() > 1.5  # strong fields occur
+    assert (ratio[:, 1:] - ratio[:, :-1]).abs().max() < 0.1  # smooth: no step from one pixel to the next
+    same, _, _ = augment(x.clone(), m, TrainingSettings(intensity_augment=0.0, flips="none"),
+                         torch.Generator().manual_seed(0))
+    assert torch.equal(same, x)
+    with pytest.raises(InputError, match="bias field strength"):
+        TrainingSettings(bias_field=-0.1).validate()

@@ -23,7 +23,7 @@ def run(args) -> int:
                                 name=args.name or "", checkpoint_every=args.checkpoint_every,
                                 target_fpr=args.target_fpr, lesion_slices=args.lesion_slices,
                                 lesion_margin_mm=args.lesion_margin_mm, intensity_shift=args.intensity_shift,
-                                precision=args.precision,
+                                bias_field=args.bias_field, precision=args.precision,
                                 min_slice_foreground=args.min_slice_foreground, context_slices=args.context_slices,
                                 compile=args.compile)
     team = Team.from_environment()
@@ -214,6 +214,9 @@ def add_parser(sub) -> None:
     p.add_argument("--intensity-shift", type=float, default=0.0,
                    help="shift each training slice's level inside the mask by up to this share of the intensity "
                         "window each way: another contrast phase (liver-ct v2: 0.2, +-30 HU; default: 0)")
+    p.add_argument("--bias-field", type=float, default=0.0,
+                   help="multiply half of the training slices by a random smooth field exp(s * f), s up to this, "
+                        "|f| <= 1: robustness to MRI bias fields that N4 was not run on (e.g. 0.6; default: 0)")
     p.add_argument("--min-slice-foreground", type=float, default=0.05,
                    help="train on slices whose foreground covers at least this share of the slice (default: 0.05)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

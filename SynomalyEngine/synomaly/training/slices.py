@@ -171,4 +171,25 @@ def augment(x, m, settings: TrainingSettings, generator, keep=None):
     if settings.intensity_shift > 0:
         shift = ((torch.rand(b, generator=generator) * 2 - 1) * settings.intensity_shift * 2).view(-1, 1, 1, 1)
         x = torch.where(m, (x + shift).clamp(-1, 1), x)
+    if settings.bias_field > 0:
+        strength = torch.rand(b, generator=generator) * settings.bias_field
+        strength[torch.rand(b, generator=generator) < 0.5] = 0.0
+        field = torch.exp(strength.view(-1, 1, 1, 1) * random_bowls(b, x.shape[-2:], generator))
+        x = torch.where(m, ((x + 1) * field - 1).clamp(-1, 1), x)
     return x, m, keep
+
+
+def random_bowls(n: int, size, generator):
+    """``n`` random smooth fields over a slice, (n, 1, H, W), each from -1 to 1: a tilt along both axes plus a
+    quadratic bowl, as a receive coil's sensitivity falls off (``evaluation.altered_inputs.bias_field`` in 2D)."""
+    import torch
+
+    h, w = size
+    y = torch.linspace(-1.0, 1.0, h).view(1, h, 1)
+    x = torch.linspace(-1.0, 1.0, w).view(1, 1, w)
+    c = torch.rand(n, 5, generator=generator) * 2 - 1
+    field = (c[:, 0].view(-1, 1, 1) * x + c[:, 1].view(-1, 1, 1) * y + c[:, 2].view(-1, 1, 1) * x * x
+             + c[:, 3].view(-1, 1, 1) * y * y + c[:, 4].view(-1, 1, 1) * x * y)
+    field = field - field.mean(dim=(1, 2), keepdim=True)
+    field = field / field.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    return field.unsqueeze(1)
