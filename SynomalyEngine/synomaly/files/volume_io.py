@@ -46,17 +46,22 @@ def is_2d(shape) -> bool:
     return len(shape) == 3 and 1 in tuple(shape)
 
 
+def volume_sample(array: np.ndarray, size: int = 1_000_000) -> np.ndarray:
+    """About ``size`` voxels of the volume, evenly spaced in memory order: enough for its levels and
+    histogram, and taken from a view (a reoriented volume) without a copy of the whole of it."""
+    step = max(1, array.size // size)
+    if array.flags.c_contiguous or step == 1:
+        return array.ravel()[::step]
+    return array[np.unravel_index(np.arange(0, array.size, step), array.shape)]
+
+
 def background_level(array: np.ndarray) -> float:
     """The volume's background value, robustly: its 1st percentile, not its minimum.
 
     A skull-stripped or masked volume fills well over 1 % of its voxels with one constant, which this
     returns exactly; one extreme voxel (-1000 in a z-scored volume, -32768 in a raw one) cannot move it.
     """
-    step = max(1, array.size // 1_000_000)
-    if array.flags.c_contiguous or step == 1:
-        sample = array.ravel()[::step]
-    else:  # the same sample from a view (a reoriented volume) without a copy of the whole of it
-        sample = array[np.unravel_index(np.arange(0, array.size, step), array.shape)]
+    sample = volume_sample(array)
     k = int(0.01 * (sample.size - 1))
     low = sample.min()
     if np.count_nonzero(sample == low) > k:  # the constant fills the lowest percent: no partial sort needed

@@ -15,7 +15,7 @@ import numpy as np
 
 from synomaly.errors import InputError
 from synomaly.files.geometry import Geometry, Orientation
-from synomaly.files.volume_io import background_level
+from synomaly.files.volume_io import background_level, volume_sample
 from synomaly.inference.postprocessing import support_box
 
 
@@ -72,7 +72,7 @@ def check_volume(array: np.ndarray, what: str = "input") -> None:
     lo, hi = array.min(), array.max()
     if lo == hi:
         raise InputError(f"{what} is constant (every voxel is {lo}); there is no image to analyse.")
-    sample = array.ravel()[:: max(1, array.size // 200_000)]
+    sample = volume_sample(array, 200_000)
     if np.unique(sample).size <= 8:
         values = np.unique(array)
         if values.size <= 8 and np.all(values == np.round(values)):
@@ -118,7 +118,7 @@ def background_lowest(array: np.ndarray) -> np.ndarray:
     z-scored within its brain mask) is set below every other value, so that "background" is "lowest" for
     the foreground and skull-stripping checks, as it is for raw and min-filled volumes. A value is such a
     background when it fills over a tenth of the volume."""
-    sample = array.ravel()[:: max(1, array.size // 1_000_000)]
+    sample = volume_sample(array)
     low = sample.min()
     if np.count_nonzero(sample == low) > 0.1 * sample.size:
         return array
@@ -149,7 +149,7 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     if constant_background:
         mask = np.logical_not(at_background, out=at_background)  # in place: one full-size mask, not two
     else:
-        sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
+        sample = volume_sample(array).astype(np.float64)
         p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
         mask = array > threshold_otsu(np.clip(sample, p_lo, p_hi))
     del at_background
@@ -371,18 +371,20 @@ class VolumeBox:
             out.append(slice(n - s.stop, n - s.start) if flip else s)
         return tuple(out)
 
-    def place(self, part: np.ndarray, fill) -> np.ndarray:
-        """``part`` (the box, input grid) in a whole volume of ``fill``: a value, or an input-grid array whose
-        float32 copy takes the part."""
+    def place(self, part: np.ndarray, fill, reoriented: bool = False) -> np.ndarray:
+        """``part`` (the box, in the input's grid, or in the reoriented grid with ``reoriented``) in a whole
+        volume of ``fill``: a value, or a whole array of that grid whose copy (in ``part``'s type) takes it."""
         if self.whole:
             return part
+        box = self.reoriented if reoriented else self.box
+        shape = tuple(self.shape[axis] for axis in self.orientation.perm) if reoriented else self.shape
         if isinstance(fill, np.ndarray):
             whole = fill.astype(part.dtype)
         elif fill == 0:
-            whole = np.zeros(self.shape, dtype=part.dtype)  # pages the box does not touch take no memory
+            whole = np.zeros(shape, dtype=part.dtype)  # pages the box does not touch take no memory
         else:
-            whole = np.full(self.shape, fill, dtype=part.dtype)
-        whole[self.box] = part
+            whole = np.full(shape, fill, dtype=part.dtype)
+        whole[box] = part
         return whole
 
 
@@ -417,21 +419,13 @@ class PlacedVolume:
         self.frame = dataclasses.replace(f, y0=f.y0 + y, y1=f.y1 + y, x0=f.x0 + x, x1=f.x1 + x)
         self.slices = [i + z for i in inner.slices]
 
-    def _whole(self, part: np.ndarray, fill) -> np.ndarray:
-        if self.box.whole:
-            return part
-        shape = tuple(self.box.shape[axis] for axis in self.orientation.perm)
-        whole = np.full(shape, fill, dtype=part.dtype)
-        whole[self.box.reoriented] = part
-        return whole
-
     @functools.cached_property
     def normalised(self) -> np.ndarray:
-        return self._whole(self.inner.normalised, -1.0)
+        return self.box.place(self.inner.normalised, -1.0, reoriented=True)
 
     @functools.cached_property
     def foreground(self) -> np.ndarray:
-        return self._whole(self.inner.foreground, False)
+        return self.box.place(self.inner.foreground, False, reoriented=True)
 
     def local(self, indices) -> List[int]:
         """Axial indices of the whole volume as the box's; only slices inside the box have any."""
