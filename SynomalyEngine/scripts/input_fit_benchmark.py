@@ -113,15 +113,15 @@ def inverted_everywhere(model, reference):
     gets refused, warned or through, and the FLAIRs' fluid order beside."""
     from synomaly.evaluation.altered_inputs import invert
     from synomaly.inference.input_fit import fit_score, intensity_profile
-    from synomaly.inference.preprocessing import PreprocessConfig, foreground_mask, prepare_volume
+    from synomaly.inference.preprocessing import PreprocessConfig, foreground_mask, prepare_in_box
 
     config = PreprocessConfig.from_dict(model.metadata["preprocessing"])
     rows = []
     for case in load_cases(training_rows() + case_rows("development")):
         fg = case.mask if case.mask is not None else foreground_mask(case.image)
         for name, image in (("as it is", case.image), ("FOREIGN inverted", invert(case.image, fg))):
-            fit = fit_score(intensity_profile(prepare_volume(image, case.geometry, config, case.mask), brain=True),
-                            reference)
+            prepared = prepare_in_box(image, case.geometry, config, case.mask).inner  # as detection prepares it
+            fit = fit_score(intensity_profile(prepared, brain=True), reference)
             rows.append({"group": "profile", "case": case.name, "input": name, **fit})
             print(f"profile     {case.name:22s} {name:26s} score {fit['score']:6.2f} {fit['verdict']:8s} "
                   f"fluid order {fit['profile'].get('fluid_order', float('nan')):+.3f}", flush=True)
