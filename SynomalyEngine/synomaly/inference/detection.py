@@ -460,26 +460,15 @@ def detect(volume: np.ndarray, geometry: Geometry, model, mask: Optional[np.ndar
     return DetectionResult(anomaly_map, seg, counterfactual, uncertainty, report, placed)
 
 
-def _fine_map(diffs, prepared, params: Dict, device) -> np.ndarray:
-    """The draws' mean difference blurred at ``fine_blur_mm`` inside the foreground (``DEFAULT_INFERENCE``)."""
-    from synomaly.inference.postprocessing import blur_map
-
-    mean = diffs[0] if len(diffs) == 1 else np.mean(diffs, axis=0).astype(np.float32)
-    if params["signed"]:
-        mean = np.clip(mean, 0, None)
-    blur_device = device if device.type == "cuda" else None
-    fine = blur_map(mean, float(params["fine_blur_mm"]), prepared.spacing_zyx, blur_device)
-    fine *= prepared.foreground
-    return fine
-
-
 def _box_maps(diffs, prepared, indices, params: Dict, device):
     """The anomaly map and its spread (None for one draw) in the input's grid of ``prepared``'s volume (the
     box), with the border rim cleared and the volume's scale applied; and the map's typical level."""
     from synomaly.inference.postprocessing import inner_region, scale_by_volume, typical_level
 
     fg = prepared.foreground
-    fine = _fine_map(diffs, prepared, params, device) if float(params["fine_gain"]) > 0 else None
+    fine = None
+    if float(params["fine_gain"]) > 0:  # the same maps at the fine blur (``DEFAULT_INFERENCE``)
+        fine = _ensemble_maps(diffs, prepared, dict(params, blur_mm=params["fine_blur_mm"]), device)[0]
     anomaly_map, uncertainty = _ensemble_maps(diffs, prepared, params, device)
     if float(params["rim_mm"]) > 0:
         inner = inner_region(fg, float(params["rim_mm"]), prepared.spacing_zyx)
